@@ -1,0 +1,20 @@
+"""cdmoe: condense Mixture-of-Experts language models (CD-MoE, arXiv 2412.00069).
+
+Importing cdmoe registers condensed checkpoints with the transformers Auto API, so
+``AutoModelForCausalLM.from_pretrained(out_dir)`` works without ``trust_remote_code``.
+"""
+
+__version__ = "0.1.0"
+
+from . import register  # noqa: E402,F401
+from .adapter import MoEBlock, Routing, family_spec, moe_blocks  # noqa: E402
+from .api import apply_record, condense_layers, save  # noqa: E402
+from .condensed import LayerChoice, condense_model  # noqa: E402
+from .errors import CdmoeError  # noqa: E402
+from .loading import load_model, load_tokenizer  # noqa: E402
+from .plan import plan  # noqa: E402
+
+__all__ = [
+    "CdmoeError", "LayerChoice", "MoEBlock", "Routing", "apply_record", "condense_layers", "condense_model",
+    "family_spec", "load_model", "load_tokenizer", "moe_blocks", "plan", "save",
+]

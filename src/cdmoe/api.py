@@ -1,0 +1,71 @@
+"""Python API; each function mirrors a ``cdmoe`` command.
+
+    import cdmoe
+    model = cdmoe.load_model("path/to/moe")
+    record = cdmoe.condense_layers(model, [cdmoe.LayerChoice(layer=3, experts=(5, 9), gates=(0.21, 0.18))])
+    cdmoe.save(model, "out/", record, source="path/to/moe")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .adapter import family_spec
+from .budget import model_params
+from .checkpoint import RECORD_NAME, save_condensed
+from .condensed import LayerChoice, condense_model
+from .errors import CdmoeError
+from .loading import load_model
+
+__all__ = ["condense_layers", "save", "apply_record", "choices_from_record"]
+
+RECORD_FORMAT = 1
+
+
+def condense_layers(model, choices: list[LayerChoice], *, base_model: str | None = None, search: dict | None = None) -> dict:
+    """Condense ``choices`` into ``model`` in place; return the record describing it."""
+    spec = family_spec(model)
+    params = model_params(model)
+    if getattr(model.config, "cdmoe", None):
+        raise CdmoeError("this model is already condensed; condense the original model instead")
+    condense_model(model, choices)
+    summary = params.summary({c.layer: len(c.experts) for c in choices}, bytes_per_param=model.dtype.itemsize)
+    return {
+        "format_version": RECORD_FORMAT,
+        "method": "cd-moe",
+        "base_model": base_model or getattr(model.config, "_name_or_path", None) or "unknown",
+        "family": model.config.model_type if not getattr(model.config, "cdmoe", None) else model.config.cdmoe["base_model_type"],
+        "family_spec": spec.name,
+        "native_format": not hasattr(model.config, "cdmoe"),
+        "condensed": [
+            {"layer": c.layer, "experts": list(c.experts), "gates": list(c.gates), **c.extra}
+            for c in sorted(choices, key=lambda c: c.layer)
+        ],
+        "params": summary,
+        "search": search or {},
+    }
+
+
+def save(model, out: str | Path, record: dict, *, tokenizer=None, source: str | Path | None = None, force: bool = False) -> Path:
+    """Write the condensed model, tokenizer, record and model card to ``out`` (atomically)."""
+    return save_condensed(model, out, record, tokenizer=tokenizer, source=source, force=force)
+
+
+def choices_from_record(record: dict) -> list[LayerChoice]:
+    return [LayerChoice(layer=int(c["layer"]), experts=tuple(c["experts"]), gates=tuple(c["gates"]))
+            for c in record["condensed"]]
+
+
+def apply_record(model: str | Path, record: str | Path, out: str | Path, *, dtype: str = "auto", force: bool = False) -> Path:
+    """Replay the choices of an earlier ``cdmoe.json`` on ``model`` and save to ``out``."""
+    path = Path(record)
+    path = path / RECORD_NAME if path.is_dir() else path
+    if not path.exists():
+        raise CdmoeError(f"record {path} does not exist; pass a cdmoe.json or an output directory holding one")
+    data = json.loads(path.read_text())
+    if Path(out).exists() and not force:
+        raise CdmoeError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
+    loaded = load_model(model, dtype=dtype)
+    new_record = condense_layers(loaded, choices_from_record(data), base_model=str(model), search=data.get("search"))
+    return save(loaded, out, new_record, source=model, force=force)

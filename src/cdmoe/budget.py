@@ -1,0 +1,121 @@
+"""Parameter accounting: totals, MoE-layer breakdown, activated parameters, memory ratio.
+
+Counts are of the tensors a checkpoint stores (parameters, tied ones once, plus
+persistent buffers such as DeepSeek-V3's ``e_score_correction_bias``). The memory ratio
+is condensed total / original total: the whole checkpoint, embeddings and attention
+included, as the paper's MEM column. Activated parameters per token count every
+non-expert tensor plus, in each sparse layer, the router, the shared experts and top-k
+routed experts; a condensed layer is fully active.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from .adapter import MoEBlock, moe_blocks
+
+__all__ = ["MoELayerParams", "ModelParams", "tensor_count", "model_params"]
+
+
+def tensor_count(module: nn.Module | None) -> int:
+    """Elements of the parameters (shared ones once) and persistent buffers of ``module``."""
+    if module is None:
+        return 0
+    total = sum(p.numel() for p in module.parameters())
+    for mod in module.modules():
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                total += buf.numel()
+    return total
+
+
+@dataclass(frozen=True)
+class MoELayerParams:
+    """Sizes of one sparse MoE layer, in elements."""
+
+    layer: int
+    num_experts: int
+    top_k: int
+    expert: int  # one routed expert: 3 * H * I
+    expert_intermediate: int
+    shared: int  # shared expert(s) and their gate
+    other: int  # router and its buffers: removed by condensing
+    shared_bias: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.other + self.num_experts * self.expert + self.shared
+
+    @property
+    def active(self) -> int:
+        return self.other + self.top_k * self.expert + self.shared
+
+    def condensed(self, k: int) -> int:
+        """Elements of the condensed MLP keeping k routed experts (Eq. 3)."""
+        return self.shared + k * self.expert + (2 * k * self.expert_intermediate if self.shared_bias else 0)
+
+    @classmethod
+    def of_block(cls, block: MoEBlock) -> MoELayerParams:
+        expert = sum(w.numel() for w in block.expert_weights(0))
+        shared = tensor_count(block.shared) + tensor_count(block.shared_gate)
+        total = tensor_count(block.module)
+        return cls(
+            layer=block.layer_idx,
+            num_experts=block.num_experts,
+            top_k=block.top_k,
+            expert=expert,
+            expert_intermediate=block.expert_weights(0)[0].shape[0],
+            shared=shared,
+            other=total - block.num_experts * expert - shared,
+            shared_bias=block.shared is not None and block.shared.gate_proj.bias is not None,
+        )
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """A model's total and its sparse MoE layers; answers 'what if these layers were condensed'."""
+
+    total: int
+    layers: tuple[MoELayerParams, ...]
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return [layer.layer for layer in self.layers]
+
+    @property
+    def active(self) -> int:
+        return self.total - sum(layer.total - layer.active for layer in self.layers)
+
+    def _layer(self, idx: int) -> MoELayerParams:
+        return next(layer for layer in self.layers if layer.layer == idx)
+
+    def condensed_total(self, condensed: dict[int, int]) -> int:
+        """Total elements after condensing ``{layer: K}``."""
+        return self.total - sum(self._layer(i).total - self._layer(i).condensed(k) for i, k in condensed.items())
+
+    def condensed_active(self, condensed: dict[int, int]) -> int:
+        return self.active - sum(self._layer(i).active - self._layer(i).condensed(k) for i, k in condensed.items())
+
+    def summary(self, condensed: dict[int, int], bytes_per_param: float) -> dict:
+        after = self.condensed_total(condensed)
+        return {
+            "total_params": self.total,
+            "condensed_params": after,
+            "memory_ratio": after / self.total,
+            "active_params": self.active,
+            "condensed_active_params": self.condensed_active(condensed),
+            "total_bytes": int(self.total * bytes_per_param),
+            "condensed_bytes": int(after * bytes_per_param),
+            "moe_layers": len(self.layers),
+            "condensed_layers": sorted(condensed),
+        }
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "layers": [asdict(layer) for layer in self.layers]}
+
+
+def model_params(model: nn.Module) -> ModelParams:
+    """Count a (possibly meta-device) model."""
+    return ModelParams(total=tensor_count(model), layers=tuple(MoELayerParams.of_block(b) for b in moe_blocks(model)))

@@ -1,0 +1,208 @@
+"""Modelling code of a cdmoe condensed checkpoint (CD-MoE, arXiv 2412.00069).
+
+This file is self-contained: it imports only torch and transformers. cdmoe copies it
+verbatim into every output directory, so the directory loads with
+
+    AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)
+
+where cdmoe is not installed, and with plain ``from_pretrained(out_dir)`` after
+``import cdmoe`` (which registers the same classes with the Auto API).
+
+A condensed checkpoint is the original model with some sparse MoE blocks replaced by a
+:class:`CondensedMLP` (the paper's Eq. 3): the shared experts plus K routed experts with
+fixed gates, applied to every token, no router. Everything else (attention, the other
+MoE blocks, weight names) is the original family's own code: the loaded model is an
+instance of a subclass of the family's ``*ForCausalLM`` class.
+
+``config.json`` holds the family's configuration plus a ``cdmoe`` entry::
+
+    "cdmoe": {
+      "format_version": 1,
+      "base_model_type": "deepseek_v2",
+      "base_auto_map": null,            # or the base checkpoint's auto_map for remote-code families
+      "layers_path": "model.layers",    # attribute path of the decoder layer list
+      "block_attr": "mlp",              # attribute of the decoder layer that holds the MoE block
+      "condensed_layers": {"3": {"intermediate_size": 224, "gated_width": 0, "bias": false}}
+    }
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+__all__ = ["CondensedMLP", "CdmoeConfig", "CdmoeForCausalLM", "condensed_classes"]
+
+AUTO_MAP = {"AutoConfig": "modeling_cdmoe.CdmoeConfig", "AutoModelForCausalLM": "modeling_cdmoe.CdmoeForCausalLM"}
+
+
+class CondensedMLP(nn.Module):
+    """A condensed MoE layer (Eq. 3) fused into one SwiGLU MLP.
+
+    ``y = down_proj(act(gate_proj(x)) * up_proj(x) * m(x))`` where the intermediate units
+    are laid out as ``[shared experts | routed expert 1 | ... | routed expert K]``, each
+    routed expert's fixed gate is already folded into its ``down_proj`` columns, and
+    ``m(x)`` is 1 except on the first ``gated_width`` units (a per-token shared-expert gate
+    such as qwen2_moe's), where it is ``sigmoid(shared_gate(x))``.
+
+    Shapes: x (..., hidden_size) -> (..., hidden_size); gate_proj/up_proj weights
+    (intermediate_size, hidden_size); down_proj weight (hidden_size, intermediate_size).
+    """
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, hidden_act: str, gated_width: int = 0, bias: bool = False
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.gated_width = gated_width
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.shared_gate = nn.Linear(hidden_size, 1, bias=False) if gated_width else None
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # (..., intermediate_size)
+        if self.shared_gate is not None:
+            w = self.gated_width
+            h = torch.cat([h[..., :w] * torch.sigmoid(self.shared_gate(x)), h[..., w:]], dim=-1)
+        return self.down_proj(h)
+
+
+class CdmoeConfig(PretrainedConfig):
+    """Configuration of a condensed checkpoint: the base family's keys plus ``cdmoe``.
+
+    Used only to read ``config.json``; the model is built with the family's own config
+    class (see :func:`condensed_classes`).
+    """
+
+    model_type = "cdmoe"
+
+
+def _resolve_attr(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _is_native(cls: type) -> bool:
+    return cls.__module__.startswith("transformers.")
+
+
+_CLASS_CACHE: dict[tuple[type, type], tuple[type, type]] = {}
+
+
+def condensed_classes(base_config_cls: type, base_model_cls: type) -> tuple[type, type]:
+    """Config and model classes of a condensed checkpoint of one family.
+
+    The config class is the family's config class with ``model_type = "cdmoe"`` (so a
+    saved ``config.json`` never passes for the original family); the model class is the
+    family's ``*ForCausalLM`` whose ``__init__`` swaps the condensed blocks in before
+    weights load, so weight names stay the family's own.
+    """
+    key = (base_config_cls, base_model_cls)
+    if key in _CLASS_CACHE:
+        return _CLASS_CACHE[key]
+
+    def __init__(self, config, *args, **kwargs):
+        base_model_cls.__init__(self, config, *args, **kwargs)
+        spec = config.cdmoe
+        layers = _resolve_attr(self, spec["layers_path"])
+        for idx, layer in spec["condensed_layers"].items():
+            mlp = CondensedMLP(
+                config.hidden_size,
+                layer["intermediate_size"],
+                config.hidden_act,
+                gated_width=layer.get("gated_width", 0),
+                bias=layer.get("bias", False),
+            )
+            setattr(layers[int(idx)], spec["block_attr"], mlp)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.config.auto_map = dict(AUTO_MAP)
+        self.config.architectures = ["CdmoeForCausalLM"]
+        base_model_cls.save_pretrained(self, save_directory, *args, **kwargs)
+        out = Path(save_directory)
+        shutil.copyfile(__file__, out / "modeling_cdmoe.py")
+        for cls in (base_config_cls, base_model_cls):  # remote-code families ship their code along
+            if not _is_native(cls):
+                shutil.copyfile(inspect.getfile(cls), out / Path(inspect.getfile(cls)).name)
+
+    cfg_cls = type(f"Cdmoe{base_config_cls.__name__}", (base_config_cls,), {"model_type": "cdmoe"})
+    model_cls = type(
+        f"Condensed{base_model_cls.__name__}",
+        (base_model_cls,),
+        {"config_class": cfg_cls, "__init__": __init__, "save_pretrained": save_pretrained},
+    )
+    _CLASS_CACHE[key] = (cfg_cls, model_cls)
+    return cfg_cls, model_cls
+
+
+def _family_classes(config: PretrainedConfig) -> tuple[type, type]:
+    spec = config.cdmoe
+    base_type = spec["base_model_type"]
+    if base_type in CONFIG_MAPPING and CONFIG_MAPPING[base_type] in MODEL_FOR_CAUSAL_LM_MAPPING:
+        cfg_cls = CONFIG_MAPPING[base_type]
+        return cfg_cls, MODEL_FOR_CAUSAL_LM_MAPPING[cfg_cls]
+    auto_map = spec.get("base_auto_map") or {}
+    if "AutoConfig" not in auto_map or "AutoModelForCausalLM" not in auto_map:
+        raise ValueError(f"cdmoe: base model type {base_type!r} is unknown to this transformers and has no code")
+    where = config._name_or_path
+    return (
+        get_class_from_dynamic_module(auto_map["AutoConfig"], where),
+        get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], where),
+    )
+
+
+def to_family_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The condensed config as an instance of the family's (subclassed) config class."""
+    if hasattr(config, "cdmoe") and not isinstance(config, CdmoeConfig):
+        return config
+    cfg_cls, _ = condensed_classes(*_family_classes(config))
+    data = config.to_dict()
+    data.pop("model_type", None)
+    family_config = cfg_cls.from_dict(data)
+    family_config._name_or_path = config._name_or_path
+    return family_config
+
+
+class CdmoeForCausalLM(PreTrainedModel):
+    """Auto-API entry point: dispatches to the condensed subclass of the family's model."""
+
+    config_class = CdmoeConfig
+
+    def __init__(self, config, *args, **kwargs):  # pragma: no cover - never built directly
+        raise TypeError("build condensed models with from_pretrained() or from_config()")
+
+    @classmethod
+    def _model_class(cls, config: PretrainedConfig) -> tuple[PretrainedConfig, type]:
+        family_config = to_family_config(config)
+        _, model_cls = condensed_classes(*_family_classes(family_config))
+        return family_config, model_cls
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        if not isinstance(config, PretrainedConfig):
+            config = CdmoeConfig.from_pretrained(config or pretrained_model_name_or_path)
+        family_config, model_cls = cls._model_class(config)
+        kwargs.pop("trust_remote_code", None)
+        return model_cls.from_pretrained(pretrained_model_name_or_path, *model_args, config=family_config, **kwargs)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs):
+        family_config, model_cls = cls._model_class(config)
+        return model_cls._from_config(family_config, **kwargs)
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        return cls._from_config(config, **kwargs)

@@ -1,0 +1,57 @@
+"""Loading a model and tokenizer with clear errors for the usual mistakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .errors import CdmoeError
+
+__all__ = ["load_model", "load_tokenizer", "resolve_dtype"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | None) -> torch.dtype | str:
+    if name in (None, "auto"):
+        return "auto"
+    if name not in _DTYPES:
+        raise CdmoeError(f"unknown dtype {name!r}; use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _check_path(name_or_path: str | Path) -> None:
+    text = str(name_or_path)
+    looks_local = text.startswith((".", "/", "~")) or Path(text).exists() or text.count("/") > 1
+    if looks_local and not Path(text).expanduser().exists():
+        raise CdmoeError(f"model path {text} does not exist; pass a local model directory or a hub model id")
+    if looks_local and Path(text).is_dir() and not (Path(text) / "config.json").exists():
+        raise CdmoeError(f"{text} has no config.json; pass a Hugging Face model directory")
+
+
+def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str = "cpu", trust_remote_code: bool = True):
+    """``AutoModelForCausalLM.from_pretrained`` in eval mode, with one-line errors."""
+    _check_path(name_or_path)
+    from . import register  # noqa: F401  (condensed checkpoints load natively)
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise CdmoeError(
+            f"cannot load {name_or_path} ({str(err).splitlines()[0]}); if the hub is unreachable, pass a local directory"
+        ) from None
+    except ValueError as err:
+        raise CdmoeError(f"cannot load {name_or_path}: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(name_or_path: str | Path):
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=True)
+    except (OSError, ValueError) as err:
+        raise CdmoeError(f"cannot load a tokenizer from {name_or_path}: {str(err).splitlines()[0]}") from None

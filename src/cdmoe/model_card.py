@@ -1,0 +1,68 @@
+"""The model card (README.md) of a condensed checkpoint, generated from its record."""
+
+from __future__ import annotations
+
+__all__ = ["model_card"]
+
+
+def _fmt(n: int | float | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def model_card(record: dict) -> str:
+    """Markdown model card with YAML front matter, from a ``cdmoe.json`` record."""
+    base = record.get("base_model", "unknown")
+    params = record.get("params", {})
+    layers = record.get("condensed", [])
+    search = record.get("search") or {}
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {base}",
+        "tags: [cdmoe, mixture-of-experts, condensed, compression]",
+        "---",
+        "",
+        f"# {base} condensed with cdmoe",
+        "",
+        f"This checkpoint is `{base}` with {len(layers)} sparse MoE layer(s) condensed by CD-MoE "
+        "([arXiv 2412.00069](https://arxiv.org/abs/2412.00069)): each condensed layer keeps the shared experts plus "
+        "the routed experts listed below with fixed gates (Eq. 2), applied to every token with no router (Eq. 3). "
+        "Dropped experts and removed routers are not stored.",
+        "",
+        "| | original | condensed |",
+        "|---|---|---|",
+        f"| parameters | {_fmt(params.get('total_params'))} | {_fmt(params.get('condensed_params'))} |",
+        f"| memory ratio | 100% | {100 * params.get('memory_ratio', float('nan')):.1f}% |",
+        f"| activated parameters / token | {_fmt(params.get('active_params'))} | "
+        f"{_fmt(params.get('condensed_active_params'))} |",
+        "",
+        "## Condensed layers",
+        "",
+        "| layer | kept routed experts | fixed gates |",
+        "|---|---|---|",
+    ]
+    for layer in layers:
+        gates = ", ".join(f"{g:.4f}" for g in layer["gates"])
+        experts = ", ".join(map(str, layer["experts"])) or "(shared experts only)"
+        lines.append(f"| {layer['layer']} | {experts} | {gates} |")
+    if search:
+        lines += ["", "## How they were chosen", ""]
+        for key in ("method", "expert_selector", "layer_selector", "metric", "final_distribution", "calibration"):
+            if key in search:
+                lines.append(f"- {key.replace('_', ' ')}: `{search[key]}`")
+    lines += [
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/dir", trust_remote_code=True)',
+        "# or, with cdmoe installed: import cdmoe; AutoModelForCausalLM.from_pretrained(path)",
+        "```",
+        "",
+        f"Made with cdmoe {record.get('versions', {}).get('cdmoe', '')}; the full record is in `cdmoe.json`.",
+        "",
+    ]
+    return "\n".join(lines)
