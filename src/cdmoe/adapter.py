@@ -20,10 +20,11 @@ from transformers.activations import ACT2FN
 from .errors import CdmoeError
 from .families import FamilySpec, probe_spec, spec_for_model_type, supported_model_types
 
-__all__ = ["Routing", "MoEBlock", "family_spec", "moe_blocks", "decoder_layers", "config_value"]
+__all__ = ["Routing", "MoEBlock", "attr_path", "family_spec", "moe_blocks", "decoder_layers", "config_value"]
 
 
-def _attr(obj, path: str):
+def attr_path(obj, path: str):
+    """``obj.a.b.c`` for ``path`` 'a.b.c'."""
     for name in path.split("."):
         obj = getattr(obj, name)
     return obj
@@ -39,7 +40,7 @@ def config_value(config, keys: tuple[str, ...] | str, default=None):
 
 
 def decoder_layers(model: nn.Module, spec: FamilySpec) -> nn.ModuleList:
-    return _attr(model, spec.layers_path)
+    return attr_path(model, spec.layers_path)
 
 
 def family_spec(model: nn.Module) -> FamilySpec:
@@ -118,7 +119,7 @@ class MoEBlock:
 
     @property
     def router_weight(self) -> torch.Tensor:
-        return _attr(self.router, self.spec.router_weight)  # (E, H)
+        return attr_path(self.router, self.spec.router_weight)  # (E, H)
 
     # routing (Eq. 1) ---------------------------------------------------------------------
     def route(self, x: torch.Tensor) -> Routing:
@@ -132,7 +133,7 @@ class MoEBlock:
         scores = logits.softmax(-1) if r.score == "softmax" else logits.sigmoid()  # (T, E)
         choice = scores
         if r.correction_bias is not None:
-            choice = scores + _attr(self.router, r.correction_bias).float().reshape(-1)
+            choice = scores + attr_path(self.router, r.correction_bias).float().reshape(-1)
         group_on = r.group_score is not None and (
             r.group_when is None or getattr(cfg, r.group_when[0], None) == r.group_when[1]
         )

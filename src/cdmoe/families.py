@@ -52,6 +52,8 @@ class FamilySpec:
     shared_attr: str | None = None
     shared_gate_attr: str | None = None  # per-token sigmoid gate on the shared expert
     layers_path: str = "model.layers"
+    final_norm: str = "model.norm"
+    residual_scale_key: str | None = None  # config key scaling the block output before the residual add
     top_k_key: str = "num_experts_per_tok"
     num_experts_keys: tuple[str, ...] = ("n_routed_experts", "num_experts", "num_local_experts")
     expert_intermediate_key: str = "moe_intermediate_size"
@@ -105,6 +107,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         ("granitemoe",), RoutingSpec(score="softmax", renormalize="always"),
         block_attr="block_sparse_moe", router_attr="router", num_experts_keys=("num_local_experts",),
+        residual_scale_key="residual_multiplier",
         expert_intermediate_key="intermediate_size", notes="top-k on logits then softmax over K == renormalised softmax",
     ),
     FamilySpec(

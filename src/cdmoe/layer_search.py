@@ -1,0 +1,104 @@
+"""Greedy layer selection (Algorithm 2), re-running only from the candidate layer onward.
+
+Step n adds the MoE layer whose condensation (with its Algorithm 1 experts) minimises
+the divergence between the original and the condensed model's final output on the
+calibration tokens, given the n-1 layers already condensed. The final output is either
+the final normed hidden state (softmax over the hidden dimension, as the official code)
+or the vocabulary distribution (``logits``); ``ppl`` scores |NLL_condensed - NLL_orig|
+per token (the paper's PPL metric, Table 5).
+
+Cost: layers before a candidate are unchanged by it, so each candidate re-runs only
+layers ``l..L-1`` from the cached input of layer ``l`` (:class:`~cdmoe.runner.LayerRunner`);
+after each step the caches of the layers behind the chosen one are refreshed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .metrics import divergence_sum, nll_sum
+from .runner import LayerRunner
+
+__all__ = ["LayerSearchResult", "greedy_layers", "final_divergence"]
+
+
+@dataclass
+class LayerSearchResult:
+    order: list[int] = field(default_factory=list)  # layers in the order chosen
+    step_scores: list[float] = field(default_factory=list)  # divergence after each step
+    single_layer_scores: dict[int, float] = field(default_factory=dict)  # step 1: each layer alone (Fig. 2)
+    layer_passes: int = 0  # decoder-layer forward passes over one calibration batch
+
+
+def final_divergence(
+    runner: LayerRunner, reference: list[torch.Tensor], start: int, kind: str, metric: str, vocab_chunk: int = 1024
+) -> tuple[float, int]:
+    """Mean per-token divergence of the model's final output, re-running from layer ``start``.
+
+    ``reference`` holds the original model's final output per batch (hidden or logits,
+    (B, S, D)); logits are compared in token chunks so that (chunk, V) fits memory.
+    Returns (score, decoder-layer passes made).
+    """
+    total, tokens, passes = 0.0, 0, 0
+    for b, ids in enumerate(runner.batches):
+        last = runner.run(start, b)
+        passes += len(runner.layers) - start
+        if metric == "ppl":
+            logits = runner.final(last, "logits")
+            total += abs(float(nll_sum(logits, ids) - nll_sum(reference[b], ids)))
+            tokens += ids[:, 1:].numel()
+            continue
+        flat_ref = reference[b].reshape(-1, reference[b].shape[-1])
+        flat_last = last.reshape(-1, last.shape[-1])
+        for s in range(0, flat_last.shape[0], vocab_chunk):
+            out = runner.final(flat_last[s : s + vocab_chunk], kind)
+            total += float(divergence_sum(flat_ref[s : s + vocab_chunk], out, metric))
+        tokens += flat_last.shape[0]
+    return total / tokens, passes
+
+
+@torch.no_grad()
+def greedy_layers(
+    runner: LayerRunner,
+    candidates: dict[int, nn.Module],
+    n: int,
+    set_block: Callable[[int, nn.Module | None], None],
+    kind: str = "hidden",
+    metric: str = "js",
+    on_step: Callable[[int, int], None] | None = None,
+) -> LayerSearchResult:
+    """Algorithm 2: pick ``n`` of ``candidates`` ({layer: condensed module}).
+
+    ``set_block(layer, module)`` swaps a condensed module in, ``set_block(layer, None)``
+    restores the original block. On return the chosen layers are swapped in.
+    """
+    reference = [
+        runner.final(runner.outputs[b], "logits" if metric == "ppl" else kind) for b in range(len(runner.batches))
+    ]
+    result = LayerSearchResult()
+    remaining = sorted(candidates)
+    for step in range(n):
+        scores = {}
+        for layer in remaining:
+            set_block(layer, candidates[layer])
+            scores[layer], passes = final_divergence(runner, reference, layer, kind, metric)
+            result.layer_passes += passes
+            set_block(layer, None)
+            if on_step:
+                on_step(step, layer)
+        if step == 0:
+            result.single_layer_scores = dict(scores)
+        best = min(remaining, key=lambda layer: (scores[layer], layer))
+        set_block(best, candidates[best])
+        remaining.remove(best)
+        result.order.append(best)
+        result.step_scores.append(scores[best])
+        if step < n - 1:  # refresh the inputs of the layers behind the newly condensed one
+            for b in range(len(runner.batches)):
+                runner.run(best, b, record_from=best + 1)
+                result.layer_passes += len(runner.layers) - best
+    return result

@@ -1,0 +1,176 @@
+"""The CD-MoE search end to end: gates (Eq. 2), experts (Alg. 1) per layer, layers (Alg. 2).
+
+    runner  = one forward pass per calibration batch, caching every layer's input
+    per MoE layer l: run layer l alone on its cached input -> X, block output, layer output
+                     gates g_i (Eq. 2); greedy experts (Alg. 1); the fused condensed MLP
+    greedy layers (Alg. 2) over all MoE layers, re-running only from each candidate onward
+
+The model is left unchanged; the result is a list of :class:`~cdmoe.condensed.LayerChoice`
+(in the greedy order) plus everything the record and plots need.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapter import MoEBlock, config_value, decoder_layers, family_spec, moe_blocks
+from .condensed import LayerChoice, fuse_condensed_mlp
+from .errors import CdmoeError
+from .expert_search import LayerActivations, fixed_gates, greedy_experts
+from .layer_search import greedy_layers
+from .runner import LayerRunner
+
+__all__ = ["SearchOptions", "SearchResult", "layer_activations", "run_search"]
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    layers: int  # N: MoE layers to condense
+    experts: int | None = None  # K routed experts kept per layer; None = the family's top-k
+    metric: str = "js"  # js | kl | ppl (ppl applies to layer selection; experts then use js)
+    final: str = "hidden"  # final-output distribution for Alg. 2: hidden | logits
+    batch_size: int = 8
+    cache_bytes: int = 2 * 2**30
+
+    def validate(self, num_moe_layers: int) -> None:
+        if self.metric not in ("js", "kl", "ppl"):
+            raise CdmoeError(f"unknown --metric {self.metric!r}; use js, kl or ppl")
+        if self.final not in ("hidden", "logits"):
+            raise CdmoeError(f"unknown --final {self.final!r}; use hidden or logits")
+        if not 1 <= self.layers <= num_moe_layers:
+            raise CdmoeError(f"--layers {self.layers} is out of range: the model has {num_moe_layers} MoE layers")
+
+
+@dataclass
+class SearchResult:
+    choices: list[LayerChoice]  # condensed layers in the greedy order
+    record: dict = field(default_factory=dict)
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise CdmoeError(f"{what} contains NaN or inf; check the model weights and dtype (try --dtype fp32)")
+
+
+@torch.no_grad()
+def layer_activations(runner: LayerRunner, block: MoEBlock, residual_scale: float) -> LayerActivations:
+    """Run decoder layer ``block.layer_idx`` alone on its cached inputs; return X, block output, layer output."""
+    xs, ys, hs = [], [], []
+
+    def capture(module, args, output):
+        xs.append(args[0])
+        ys.append(output[0] if isinstance(output, tuple) else output)
+
+    hook = block.module.register_forward_hook(capture)
+    try:
+        for b in range(len(runner.batches)):
+            hs.append(runner.run(block.layer_idx, b, stop=block.layer_idx + 1))
+    finally:
+        hook.remove()
+    width = hs[0].shape[-1]
+    acts = LayerActivations(
+        x=torch.cat([x.reshape(-1, width) for x in xs]),
+        y=torch.cat([y.reshape(-1, width) for y in ys]),
+        h=torch.cat([h.reshape(-1, width) for h in hs]),
+        residual_scale=residual_scale,
+    )
+    _check_finite(acts.h, f"layer {block.layer_idx} output")
+    return acts
+
+
+def run_search(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    options: SearchOptions,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> SearchResult:
+    """Run gates + Algorithm 1 on every MoE layer and Algorithm 2 for ``options.layers`` layers."""
+    spec = family_spec(model)
+    blocks = moe_blocks(model, spec)
+    options.validate(len(blocks))
+    report = progress or (lambda stage, done, total: None)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    batches = list(calib_ids.split(options.batch_size))
+    runner = LayerRunner(model, spec, batches)
+    for b, out in enumerate(runner.outputs):
+        _check_finite(out, "the last layer's output on calibration batch {b}")
+    timings["calibration_forward_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    scale = float(config_value(model.config, spec.residual_scale_key, 1.0)) if spec.residual_scale_key else 1.0
+    expert_metric = "js" if options.metric == "ppl" else options.metric
+    per_layer, condensed = {}, {}
+    for i, block in enumerate(blocks):
+        k = block.top_k if options.experts is None else options.experts
+        if not 0 <= k <= block.num_experts:
+            raise CdmoeError(f"--experts {k} is out of range: layer {block.layer_idx} has {block.num_experts} routed experts")
+        if k == 0 and block.shared is None:
+            raise CdmoeError("--shared-only needs shared experts, and this family has none; pass --experts K >= 1")
+        acts = layer_activations(runner, block, scale)
+        gates, counts = fixed_gates(block, acts.x)
+        found = greedy_experts(block, acts, gates, k, expert_metric, options.cache_bytes)
+        per_layer[block.layer_idx] = (found, counts)
+        condensed[block.layer_idx] = fuse_condensed_mlp(block, found.experts, found.gates)
+        report("experts", i + 1, len(blocks))
+    timings["expert_search_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    layers = decoder_layers(model, spec)
+    originals = {b.layer_idx: b.module for b in blocks}
+
+    def set_block(layer: int, module: nn.Module | None) -> None:
+        setattr(layers[layer], spec.block_attr, module if module is not None else originals[layer])
+
+    n_cand = len(blocks)
+    evals = sum(n_cand - s for s in range(options.layers))
+    done = {"n": 0}
+
+    def on_step(step: int, layer: int) -> None:
+        done["n"] += 1
+        report("layers", done["n"], evals)
+
+    try:
+        found_layers = greedy_layers(runner, condensed, options.layers, set_block, options.final, options.metric, on_step)
+    finally:
+        for layer in originals:
+            set_block(layer, None)
+    timings["layer_search_s"] = time.perf_counter() - t0
+
+    choices = []
+    for layer in found_layers.order:
+        found, counts = per_layer[layer]
+        choices.append(LayerChoice(
+            layer=layer, experts=found.experts, gates=found.gates,
+            extra={"token_counts": [int(counts[e]) for e in found.experts], "expert_step_scores": found.step_scores,
+                   "shared_only_score": found.shared_only_score},
+        ))
+    record = {
+        "method": "cd-moe greedy",
+        "metric": options.metric,
+        "expert_metric": expert_metric,
+        "final_distribution": "logits" if options.metric == "ppl" else options.final,
+        "layer_output": "decoder layer output (residual + MoE block), softmax over hidden dim",
+        "experts_per_layer": options.experts,
+        "layer_order": found_layers.order,
+        "layer_step_scores": found_layers.step_scores,
+        "single_layer_scores": {str(k): v for k, v in sorted(found_layers.single_layer_scores.items())},
+        "expert_search": {
+            str(layer): {"experts": list(f.experts), "gates": list(f.gates), "step_scores": f.step_scores,
+                         "shared_only_score": f.shared_only_score,
+                         "token_counts": counts.tolist()}
+            for layer, (f, counts) in per_layer.items()
+        },
+        "cost": {
+            "expert_forward_passes": sum(f.expert_passes for f, _ in per_layer.values()),
+            "decoder_layer_passes": found_layers.layer_passes,
+            "calibration_tokens": int(calib_ids.numel()),
+        },
+        "timings": timings,
+    }
+    return SearchResult(choices=choices, record=record)

@@ -1,0 +1,112 @@
+"""Literal Algorithms 1 and 2 (as the paper writes them and the official code runs them):
+every candidate is evaluated with a full model forward pass. Slow; for tests only."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cdmoe.adapter import decoder_layers, family_spec, moe_blocks
+from cdmoe.condensed import fuse_condensed_mlp
+
+
+def js_mean(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over tokens of JS(softmax(p), softmax(q)), written independently of cdmoe.metrics."""
+    p = F.softmax(p_logits.double().reshape(-1, p_logits.shape[-1]), -1)
+    q = F.softmax(q_logits.double().reshape(-1, q_logits.shape[-1]), -1)
+    m = 0.5 * (p + q)
+    kl_pm = (p * (p.log() - m.log())).sum(-1)
+    kl_qm = (q * (q.log() - m.log())).sum(-1)
+    return float((0.5 * (kl_pm + kl_qm)).mean())
+
+
+class Swap:
+    """Temporarily replace decoder layers' MoE blocks."""
+
+    def __init__(self, model, modules: dict):
+        self.spec = family_spec(model)
+        self.layers = decoder_layers(model, self.spec)
+        self.modules = modules
+
+    def __enter__(self):
+        self.saved = {i: getattr(self.layers[i], self.spec.block_attr) for i in self.modules}
+        for i, m in self.modules.items():
+            setattr(self.layers[i], self.spec.block_attr, m)
+
+    def __exit__(self, *exc):
+        for i, m in self.saved.items():
+            setattr(self.layers[i], self.spec.block_attr, m)
+
+
+@torch.no_grad()
+def recorded_gates(model, ids, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2 from the library router's own outputs (not cdmoe's routing): (gates (E,), counts (E,))."""
+    block = next(b for b in moe_blocks(model) if b.layer_idx == layer)
+    seen = []
+    hook = block.router.register_forward_hook(lambda m, i, o: seen.append(o))
+    model(input_ids=ids)
+    hook.remove()
+    weights = torch.cat([o[-2].float().reshape(-1, o[-2].shape[-1]) for o in seen])
+    indices = torch.cat([o[-1].reshape(-1, o[-1].shape[-1]) for o in seen])
+    gates, counts = torch.zeros(block.num_experts), torch.zeros(block.num_experts, dtype=torch.long)
+    for e in range(block.num_experts):
+        mask = indices == e
+        counts[e] = int(mask.sum())
+        gates[e] = weights[mask].mean() if counts[e] else float("nan")
+    # documented fallback for an expert no token selected: the layer's mean selected gate
+    gates[counts == 0] = weights.mean()
+    return gates, counts
+
+
+@torch.no_grad()
+def layer_output(model, ids, layer: int) -> torch.Tensor:
+    """Decoder layer ``layer``'s output in a full forward pass (hooked: HF's ``hidden_states[-1]``
+    is the final-normed state, not the last layer's output)."""
+    seen = []
+    layers = decoder_layers(model, family_spec(model))
+    hook = layers[layer].register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    model(input_ids=ids)
+    hook.remove()
+    return seen[0]
+
+
+@torch.no_grad()
+def naive_experts(model, ids, layer: int, k: int, gates: torch.Tensor) -> list[int]:
+    """Algorithm 1: a full model pass per candidate; compares that decoder layer's output."""
+    block = next(b for b in moe_blocks(model) if b.layer_idx == layer)
+    ref = layer_output(model, ids, layer)
+    chosen: list[int] = []
+    for _ in range(k):
+        losses = {}
+        for e in range(block.num_experts):
+            if e in chosen:
+                continue
+            keep = chosen + [e]
+            mlp = fuse_condensed_mlp(block, tuple(keep), tuple(float(gates[i]) for i in keep))
+            with Swap(model, {layer: mlp}):
+                out = layer_output(model, ids, layer)
+            losses[e] = js_mean(ref, out)
+        chosen.append(min(losses, key=losses.get))
+    return chosen
+
+
+@torch.no_grad()
+def naive_layers(model, ids, condensed: dict, n: int, final: str = "hidden") -> list[int]:
+    """Algorithm 2: a full model pass per candidate layer set; compares the final output."""
+
+    def output():
+        if final == "hidden":
+            return model.model(input_ids=ids).last_hidden_state
+        return model(input_ids=ids).logits
+
+    ref = output()
+    chosen: list[int] = []
+    for _ in range(n):
+        losses = {}
+        for layer in condensed:
+            if layer in chosen:
+                continue
+            with Swap(model, {i: condensed[i] for i in chosen + [layer]}):
+                losses[layer] = js_mean(ref, output())
+        chosen.append(min(losses, key=losses.get))
+    return chosen
