@@ -47,9 +47,10 @@ def condense_layers(model, choices: list[LayerChoice], *, base_model: str | None
     }
 
 
-def save(model, out: str | Path, record: dict, *, tokenizer=None, source: str | Path | None = None, force: bool = False) -> Path:
+def save(model, out: str | Path, record: dict, *, tokenizer=None, source: str | Path | None = None,
+         force: bool = False, extra_files=None) -> Path:
     """Write the condensed model, tokenizer, record and model card to ``out`` (atomically)."""
-    return save_condensed(model, out, record, tokenizer=tokenizer, source=source, force=force)
+    return save_condensed(model, out, record, tokenizer=tokenizer, source=source, force=force, extra_files=extra_files)
 
 
 def choices_from_record(record: dict) -> list[LayerChoice]:

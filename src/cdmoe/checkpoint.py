@@ -84,8 +84,12 @@ def save_condensed(
     source: str | Path | None = None,
     force: bool = False,
     max_shard_size: str = "5GB",
+    extra_files=None,
 ) -> Path:
-    """Save a condensed in-memory model with its tokenizer, record and model card."""
+    """Save a condensed in-memory model with its tokenizer, record and model card.
+
+    ``extra_files(tmp_dir)`` may write more files into the directory before it is moved into place.
+    """
     from .model_card import model_card
 
     with atomic_output_dir(out, force=force) as tmp:
@@ -94,6 +98,8 @@ def save_condensed(
         record = {**record, "versions": versions()}
         (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(record))
+        if extra_files is not None:  # e.g. plots, written inside the same atomic directory
+            extra_files(tmp)
     return Path(out)
 
 

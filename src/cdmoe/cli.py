@@ -95,5 +95,75 @@ def apply(
     out_console.print(f"wrote {result}")
 
 
+@app.command()
+@_friendly
+def condense(
+    model: Annotated[str, typer.Argument(help="model directory or hub id")],
+    out: Annotated[Path, typer.Option(help="output directory (must not exist, unless --force)")],
+    layers: Annotated[int, typer.Option(help="N: MoE layers to condense")],
+    experts: Annotated[Optional[int], typer.Option(help="K routed experts kept per layer (default: top-k)")] = None,
+    shared_only: Annotated[bool, typer.Option("--shared-only", help="keep shared experts only (CD-MoE-S)")] = False,
+    calib: Annotated[str, typer.Option(help="c4 | local .txt/.jsonl/.parquet | HF dataset name[:config[:split]]")] = "c4",
+    samples: Annotated[int, typer.Option(help="calibration samples")] = 100,
+    seq_len: Annotated[int, typer.Option(help="tokens per calibration sample")] = 512,
+    seed: Annotated[int, typer.Option(help="calibration sampling seed")] = 0,
+    metric: Annotated[str, typer.Option(help="js | kl | ppl")] = "js",
+    final: Annotated[str, typer.Option(help="final-output distribution for layer search: hidden | logits")] = "hidden",
+    batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 8,
+    dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")] = "auto",
+    eval_text: Annotated[Optional[str], typer.Option(help="held-out text for perplexity before/after")] = None,
+    eval_tokens: Annotated[int, typer.Option(help="max tokens of --eval-text")] = 50_000,
+    force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+):
+    """Condense N MoE layers with CD-MoE (greedy experts and layers on calibration data) and save."""
+    from .calibration import CalibSpec
+    from .condense_run import EvalOptions
+    from .condense_run import condense as run_condense
+    from .search import SearchOptions
+
+    if shared_only and experts not in (None, 0):
+        raise CdmoeError("--shared-only and --experts contradict each other; pass one of them")
+    record = run_condense(
+        model,
+        out,
+        SearchOptions(layers=layers, experts=0 if shared_only else experts, metric=metric, final=final,
+                      batch_size=batch_size),
+        CalibSpec(source=calib, samples=samples, seq_len=seq_len, seed=seed),
+        EvalOptions(text=eval_text, max_tokens=eval_tokens),
+        dtype=dtype,
+        force=force,
+        show_progress=not quiet,
+    )
+    print_summary(record, out)
+
+
+def print_summary(record: dict, out: Path) -> None:
+    params, search = record["params"], record["search"]
+    table = Table(title="cdmoe condense", show_header=True)
+    table.add_column("")
+    table.add_column("original", justify="right")
+    table.add_column("condensed", justify="right")
+    table.add_row("parameters", f"{params['total_params']:,}", f"{params['condensed_params']:,}")
+    table.add_row("memory ratio", "100%", f"{100 * params['memory_ratio']:.1f}%")
+    table.add_row("activated params / token", f"{params['active_params']:,}", f"{params['condensed_active_params']:,}")
+    ev = record.get("evaluation")
+    if ev:
+        table.add_row(f"perplexity ({ev['tokens']:,} held-out tokens)", f"{ev['original_ppl']:.2f}",
+                      f"{ev['condensed_ppl']:.2f}")
+        if "random_experts_ppl" in ev:
+            table.add_row("  same layers, random experts", "", f"{ev['random_experts_ppl']:.2f}")
+            table.add_row("  same layers dropped (Layer Drop)", "", f"{ev['dropped_layers_ppl']:.2f}")
+    out_console.print(table)
+    order = ", ".join(f"{layer} ({score:.4f})" for layer, score in zip(search["layer_order"], search["layer_step_scores"]))
+    out_console.print(f"layers chosen (greedy order, {search['metric'].upper()} after each step): {order}")
+    for c in record["condensed"]:
+        kept = ", ".join(f"{e}:{g:.3f}" for e, g in zip(c["experts"], c["gates"])) or "shared experts only"
+        out_console.print(f"  layer {c['layer']}: experts:gates {kept}")
+    timings = search["timings"]
+    out_console.print(f"search {timings['expert_search_s'] + timings['layer_search_s']:.1f}s, total "
+                      f"{timings['total_s']:.1f}s; wrote {out} (record cdmoe.json, plots/single_layer_js.png)")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())

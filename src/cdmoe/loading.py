@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import CdmoeError
 
-__all__ = ["load_model", "load_tokenizer", "resolve_dtype"]
+__all__ = ["checkpoint_dtype", "compute_dtype", "load_model", "load_tokenizer", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -32,14 +32,26 @@ def _check_path(name_or_path: str | Path) -> None:
         raise CdmoeError(f"{text} has no config.json; pass a Hugging Face model directory")
 
 
+def compute_dtype(dtype: str | None, device: str) -> torch.dtype | str:
+    """``auto`` computes in the checkpoint's dtype, except half precision on CPU, which is
+    slow there and imprecise for divergences: fp32 (the checkpoint is saved back in its dtype)."""
+    resolved = resolve_dtype(dtype)
+    if resolved == "auto" and str(device).startswith("cpu"):
+        return torch.float32
+    return resolved
+
+
 def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str = "cpu", trust_remote_code: bool = True):
-    """``AutoModelForCausalLM.from_pretrained`` in eval mode, with one-line errors."""
+    """``AutoModelForCausalLM.from_pretrained`` in eval mode, with one-line errors.
+
+    The checkpoint's own dtype is kept in ``model.config.dtype`` whatever the compute dtype.
+    """
     _check_path(name_or_path)
     from . import register  # noqa: F401  (condensed checkpoints load natively)
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+            str(name_or_path), dtype=compute_dtype(dtype, device), trust_remote_code=trust_remote_code
         )
     except OSError as err:
         raise CdmoeError(
@@ -48,6 +60,18 @@ def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str
     except ValueError as err:
         raise CdmoeError(f"cannot load {name_or_path}: {str(err).splitlines()[0]}") from None
     return model.to(device).eval()
+
+
+def checkpoint_dtype(name_or_path: str | Path) -> torch.dtype | None:
+    """The dtype a checkpoint stores its weights in, from its config.json (None if unknown)."""
+    import json
+
+    path = Path(str(name_or_path)) / "config.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    name = data.get("dtype") or data.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
 
 
 def load_tokenizer(name_or_path: str | Path):

@@ -105,7 +105,7 @@ def run_search(
     t0 = time.perf_counter()
     scale = float(config_value(model.config, spec.residual_scale_key, 1.0)) if spec.residual_scale_key else 1.0
     expert_metric = "js" if options.metric == "ppl" else options.metric
-    per_layer, condensed = {}, {}
+    per_layer, condensed, all_gates = {}, {}, {}
     for i, block in enumerate(blocks):
         k = block.top_k if options.experts is None else options.experts
         if not 0 <= k <= block.num_experts:
@@ -114,6 +114,7 @@ def run_search(
             raise CdmoeError("--shared-only needs shared experts, and this family has none; pass --experts K >= 1")
         acts = layer_activations(runner, block, scale)
         gates, counts = fixed_gates(block, acts.x)
+        all_gates[block.layer_idx] = gates
         found = greedy_experts(block, acts, gates, k, expert_metric, options.cache_bytes)
         per_layer[block.layer_idx] = (found, counts)
         condensed[block.layer_idx] = fuse_condensed_mlp(block, found.experts, found.gates)
@@ -163,7 +164,7 @@ def run_search(
         "expert_search": {
             str(layer): {"experts": list(f.experts), "gates": list(f.gates), "step_scores": f.step_scores,
                          "shared_only_score": f.shared_only_score,
-                         "token_counts": counts.tolist()}
+                         "all_gates": all_gates[layer].tolist(), "token_counts": counts.tolist()}
             for layer, (f, counts) in per_layer.items()
         },
         "cost": {

@@ -138,11 +138,12 @@ def condensed_classes(base_config_cls: type, base_model_cls: type) -> tuple[type
             if not _is_native(cls):
                 shutil.copyfile(inspect.getfile(cls), out / Path(inspect.getfile(cls)).name)
 
-    cfg_cls = type(f"Cdmoe{base_config_cls.__name__}", (base_config_cls,), {"model_type": "cdmoe"})
+    # _auto_class None: transformers must not rewrite auto_map from these (generated) classes
+    cfg_cls = type(f"Cdmoe{base_config_cls.__name__}", (base_config_cls,), {"model_type": "cdmoe", "_auto_class": None})
     model_cls = type(
         f"Condensed{base_model_cls.__name__}",
         (base_model_cls,),
-        {"config_class": cfg_cls, "__init__": __init__, "save_pretrained": save_pretrained},
+        {"config_class": cfg_cls, "__init__": __init__, "save_pretrained": save_pretrained, "_auto_class": None},
     )
     _CLASS_CACHE[key] = (cfg_cls, model_cls)
     return cfg_cls, model_cls
