@@ -138,6 +138,31 @@ def condense(
     print_summary(record, out)
 
 
+@app.command(name="eval")
+@_friendly
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="model directory (original or condensed) or hub id")],
+    tasks: Annotated[str, typer.Option(help="paper | demo | comma-separated lm-eval task names")] = "paper",
+    task_text: Annotated[Optional[str], typer.Option(help="held-out text for --tasks demo")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="examples per task (for quick checks)")] = None,
+    batch_size: Annotated[str, typer.Option(help="lm-eval batch size, or auto")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="results JSON (default: MODEL/eval.json for a directory)")] = None,
+    dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")] = "auto",
+):
+    """Zero-shot evaluation with lm-evaluation-harness (the paper's 8 tasks by default)."""
+    from .lmeval import run_eval
+
+    result = run_eval(model, tasks, task_text, limit, batch_size, out, dtype)
+    table = Table(title=f"cdmoe eval: {model}")
+    table.add_column("task")
+    table.add_column("score", justify="right")
+    for task, value in result["summary"].items():
+        table.add_row(task, f"{value:.2f}")
+    out_console.print(table)
+    if "written_to" in result:
+        out_console.print(f"wrote {result['written_to']}")
+
+
 def print_summary(record: dict, out: Path) -> None:
     params, search = record["params"], record["search"]
     table = Table(title="cdmoe condense", show_header=True)

@@ -1,0 +1,91 @@
+"""``cdmoe eval``: lm-evaluation-harness on an in-memory model (its ``HFLM`` wrapper).
+
+``--tasks paper`` is the paper's eight zero-shot tasks (they download from the hub);
+``--tasks demo`` builds local tasks from held-out text (:mod:`cdmoe.demo_tasks`); any other
+value is a comma-separated list of lm-eval task names.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from .errors import CdmoeError
+
+__all__ = ["PAPER_TASKS", "resolve_tasks", "evaluate", "summarize"]
+
+PAPER_TASKS = ["arc_challenge", "boolq", "hellaswag", "mmlu", "openbookqa", "piqa", "rte", "winogrande"]
+# the headline metric per task, as the paper's tables report them
+PRIMARY_METRIC = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm", "openbookqa": "acc_norm", "piqa": "acc_norm"}
+
+
+def resolve_tasks(tasks: str, task_text: str | Path | None, workdir: Path) -> tuple[list[str], str | None]:
+    """Task names and the include path for lm-eval's TaskManager."""
+    from .demo_tasks import CLOZE_TASK, PPL_TASK, build_demo_tasks
+
+    if tasks == "paper":
+        return PAPER_TASKS, None
+    if tasks == "demo":
+        text = Path(task_text) if task_text else Path("demo/data/test.txt.gz")
+        if not text.exists():
+            raise CdmoeError(f"--task-text {text} does not exist; pass the held-out text the demo tasks are built from")
+        return [CLOZE_TASK, PPL_TASK], str(build_demo_tasks(text, workdir))
+    return [t.strip() for t in tasks.split(",") if t.strip()], None
+
+
+def evaluate(model, tokenizer, tasks: list[str], include_path: str | None = None, limit: int | None = None,
+             batch_size: str | int = "auto", seed: int = 0) -> dict:
+    """Run lm-eval on ``model``; return its results dict (``results``, ``n-samples``, ``config``...)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise CdmoeError("lm-eval is not installed; pip install 'cdmoe[eval]'") from None
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False,
+                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                      fewshot_random_seed=seed, bootstrap_iters=0)
+    except Exception as err:  # task download failures surface as many exception types
+        raise CdmoeError(f"lm-eval failed ({type(err).__name__}: {str(err).splitlines()[0][:300]}); the paper's "
+                         "tasks need the hub; offline, use --tasks demo") from None
+    return {"results": out["results"], "n-samples": out.get("n-samples", {}),
+            "versions": out.get("versions", {}), "tasks": tasks, "limit": limit}
+
+
+def summarize(results: dict) -> dict[str, float]:
+    """One number per task: the paper's metric (accuracy in %), or word perplexity for ppl tasks."""
+    summary = {}
+    for task, metrics in results["results"].items():
+        clean = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+        if "word_perplexity" in clean:
+            summary[task] = clean["word_perplexity"]
+        else:
+            key = PRIMARY_METRIC.get(task, "acc")
+            if key in clean:
+                summary[task] = 100 * clean[key]
+    return summary
+
+
+def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None = None, limit: int | None = None,
+             batch_size: str = "auto", out: str | Path | None = None, dtype: str = "auto") -> dict:
+    """Load ``model_path`` and evaluate; write JSON to ``out`` (default: ``model_path/eval.json`` for a directory)."""
+    from .loading import load_model, load_tokenizer
+
+    model = load_model(model_path, dtype=dtype)
+    tokenizer = load_tokenizer(model_path)
+    with tempfile.TemporaryDirectory(prefix="cdmoe-tasks-") as work:
+        names, include = resolve_tasks(tasks, task_text, Path(work))
+        result = evaluate(model, tokenizer, names, include, limit, batch_size)
+    result["summary"] = summarize(result)
+    result["model"] = str(model_path)
+    target = Path(out) if out else (Path(model_path) / "eval.json" if Path(model_path).is_dir() else None)
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        result["written_to"] = str(target)
+    return result
