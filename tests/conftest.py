@@ -16,6 +16,9 @@ torch.set_num_threads(2)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONFIGS = FIXTURES / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_TEXT = ROOT / "demo" / "data" / "test.txt.gz"
+DEMO_CALIB = ROOT / "demo" / "data" / "valid.txt.gz"
 
 # every family we support that has a native transformers class: real configs first
 FAMILY_SOURCES = {
@@ -33,6 +36,26 @@ FAMILIES = sorted(FAMILY_SOURCES)
 
 def make_tiny(name: str, seed: int = 0, **overrides):
     return tiny_model(FAMILY_SOURCES[name], seed=seed, **overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny deepseek_v2 checkpoint with a real (small) BPE tokenizer, saved like a hub model."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from cdmoe.calibration import read_documents
+
+    docs = read_documents(DEMO_TEXT)[:300]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(docs, vocab_size=320, min_frequency=2, special_tokens=["<eos>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<eos>")
+    model = make_tiny("deepseek_v2", seed=7, num_hidden_layers=5, vocab_size=len(tok), bos_token_id=0,
+                      eos_token_id=0, pad_token_id=0)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(params=FAMILIES)

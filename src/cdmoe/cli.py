@@ -163,6 +163,64 @@ def eval_cmd(
         out_console.print(f"wrote {result['written_to']}")
 
 
+@app.command()
+@_friendly
+def sweep(
+    model: Annotated[str, typer.Argument(help="model directory or hub id")],
+    out: Annotated[Path, typer.Option(help="output root: one layers-N directory per point, plus report/")],
+    layers: Annotated[str, typer.Option(help="layer counts, e.g. 1,2,4")],
+    experts: Annotated[Optional[int], typer.Option(help="K routed experts kept per layer (default: top-k)")] = None,
+    shared_only: Annotated[bool, typer.Option("--shared-only", help="keep shared experts only (CD-MoE-S)")] = False,
+    calib: Annotated[str, typer.Option(help="calibration source, as for condense")] = "c4",
+    samples: Annotated[int, typer.Option(help="calibration samples")] = 100,
+    seq_len: Annotated[int, typer.Option(help="tokens per calibration sample")] = 512,
+    seed: Annotated[int, typer.Option(help="calibration sampling seed")] = 0,
+    metric: Annotated[str, typer.Option(help="js | kl | ppl")] = "js",
+    final: Annotated[str, typer.Option(help="hidden | logits")] = "hidden",
+    eval_text: Annotated[Optional[str], typer.Option(help="held-out text for perplexity per point")] = None,
+    eval_tokens: Annotated[int, typer.Option(help="max tokens of --eval-text")] = 50_000,
+    dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")] = "auto",
+    force: Annotated[bool, typer.Option(help="replace existing outputs")] = False,
+):
+    """Condense several N from one calibration and one greedy layer order; write each point and a report."""
+    from .calibration import CalibSpec
+    from .condense_run import EvalOptions
+    from .search import SearchOptions
+    from .sweep import sweep as run_sweep
+
+    counts = _int_list(layers) or []
+    report = run_sweep(model, out, counts,
+                       SearchOptions(layers=max(counts, default=1), experts=0 if shared_only else experts,
+                                     metric=metric, final=final),
+                       CalibSpec(calib, samples, seq_len, seed), EvalOptions(text=eval_text, max_tokens=eval_tokens),
+                       dtype=dtype, force=force)
+    _print_report(report, out / "report")
+
+
+@app.command()
+@_friendly
+def report(
+    dirs: Annotated[list[Path], typer.Argument(help="cdmoe output directories")],
+    out: Annotated[Path, typer.Option(help="where report.json and the plots go")] = Path("report"),
+):
+    """Gather condense records and evaluations of output directories into report.json and PNG plots."""
+    from .report import build_report
+
+    _print_report(build_report(dirs, out), out)
+
+
+def _print_report(result: dict, out: Path) -> None:
+    table = Table(title="cdmoe report")
+    for col in ("directory", "N", "memory", "perplexity", "avg acc"):
+        table.add_column(col, justify="right")
+    for row in result["rows"]:
+        ppl = f"{row['ppl']:.2f}" if row.get("ppl") else "-"
+        acc = f"{row['average_accuracy']:.1f}" if row.get("average_accuracy") is not None else "-"
+        table.add_row(Path(row["dir"]).name, str(len(row["layers"])), f"{100 * row['memory_ratio']:.1f}%", ppl, acc)
+    out_console.print(table)
+    out_console.print(f"wrote {out / 'report.json'} and {', '.join(result['plots'].values())}")
+
+
 def print_summary(record: dict, out: Path) -> None:
     params, search = record["params"], record["search"]
     table = Table(title="cdmoe condense", show_header=True)

@@ -75,6 +75,7 @@ def checkpoint_dtype(name_or_path: str | Path) -> torch.dtype | None:
 
 
 def load_tokenizer(name_or_path: str | Path):
+    _check_path(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=True)
     except (OSError, ValueError) as err:

@@ -1,0 +1,69 @@
+"""Measured (not computed) memory of a checkpoint: bytes on disk and peak resident memory.
+
+Peak RSS is measured in a fresh Python process per model (so one model's peak cannot hide
+another's): the process imports torch and transformers, records its RSS, loads the model,
+runs one forward pass on ``batch x seq_len`` tokens, and reports the peak RSS above the
+post-import baseline (``ru_maxrss``; Linux reports KiB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import CdmoeError
+
+__all__ = ["disk_bytes", "peak_rss", "measure_memory"]
+
+_SCRIPT = r"""
+import json, resource, sys
+import torch, transformers
+try:
+    import cdmoe  # registers condensed checkpoints when available
+except ImportError:
+    pass
+def rss_kib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+path, dtype, batch, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(2)
+base = rss_kib()
+model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=True).eval()
+loaded = rss_kib()
+with torch.no_grad():
+    model(input_ids=torch.randint(0, model.config.vocab_size, (batch, seq)))
+ran = rss_kib()
+print(json.dumps({"baseline_kib": base, "after_load_kib": loaded, "after_forward_kib": ran}))
+"""
+
+
+def disk_bytes(directory: str | Path) -> int:
+    """Bytes of the weight files (safetensors, or bin) of a checkpoint directory."""
+    directory = Path(directory)
+    files = list(directory.glob("*.safetensors")) or list(directory.glob("*.bin"))
+    if not files:
+        raise CdmoeError(f"{directory} has no weight files")
+    return sum(f.stat().st_size for f in files)
+
+
+def peak_rss(directory: str | Path, dtype: str = "float32", batch: int = 1, seq_len: int = 128) -> dict:
+    """Peak resident memory (bytes) above the import baseline, loading then running the model."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, "-c", _SCRIPT, str(directory), dtype, str(batch), str(seq_len)],
+                         capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        raise CdmoeError(f"measuring {directory} failed: {run.stderr.strip().splitlines()[-1]}")
+    data = json.loads(run.stdout.strip().splitlines()[-1])
+    return {"load_bytes": 1024 * (data["after_load_kib"] - data["baseline_kib"]),
+            "load_and_run_bytes": 1024 * (data["after_forward_kib"] - data["baseline_kib"])}
+
+
+def measure_memory(original: str | Path, condensed: str | Path, dtype: str = "float32") -> dict:
+    """Disk bytes and peak RSS of both checkpoints, and their ratios (condensed / original)."""
+    out = {}
+    for name, path in (("original", original), ("condensed", condensed)):
+        out[name] = {"disk_bytes": disk_bytes(path), **peak_rss(path, dtype)}
+    out["ratios"] = {key: out["condensed"][key] / out["original"][key] for key in out["original"]}
+    return out

@@ -1,0 +1,57 @@
+"""``cdmoe sweep``: several N from one calibration and one greedy layer order.
+
+The greedy order for N+1 layers extends the order for N (Algorithm 2 is greedy), so one
+search for the largest N gives every point of the curve: point N condenses the first N
+layers of that order. Each point is written as its own output directory, then a report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from .api import condense_layers, save
+from .calibration import CalibSpec, load_calibration
+from .condense_run import EvalOptions
+from .errors import CdmoeError
+from .loading import checkpoint_dtype, load_model, load_tokenizer
+from .perplexity import perplexity, token_stream
+from .report import build_report
+from .search import SearchOptions, run_search
+
+__all__ = ["sweep"]
+
+
+def sweep(model: str | Path, out: str | Path, layer_counts: list[int], search: SearchOptions,
+          calib: CalibSpec = CalibSpec(), evaluation: EvalOptions = EvalOptions(), dtype: str = "auto",
+          force: bool = False, progress=None) -> dict:
+    """Condense every N in ``layer_counts`` from one search; write ``out/layers-N`` and ``out/report``."""
+    counts = sorted(set(layer_counts))
+    if not counts or counts[0] < 1:
+        raise CdmoeError("--layers must list positive layer counts, e.g. 1,2,4")
+    out = Path(out)
+    if out.exists() and not force:
+        raise CdmoeError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
+    tokenizer = load_tokenizer(model)
+    base = load_model(model, dtype=dtype)
+    calib_ids = load_calibration(tokenizer, calib)
+    result = run_search(base, calib_ids, replace(search, layers=counts[-1]), progress)
+    stream = token_stream(tokenizer, evaluation.text, evaluation.max_tokens) if evaluation.text else None
+    seq_len = evaluation.seq_len or calib.seq_len
+    original_ppl = perplexity(base, stream, seq_len) if stream is not None else None
+    del base
+    stored = checkpoint_dtype(model)
+    dirs = []
+    for n in counts:
+        point = load_model(model, dtype=dtype)
+        search_record = {**result.record, "layer_order": result.record["layer_order"][:n],
+                         "layer_step_scores": result.record["layer_step_scores"][:n],
+                         "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())}, "sweep": counts}
+        record = condense_layers(point, result.choices[:n], base_model=str(model), search=search_record)
+        if stream is not None:
+            record["evaluation"] = {"text": evaluation.text, "tokens": len(stream), "seq_len": seq_len,
+                                    "original_ppl": original_ppl, "condensed_ppl": perplexity(point, stream, seq_len)}
+        if stored is not None and dtype == "auto" and point.dtype != stored:
+            point.to(stored)
+        dirs.append(save(point, out / f"layers-{n}", record, tokenizer=tokenizer, force=force))
+    return build_report(dirs, out / "report")

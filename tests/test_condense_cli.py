@@ -1,0 +1,95 @@
+"""``cdmoe condense`` / ``sweep`` / ``report`` end to end on a tiny checkpoint with a tokenizer."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from cdmoe.calibration import CalibSpec, load_calibration
+from cdmoe.cli import app
+from cdmoe.loading import load_model, load_tokenizer
+from cdmoe.search import SearchOptions, run_search
+from conftest import DEMO_CALIB, DEMO_TEXT
+
+runner = CliRunner()
+CALIB = ["--calib", str(DEMO_CALIB), "--samples", "6", "--seq-len", "32", "--quiet"]
+
+
+def test_condense_cli_writes_a_loadable_directory(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["condense", str(tiny_model_dir), "--out", str(out), "--layers", "2", *CALIB,
+                                 "--eval-text", str(DEMO_TEXT), "--eval-tokens", "2000"])
+    assert result.exit_code == 0, result.output
+    assert "same layers dropped" in result.stdout and "layers chosen" in result.stdout
+    record = json.loads((out / "cdmoe.json").read_text())
+    assert len(record["condensed"]) == 2 and record["search"]["calibration"]["samples"] == 6
+    ev = record["evaluation"]
+    assert {"original_ppl", "condensed_ppl", "random_experts_ppl", "dropped_layers_ppl"} <= set(ev)
+    assert (out / "plots" / "single_layer_js.png").stat().st_size > 1000
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 300, (1, 8))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    # the existing output directory is refused without --force
+    again = runner.invoke(app, ["condense", str(tiny_model_dir), "--out", str(out), "--layers", "1", *CALIB])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--layers", "9"], "out of range"),
+        (["--layers", "1", "--experts", "20"], "routed experts"),
+        (["--layers", "1", "--calib", "missing.txt"], "does not exist"),
+    ],
+)
+def test_condense_cli_bad_input(tiny_model_dir, tmp_path, args, message):
+    base = ["condense", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--samples", "4", "--seq-len", "16",
+            "--quiet"]
+    if "--calib" not in args:
+        base += ["--calib", str(DEMO_CALIB)]
+    result = runner.invoke(app, base + args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_calibration_file_and_missing_model(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    result = runner.invoke(app, ["condense", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--layers", "1",
+                                 "--calib", str(empty), "--quiet"])
+    assert result.exit_code == 2 and "is empty" in result.output
+    result = runner.invoke(app, ["condense", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--layers", "1"])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_short_calibration_text_warns_with_the_count(tiny_model_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("A short text about the Python interpreter and its modules.\n\n" * 5)
+    with pytest.warns(UserWarning, match="only .* tokens"):
+        ids = load_calibration(load_tokenizer(tiny_model_dir), CalibSpec(str(short), samples=50, seq_len=16))
+    assert ids.shape[1] == 16 and ids.shape[0] < 50
+
+
+def test_sweep_order_for_n_is_a_prefix_of_the_order_for_n_plus_one(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    ids = load_calibration(load_tokenizer(tiny_model_dir), CalibSpec(str(DEMO_CALIB), samples=6, seq_len=32))
+    two = run_search(model, ids, SearchOptions(layers=2))
+    three = run_search(model, ids, SearchOptions(layers=3))
+    assert [c.layer for c in three.choices][:2] == [c.layer for c in two.choices]
+
+
+def test_sweep_cli_writes_points_and_report(tiny_model_dir, tmp_path):
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", str(tiny_model_dir), "--out", str(out), "--layers", "1,3",
+                                 "--calib", str(DEMO_CALIB), "--samples", "6", "--seq-len", "32",
+                                 "--eval-text", str(DEMO_TEXT), "--eval-tokens", "1500"])
+    assert result.exit_code == 0, result.output
+    one = json.loads((out / "layers-1" / "cdmoe.json").read_text())
+    three = json.loads((out / "layers-3" / "cdmoe.json").read_text())
+    assert three["search"]["layer_order"][:1] == one["search"]["layer_order"]
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert [len(r["layers"]) for r in report["rows"]] == [1, 3]
+    for name in report["plots"].values():
+        assert (out / "report" / name).stat().st_size > 1000
