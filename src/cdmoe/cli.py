@@ -18,6 +18,26 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Condense Mix
 console = Console(stderr=True)
 out_console = Console()
 
+# options shared by several commands
+Experts = Annotated[Optional[int], typer.Option(help="K routed experts kept per layer (default: top-k)")]
+SharedOnly = Annotated[bool, typer.Option("--shared-only", help="keep shared experts only (CD-MoE-S, K=0)")]
+Calib = Annotated[str, typer.Option(help="c4 | local .txt/.jsonl/.parquet | HF dataset name[:config[:split]]")]
+Samples = Annotated[int, typer.Option(help="calibration samples")]
+SeqLen = Annotated[int, typer.Option(help="tokens per calibration sample")]
+Seed = Annotated[int, typer.Option(help="calibration sampling seed")]
+Metric = Annotated[str, typer.Option(help="search metric: js | kl | ppl")]
+Final = Annotated[str, typer.Option(help="final-output distribution for layer search: hidden | logits")]
+EvalText = Annotated[Optional[str], typer.Option(help="held-out text for perplexity before/after")]
+EvalTokens = Annotated[int, typer.Option(help="max tokens of --eval-text")]
+Dtype = Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")]
+Force = Annotated[bool, typer.Option(help="replace the output if it exists")]
+
+
+def _experts(experts: int | None, shared_only: bool) -> int | None:
+    if shared_only and experts not in (None, 0):
+        raise CdmoeError("--shared-only and --experts contradict each other; pass one of them")
+    return 0 if shared_only else experts
+
 
 def _friendly(fn):
     """Turn a CdmoeError into a one-line message and exit code 2."""
@@ -47,8 +67,8 @@ def _int_list(text: str | None) -> list[int] | None:
 def plan(
     model: Annotated[str, typer.Argument(help="config.json, model directory or hub id")],
     layers: Annotated[Optional[int], typer.Option(help="number of MoE layers to condense (default: all)")] = None,
-    experts: Annotated[Optional[int], typer.Option(help="routed experts kept per layer (default: top-k)")] = None,
-    shared_only: Annotated[bool, typer.Option("--shared-only", help="keep shared experts only (K=0)")] = False,
+    experts: Experts = None,
+    shared_only: SharedOnly = False,
     layer_ids: Annotated[Optional[str], typer.Option(help="exact layers, e.g. 3,5,7")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="dtype for bytes (default: the config's)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -56,9 +76,7 @@ def plan(
     """Memory of a condensing plan, from the config alone (no weights are read)."""
     from .plan import plan as run_plan
 
-    if shared_only and experts not in (None, 0):
-        raise CdmoeError("--shared-only and --experts contradict each other; pass one of them")
-    result = run_plan(model, layers, 0 if shared_only else experts, _int_list(layer_ids), dtype)
+    result = run_plan(model, layers, _experts(experts, shared_only), _int_list(layer_ids), dtype)
     if as_json:
         print(json.dumps(result))
         return
@@ -85,8 +103,8 @@ def apply(
     model: Annotated[str, typer.Argument(help="model directory or hub id")],
     record: Annotated[Path, typer.Argument(help="a cdmoe.json record (or an output directory holding one)")],
     out: Annotated[Path, typer.Option(help="output directory")],
-    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32")] = "auto",
-    force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    dtype: Dtype = "auto",
+    force: Force = False,
 ):
     """Apply the layers/experts/gates of an earlier record to a model and save it (no search)."""
     from .api import apply_record
@@ -101,19 +119,19 @@ def condense(
     model: Annotated[str, typer.Argument(help="model directory or hub id")],
     out: Annotated[Path, typer.Option(help="output directory (must not exist, unless --force)")],
     layers: Annotated[int, typer.Option(help="N: MoE layers to condense")],
-    experts: Annotated[Optional[int], typer.Option(help="K routed experts kept per layer (default: top-k)")] = None,
-    shared_only: Annotated[bool, typer.Option("--shared-only", help="keep shared experts only (CD-MoE-S)")] = False,
-    calib: Annotated[str, typer.Option(help="c4 | local .txt/.jsonl/.parquet | HF dataset name[:config[:split]]")] = "c4",
-    samples: Annotated[int, typer.Option(help="calibration samples")] = 100,
-    seq_len: Annotated[int, typer.Option(help="tokens per calibration sample")] = 512,
-    seed: Annotated[int, typer.Option(help="calibration sampling seed")] = 0,
-    metric: Annotated[str, typer.Option(help="js | kl | ppl")] = "js",
-    final: Annotated[str, typer.Option(help="final-output distribution for layer search: hidden | logits")] = "hidden",
+    experts: Experts = None,
+    shared_only: SharedOnly = False,
+    calib: Calib = "c4",
+    samples: Samples = 100,
+    seq_len: SeqLen = 512,
+    seed: Seed = 0,
+    metric: Metric = "js",
+    final: Final = "hidden",
     batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 8,
-    dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")] = "auto",
-    eval_text: Annotated[Optional[str], typer.Option(help="held-out text for perplexity before/after")] = None,
-    eval_tokens: Annotated[int, typer.Option(help="max tokens of --eval-text")] = 50_000,
-    force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    dtype: Dtype = "auto",
+    eval_text: EvalText = None,
+    eval_tokens: EvalTokens = 50_000,
+    force: Force = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ):
     """Condense N MoE layers with CD-MoE (greedy experts and layers on calibration data) and save."""
@@ -122,12 +140,10 @@ def condense(
     from .condense_run import condense as run_condense
     from .search import SearchOptions
 
-    if shared_only and experts not in (None, 0):
-        raise CdmoeError("--shared-only and --experts contradict each other; pass one of them")
     record = run_condense(
         model,
         out,
-        SearchOptions(layers=layers, experts=0 if shared_only else experts, metric=metric, final=final,
+        SearchOptions(layers=layers, experts=_experts(experts, shared_only), metric=metric, final=final,
                       batch_size=batch_size),
         CalibSpec(source=calib, samples=samples, seq_len=seq_len, seed=seed),
         EvalOptions(text=eval_text, max_tokens=eval_tokens),
@@ -147,7 +163,7 @@ def eval_cmd(
     limit: Annotated[Optional[int], typer.Option(help="examples per task (for quick checks)")] = None,
     batch_size: Annotated[str, typer.Option(help="lm-eval batch size, or auto")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="results JSON (default: MODEL/eval.json for a directory)")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")] = "auto",
+    dtype: Dtype = "auto",
 ):
     """Zero-shot evaluation with lm-evaluation-harness (the paper's 8 tasks by default)."""
     from .lmeval import run_eval
@@ -169,18 +185,18 @@ def sweep(
     model: Annotated[str, typer.Argument(help="model directory or hub id")],
     out: Annotated[Path, typer.Option(help="output root: one layers-N directory per point, plus report/")],
     layers: Annotated[str, typer.Option(help="layer counts, e.g. 1,2,4")],
-    experts: Annotated[Optional[int], typer.Option(help="K routed experts kept per layer (default: top-k)")] = None,
-    shared_only: Annotated[bool, typer.Option("--shared-only", help="keep shared experts only (CD-MoE-S)")] = False,
-    calib: Annotated[str, typer.Option(help="calibration source, as for condense")] = "c4",
-    samples: Annotated[int, typer.Option(help="calibration samples")] = 100,
-    seq_len: Annotated[int, typer.Option(help="tokens per calibration sample")] = 512,
-    seed: Annotated[int, typer.Option(help="calibration sampling seed")] = 0,
-    metric: Annotated[str, typer.Option(help="js | kl | ppl")] = "js",
-    final: Annotated[str, typer.Option(help="hidden | logits")] = "hidden",
-    eval_text: Annotated[Optional[str], typer.Option(help="held-out text for perplexity per point")] = None,
-    eval_tokens: Annotated[int, typer.Option(help="max tokens of --eval-text")] = 50_000,
-    dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")] = "auto",
-    force: Annotated[bool, typer.Option(help="replace existing outputs")] = False,
+    experts: Experts = None,
+    shared_only: SharedOnly = False,
+    calib: Calib = "c4",
+    samples: Samples = 100,
+    seq_len: SeqLen = 512,
+    seed: Seed = 0,
+    metric: Metric = "js",
+    final: Final = "hidden",
+    eval_text: EvalText = None,
+    eval_tokens: EvalTokens = 50_000,
+    dtype: Dtype = "auto",
+    force: Force = False,
 ):
     """Condense several N from one calibration and one greedy layer order; write each point and a report."""
     from .calibration import CalibSpec
@@ -190,11 +206,34 @@ def sweep(
 
     counts = _int_list(layers) or []
     report = run_sweep(model, out, counts,
-                       SearchOptions(layers=max(counts, default=1), experts=0 if shared_only else experts,
+                       SearchOptions(layers=max(counts, default=1), experts=_experts(experts, shared_only),
                                      metric=metric, final=final),
                        CalibSpec(calib, samples, seq_len, seed), EvalOptions(text=eval_text, max_tokens=eval_tokens),
                        dtype=dtype, force=force)
     _print_report(report, out / "report")
+
+
+@app.command()
+@_friendly
+def measure(
+    original: Annotated[Path, typer.Argument(help="original model directory")],
+    condensed: Annotated[Path, typer.Argument(help="condensed output directory")],
+    dtype: Annotated[str, typer.Option(help="dtype to load both in")] = "float32",
+):
+    """Measured memory: bytes on disk and peak RSS loading + running each model (fresh process each)."""
+    from .measure import measure_memory
+
+    result = measure_memory(original, condensed, dtype)
+    (condensed / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = Table(title="cdmoe measure")
+    for col in ("", "original", "condensed", "ratio"):
+        table.add_column(col, justify="right")
+    for key, label in (("disk_bytes", "weights on disk"), ("load_bytes", "peak RSS after load"),
+                       ("load_and_run_bytes", "peak RSS load + forward")):
+        table.add_row(label, f"{result['original'][key] / 2**20:.1f} MiB", f"{result['condensed'][key] / 2**20:.1f} MiB",
+                      f"{result['ratios'][key]:.3f}")
+    out_console.print(table)
+    out_console.print(f"wrote {condensed / 'memory.json'}")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """``cdmoe report DIR...``: one JSON and a few PNG plots over condensed output directories.
 
 Reads each directory's ``cdmoe.json`` (the condense record), and when present its
-``eval.json`` (``cdmoe eval``) and ``speed.json`` (``benchmarks/inference_speed.py --json``).
+``eval.json`` (``cdmoe eval``), ``memory.json`` (``cdmoe measure``) and ``speed.json``
+(``benchmarks/inference_speed.py --json``).
 Plots: quality vs memory ratio and vs speed-up (the paper's Figure 3; quality is the
 average lm-eval accuracy if evaluated, else held-out perplexity), single-layer divergence
 per MoE layer (Figure 2), and the experts kept per condensed layer with their gates.
@@ -31,6 +32,7 @@ def collect(directory: str | Path) -> dict:
         raise CdmoeError(f"{directory} has no {RECORD_NAME}; pass cdmoe output directories")
     evaluation = _read(directory / "eval.json") or {}
     speed = _read(directory / "speed.json") or {}
+    memory = _read(directory / "memory.json") or {}
     summary = evaluation.get("summary", {})
     accuracies = [v for k, v in summary.items() if "ppl" not in k and "perplexity" not in k]
     held_out = record.get("evaluation", {})
@@ -46,6 +48,7 @@ def collect(directory: str | Path) -> dict:
         "tasks": summary,
         "average_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
         "speedup": speed.get("speedup"),
+        "measured_memory_ratios": memory.get("ratios"),
         "search": record.get("search", {}),
         "condensed": record["condensed"],
     }
