@@ -85,6 +85,11 @@ def condense(
 
     search_record = {**result.record, "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())}}
     record = condense_layers(loaded, result.choices, base_model=str(model), search=search_record)
+    stored = checkpoint_dtype(model)
+    compute = loaded.dtype
+    if stored is not None and dtype == "auto" and compute != stored:
+        loaded.to(stored)  # round the fused weights to the checkpoint's dtype, as they will be saved
+        loaded.to(compute)
     if stream is not None:
         evaluation_record["condensed_ppl"] = perplexity(loaded, stream, evaluation_record["seq_len"])
         record["evaluation"] = evaluation_record
@@ -94,8 +99,7 @@ def condense(
         plot_single_layer_scores(record["search"], directory / "plots" / "single_layer_js.png",
                                  title=f"{Path(str(model)).name}: single-layer condensing")
 
-    stored = checkpoint_dtype(model)
-    if stored is not None and dtype == "auto" and loaded.dtype != stored:
+    if stored is not None and dtype == "auto":
         loaded.to(stored)  # computed in fp32 on CPU; saved in the checkpoint's own dtype
     save(loaded, out, record, tokenizer=tokenizer, force=force, extra_files=write_plots)
     return record

@@ -131,6 +131,9 @@ def condensed_classes(base_config_cls: type, base_model_cls: type) -> tuple[type
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.config.auto_map = dict(AUTO_MAP)
         self.config.architectures = ["CdmoeForCausalLM"]
+        # keep transformers' in-memory (fused) expert layout on disk: a remote-code load applies no
+        # key conversions, so the original per-expert layout would not load back
+        kwargs.setdefault("save_original_format", False)
         base_model_cls.save_pretrained(self, save_directory, *args, **kwargs)
         out = Path(save_directory)
         shutil.copyfile(__file__, out / "modeling_cdmoe.py")
