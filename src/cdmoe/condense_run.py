@@ -97,7 +97,7 @@ def condense(
 
     def write_plots(directory: Path) -> None:
         plot_single_layer_scores(record["search"], directory / "plots" / "single_layer_js.png",
-                                 title=f"{Path(str(model)).name}: single-layer condensing")
+                                 title=f"{model}: single-layer condensing")
 
     if stored is not None and dtype == "auto":
         loaded.to(stored)  # computed in fp32 on CPU; saved in the checkpoint's own dtype

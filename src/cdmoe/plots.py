@@ -34,7 +34,11 @@ def plot_single_layer_scores(search: dict, path: str | Path, title: str = "") ->
     metric = search.get("metric", "js").upper()
     ax.set_xlabel("MoE layer condensed alone")
     ax.set_ylabel(f"{metric} of final output ({search.get('final_distribution', 'hidden')})")
-    ax.set_title(title or "Single-layer condensing (orange: chosen, #greedy step)")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="tab:orange", label="chosen (#greedy step)"), Patch(color="tab:blue", label="not chosen")],
+              fontsize=8, loc="lower right")
+    ax.set_title(title or "Single-layer condensing")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
