@@ -58,3 +58,29 @@ def test_cloze_items_are_well_formed():
         assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
         assert len(item["context"].split()) == 30
     assert cloze_items(read_documents(TEXT), n_items=50, seed=1) == items  # seeded
+
+
+def test_eval_cli_perplexity_only(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from cdmoe.cli import app
+    from cdmoe.loading import load_model, load_tokenizer
+    from cdmoe.perplexity import token_stream
+
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["eval", str(tiny_model_dir), "--tasks", "none", "--ppl-text", TEXT,
+                                      "--ppl-seq-len", "64", "--ppl-stride", "32", "--ppl-tokens", "600",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())["perplexity"]
+    # independent: every token after the first scored once, with up to 64 tokens of context, stride 32
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    stream = token_stream(tok, TEXT, 600)
+    nll = 0.0
+    with torch.no_grad():
+        for t in range(1, len(stream)):
+            start = 32 * ((t - 32) // 32) if t >= 64 else 0  # the window that first scores t
+            window = stream[start : t + 1]
+            nll -= float(model(input_ids=window[None, :-1]).logits[0, -1].float().log_softmax(-1)[window[-1]])
+    assert saved["tokens"] == 600 and saved["stride"] == 32
+    assert saved["perplexity"] == pytest.approx(float(torch.exp(torch.tensor(nll / (len(stream) - 1)))), rel=1e-4)

@@ -164,11 +164,16 @@ def eval_cmd(
     batch_size: Annotated[str, typer.Option(help="lm-eval batch size, or auto")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="results JSON (default: MODEL/eval.json for a directory)")] = None,
     dtype: Dtype = "auto",
+    ppl_text: Annotated[Optional[str], typer.Option(help="also: perplexity on this text (.txt/.jsonl/.parquet or HF name:config:split)")] = None,
+    ppl_seq_len: Annotated[int, typer.Option(help="perplexity window, tokens")] = 512,
+    ppl_stride: Annotated[Optional[int], typer.Option(help="perplexity stride (default: the window; non-overlapping)")] = None,
+    ppl_tokens: Annotated[Optional[int], typer.Option(help="max tokens of --ppl-text")] = None,
 ):
-    """Zero-shot evaluation with lm-evaluation-harness (the paper's 8 tasks by default)."""
+    """Zero-shot evaluation with lm-evaluation-harness (the paper's 8 tasks by default) and perplexity."""
     from .lmeval import run_eval
 
-    result = run_eval(model, tasks, task_text, limit, batch_size, out, dtype)
+    result = run_eval(model, tasks, task_text, limit, batch_size, out, dtype, ppl_text, ppl_seq_len, ppl_stride,
+                      ppl_tokens)
     table = Table(title=f"cdmoe eval: {model}")
     table.add_column("task")
     table.add_column("score", justify="right")

@@ -1,8 +1,8 @@
 """``cdmoe eval``: lm-evaluation-harness on an in-memory model (its ``HFLM`` wrapper).
 
 ``--tasks paper`` is the paper's eight zero-shot tasks (they download from the hub);
-``--tasks demo`` builds local tasks from held-out text (:mod:`cdmoe.demo_tasks`); any other
-value is a comma-separated list of lm-eval task names.
+``--tasks demo`` builds local tasks from held-out text (:mod:`cdmoe.demo_tasks`); ``none``
+runs no lm-eval task; any other value is a comma-separated list of lm-eval task names.
 """
 
 from __future__ import annotations
@@ -72,16 +72,30 @@ def summarize(results: dict) -> dict[str, float]:
 
 
 def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None = None, limit: int | None = None,
-             batch_size: str = "auto", out: str | Path | None = None, dtype: str = "auto") -> dict:
-    """Load ``model_path`` and evaluate; write JSON to ``out`` (default: ``model_path/eval.json`` for a directory)."""
+             batch_size: str = "auto", out: str | Path | None = None, dtype: str = "auto",
+             ppl_text: str | None = None, ppl_seq_len: int = 512, ppl_stride: int | None = None,
+             ppl_tokens: int | None = None) -> dict:
+    """Load ``model_path`` and evaluate; write JSON to ``out`` (default: ``model_path/eval.json`` for a directory).
+
+    ``tasks="none"`` skips lm-eval; ``ppl_text`` adds held-out perplexity (see :mod:`cdmoe.perplexity`).
+    """
     from .loading import load_model, load_tokenizer
+    from .perplexity import perplexity, token_stream
 
     model = load_model(model_path, dtype=dtype)
     tokenizer = load_tokenizer(model_path)
-    with tempfile.TemporaryDirectory(prefix="cdmoe-tasks-") as work:
-        names, include = resolve_tasks(tasks, task_text, Path(work))
-        result = evaluate(model, tokenizer, names, include, limit, batch_size)
+    result: dict = {"results": {}, "tasks": []}
+    if tasks != "none":
+        with tempfile.TemporaryDirectory(prefix="cdmoe-tasks-") as work:
+            names, include = resolve_tasks(tasks, task_text, Path(work))
+            result = evaluate(model, tokenizer, names, include, limit, batch_size)
     result["summary"] = summarize(result)
+    if ppl_text:
+        stream = token_stream(tokenizer, ppl_text, ppl_tokens)
+        value = perplexity(model, stream, ppl_seq_len, ppl_stride)
+        result["perplexity"] = {"text": ppl_text, "tokens": len(stream), "seq_len": ppl_seq_len,
+                                "stride": ppl_stride or ppl_seq_len, "perplexity": value}
+        result["summary"]["perplexity"] = value
     result["model"] = str(model_path)
     target = Path(out) if out else (Path(model_path) / "eval.json" if Path(model_path).is_dir() else None)
     if target is not None:
