@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cdmoe.ablations import swapped_blocks
 from cdmoe.adapter import decoder_layers, family_spec, moe_blocks
 from cdmoe.condensed import fuse_condensed_mlp
 
@@ -18,24 +19,6 @@ def js_mean(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     kl_pm = (p * (p.log() - m.log())).sum(-1)
     kl_qm = (q * (q.log() - m.log())).sum(-1)
     return float((0.5 * (kl_pm + kl_qm)).mean())
-
-
-class Swap:
-    """Temporarily replace decoder layers' MoE blocks."""
-
-    def __init__(self, model, modules: dict):
-        self.spec = family_spec(model)
-        self.layers = decoder_layers(model, self.spec)
-        self.modules = modules
-
-    def __enter__(self):
-        self.saved = {i: getattr(self.layers[i], self.spec.block_attr) for i in self.modules}
-        for i, m in self.modules.items():
-            setattr(self.layers[i], self.spec.block_attr, m)
-
-    def __exit__(self, *exc):
-        for i, m in self.saved.items():
-            setattr(self.layers[i], self.spec.block_attr, m)
 
 
 @torch.no_grad()
@@ -83,7 +66,7 @@ def naive_experts(model, ids, layer: int, k: int, gates: torch.Tensor) -> list[i
                 continue
             keep = chosen + [e]
             mlp = fuse_condensed_mlp(block, tuple(keep), tuple(float(gates[i]) for i in keep))
-            with Swap(model, {layer: mlp}):
+            with swapped_blocks(model, {layer: mlp}):
                 out = layer_output(model, ids, layer)
             losses[e] = js_mean(ref, out)
         chosen.append(min(losses, key=losses.get))
@@ -106,7 +89,7 @@ def naive_layers(model, ids, condensed: dict, n: int, final: str = "hidden") -> 
         for layer in condensed:
             if layer in chosen:
                 continue
-            with Swap(model, {i: condensed[i] for i in chosen + [layer]}):
+            with swapped_blocks(model, {i: condensed[i] for i in chosen + [layer]}):
                 losses[layer] = js_mean(ref, output())
         chosen.append(min(losses, key=losses.get))
     return chosen
