@@ -69,8 +69,8 @@ def _plot_quality(rows: list[dict], x_key: str, xlabel: str, path: Path) -> Path
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    points.sort(key=lambda p: p[0])
-    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="CD-MoE (condensed)")
+    points.sort(key=lambda p: len(p[2]["layers"]))  # connect the points in order of N, not of x
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="CD-MoE (condensed), in order of N")
     for x, y, r in points:
         ax.annotate(f"N={len(r['layers'])}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if baseline is not None:
