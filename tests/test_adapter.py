@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import make_tiny
 
 from cdmoe.adapter import family_spec, moe_blocks
 from cdmoe.errors import CdmoeError
-from conftest import make_tiny
 
 
 def _capture_block(model, block, input_ids):

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny
 from transformers import AutoModelForCausalLM
 
 import cdmoe
 from cdmoe.adapter import moe_blocks
 from cdmoe.budget import model_params
 from cdmoe.errors import CdmoeError
-from conftest import make_tiny
 
 
 def _condensed(family, k=2, seed=0, **overrides):

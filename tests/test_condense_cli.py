@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import DEMO_CALIB, DEMO_TEXT
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -11,7 +12,6 @@ from cdmoe.calibration import CalibSpec, load_calibration
 from cdmoe.cli import app
 from cdmoe.loading import load_model, load_tokenizer
 from cdmoe.search import SearchOptions, run_search
-from conftest import DEMO_CALIB, DEMO_TEXT
 
 runner = CliRunner()
 CALIB = ["--calib", str(DEMO_CALIB), "--samples", "6", "--seq-len", "32", "--quiet"]

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import make_tiny
 
 from cdmoe.adapter import moe_blocks
 from cdmoe.condensed import LayerChoice, condense_model, fuse_condensed_mlp
 from cdmoe.errors import CdmoeError
-from conftest import make_tiny
 
 
 def unfused_eq3(block, experts, gates, x):

@@ -3,11 +3,11 @@
 import json
 
 import torch
+from conftest import ROOT
 from safetensors import safe_open
 
 from cdmoe.adapter import family_spec, moe_blocks
 from cdmoe.loading import load_model, load_tokenizer
-from conftest import ROOT
 
 DEMO = ROOT / "demo" / "model"
 

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
 from cdmoe.calibration import read_documents
 from cdmoe.demo_tasks import CLOZE_TASK, build_demo_tasks, cloze_items
 from cdmoe.lmeval import evaluate, summarize
-from conftest import make_tiny
 
 TEXT = "demo/data/test.txt.gz"
 

@@ -3,13 +3,13 @@
 import json
 
 import pytest
+from conftest import CONFIGS, make_tiny
 from typer.testing import CliRunner
 
 from cdmoe.budget import model_params
 from cdmoe.cli import app
 from cdmoe.plan import _analytic, plan
 from cdmoe.testing import shrink_config
-from conftest import CONFIGS, make_tiny
 
 runner = CliRunner()
 DSMOE = CONFIGS / "deepseek-ai__deepseek-moe-16b-base.json"

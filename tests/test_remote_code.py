@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import FIXTURES
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import cdmoe
@@ -14,7 +15,6 @@ import cdmoe.adapter as adapter
 from cdmoe.adapter import family_spec, moe_blocks
 from cdmoe.search import SearchOptions, run_search
 from cdmoe.testing import randomize_
-from conftest import FIXTURES
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from conftest import make_tiny
+from naive_reference import naive_experts, naive_layers, recorded_gates
 
 from cdmoe.adapter import moe_blocks
 from cdmoe.condensed import fuse_condensed_mlp
 from cdmoe.errors import CdmoeError
 from cdmoe.search import SearchOptions, run_search
-from conftest import make_tiny
-from naive_reference import naive_experts, naive_layers, recorded_gates
 
 
 def _calib(seed=0, n=6, s=24):
