@@ -42,6 +42,7 @@ def test_condense_cli_writes_a_loadable_directory(tiny_model_dir, tmp_path):
         (["--layers", "9"], "out of range"),
         (["--layers", "1", "--experts", "20"], "routed experts"),
         (["--layers", "1", "--calib", "missing.txt"], "does not exist"),
+        (["--layers", "1", "--expert-selector", "best"], "unknown --expert-selector"),
     ],
 )
 def test_condense_cli_bad_input(tiny_model_dir, tmp_path, args, message):
@@ -70,6 +71,16 @@ def test_short_calibration_text_warns_with_the_count(tiny_model_dir, tmp_path):
     with pytest.warns(UserWarning, match="only .* tokens"):
         ids = load_calibration(load_tokenizer(tiny_model_dir), CalibSpec(str(short), samples=50, seq_len=16))
     assert ids.shape[1] == 16 and ids.shape[0] < 50
+
+
+def test_condense_cli_with_ablation_selectors(tiny_model_dir, tmp_path):
+    out = tmp_path / "abl"
+    result = runner.invoke(app, ["condense", str(tiny_model_dir), "--out", str(out), "--layers", "2", *CALIB,
+                                 "--expert-selector", "l1", "--layer-selector", "layer-rank"])
+    assert result.exit_code == 0, result.output
+    search = json.loads((out / "cdmoe.json").read_text())["search"]
+    assert search["expert_selector"] == "l1" and search["layer_selector"] == "layer-rank"
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
 
 
 def test_sweep_order_for_n_is_a_prefix_of_the_order_for_n_plus_one(tiny_model_dir):

@@ -31,6 +31,8 @@ EvalText = Annotated[Optional[str], typer.Option(help="held-out text for perplex
 EvalTokens = Annotated[int, typer.Option(help="max tokens of --eval-text")]
 Dtype = Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")]
 Force = Annotated[bool, typer.Option(help="replace the output if it exists")]
+ExpertSelector = Annotated[str, typer.Option(help="greedy (Alg. 1) | random | l1 | frequency")]
+LayerSelector = Annotated[str, typer.Option(help="greedy (Alg. 2) | layer-rank | global-layer-rank")]
 
 
 def _experts(experts: int | None, shared_only: bool) -> int | None:
@@ -127,6 +129,8 @@ def condense(
     seed: Seed = 0,
     metric: Metric = "js",
     final: Final = "hidden",
+    expert_selector: ExpertSelector = "greedy",
+    layer_selector: LayerSelector = "greedy",
     batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 8,
     dtype: Dtype = "auto",
     eval_text: EvalText = None,
@@ -144,7 +148,7 @@ def condense(
         model,
         out,
         SearchOptions(layers=layers, experts=_experts(experts, shared_only), metric=metric, final=final,
-                      batch_size=batch_size),
+                      batch_size=batch_size, expert_selector=expert_selector, layer_selector=layer_selector, seed=seed),
         CalibSpec(source=calib, samples=samples, seq_len=seq_len, seed=seed),
         EvalOptions(text=eval_text, max_tokens=eval_tokens),
         dtype=dtype,

@@ -103,6 +103,8 @@ def condense(
     record["search"]["timings"]["total_s"] = time.perf_counter() - started
 
     def write_plots(directory: Path) -> None:
+        if not record["search"]["single_layer_scores"]:  # layer-rank computes no single-layer final scores
+            return
         plot_single_layer_scores(record["search"], directory / "plots" / "single_layer_js.png",
                                  title=f"{model}: single-layer condensing")
 

@@ -27,7 +27,7 @@ import torch
 from .adapter import MoEBlock
 from .metrics import divergence_sum
 
-__all__ = ["LayerActivations", "fixed_gates", "greedy_experts", "ExpertSearchResult"]
+__all__ = ["LayerActivations", "fixed_gates", "greedy_experts", "layer_divergence", "ExpertSearchResult"]
 
 
 @dataclass
@@ -121,3 +121,15 @@ def greedy_experts(
     result.experts = tuple(chosen)
     result.gates = tuple(float(gates[e]) for e in chosen)
     return result
+
+
+@torch.no_grad()
+def layer_divergence(block: MoEBlock, acts: LayerActivations, experts: tuple[int, ...], gates: torch.Tensor,
+                     metric: str = "js") -> float:
+    """Mean per-token divergence of the decoder-layer output when ``block`` keeps ``experts`` (Eq. 3)."""
+    m = acts.residual_scale
+    shared = block.shared_output(acts.x)
+    out = acts.h.float() - m * acts.y.float() + (m * shared.float() if shared is not None else 0.0)
+    for e in experts:
+        out = out + m * gates[e] * block.expert_output(e, acts.x).float()
+    return float(divergence_sum(acts.h, out, metric) / acts.x.shape[0])

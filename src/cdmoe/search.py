@@ -21,9 +21,10 @@ from torch import nn
 from .adapter import MoEBlock, config_value, decoder_layers, family_spec, moe_blocks
 from .condensed import LayerChoice, fuse_condensed_mlp
 from .errors import CdmoeError
-from .expert_search import LayerActivations, fixed_gates, greedy_experts
+from .expert_search import ExpertSearchResult, LayerActivations, fixed_gates, greedy_experts, layer_divergence
 from .layer_search import greedy_layers
 from .runner import LayerRunner
+from .selectors import EXPERT_SELECTORS, LAYER_SELECTORS, rank_layers, select_experts
 
 __all__ = ["SearchOptions", "SearchResult", "layer_activations", "run_search"]
 
@@ -36,8 +37,15 @@ class SearchOptions:
     final: str = "hidden"  # final-output distribution for Alg. 2: hidden | logits
     batch_size: int = 8
     cache_bytes: int = 2 * 2**30
+    expert_selector: str = "greedy"  # greedy | random | l1 | frequency (see cdmoe.selectors)
+    layer_selector: str = "greedy"  # greedy | layer-rank | global-layer-rank
+    seed: int = 0  # for the random expert selector
 
     def validate(self, num_moe_layers: int) -> None:
+        if self.expert_selector not in EXPERT_SELECTORS:
+            raise CdmoeError(f"unknown --expert-selector {self.expert_selector!r}; use {', '.join(EXPERT_SELECTORS)}")
+        if self.layer_selector not in LAYER_SELECTORS:
+            raise CdmoeError(f"unknown --layer-selector {self.layer_selector!r}; use {', '.join(LAYER_SELECTORS)}")
         if self.metric not in ("js", "kl", "ppl"):
             raise CdmoeError(f"unknown --metric {self.metric!r}; use js, kl or ppl")
         if self.final not in ("hidden", "logits"):
@@ -115,7 +123,13 @@ def run_search(
         acts = layer_activations(runner, block, scale)
         gates, counts = fixed_gates(block, acts.x)
         all_gates[block.layer_idx] = gates
-        found = greedy_experts(block, acts, gates, k, expert_metric, options.cache_bytes)
+        if options.expert_selector == "greedy":
+            found = greedy_experts(block, acts, gates, k, expert_metric, options.cache_bytes)
+        else:
+            chosen = select_experts(options.expert_selector, block, counts, k, options.seed)
+            found = ExpertSearchResult(layer=block.layer_idx, experts=chosen, gates=tuple(float(gates[e]) for e in chosen))
+            found.step_scores = [layer_divergence(block, acts, chosen, gates, expert_metric)] if k else []
+            found.shared_only_score = layer_divergence(block, acts, (), gates, expert_metric)
         per_layer[block.layer_idx] = (found, counts)
         condensed[block.layer_idx] = fuse_condensed_mlp(block, found.experts, found.gates)
         report("experts", i + 1, len(blocks))
@@ -136,8 +150,21 @@ def run_search(
         done["n"] += 1
         report("layers", done["n"], evals)
 
+    if options.layer_selector == "greedy":
+        steps = options.layers
+    else:  # ranking: one pass over the candidates (global) or none (layer-level scores)
+        steps = 1 if options.layer_selector == "global-layer-rank" else 0
+        evals = n_cand * steps
     try:
-        found_layers = greedy_layers(runner, condensed, options.layers, set_block, options.final, options.metric, on_step)
+        found_layers = greedy_layers(runner, condensed, steps, set_block, options.final, options.metric, on_step)
+        if options.layer_selector == "global-layer-rank":
+            found_layers.order = rank_layers(found_layers.single_layer_scores, options.layers)
+            found_layers.step_scores = [found_layers.single_layer_scores[layer] for layer in found_layers.order]
+        elif options.layer_selector == "layer-rank":
+            own = {layer: (f.step_scores[-1] if f.step_scores else f.shared_only_score)
+                   for layer, (f, _) in per_layer.items()}
+            found_layers.order = rank_layers(own, options.layers)
+            found_layers.step_scores = [own[layer] for layer in found_layers.order]
     finally:
         for layer in originals:
             set_block(layer, None)
@@ -152,7 +179,9 @@ def run_search(
                    "shared_only_score": found.shared_only_score},
         ))
     record = {
-        "method": "cd-moe greedy",
+        "method": "cd-moe",
+        "expert_selector": options.expert_selector,
+        "layer_selector": options.layer_selector,
         "metric": options.metric,
         "expert_metric": expert_metric,
         "final_distribution": "logits" if options.metric == "ppl" else options.final,

@@ -1,0 +1,56 @@
+"""Alternatives to the greedy searches, for the paper's ablations (Tables 2 and 4).
+
+Expert selectors (which K routed experts a condensed layer keeps):
+
+- ``greedy``: Algorithm 1 (default).
+- ``random``: K experts drawn with a seeded generator.
+- ``l1``: the K experts with the lowest L1 norm of their weights (gate, up and down summed),
+  the paper's *L1* baseline ("lower norms often indicate better-converged parameters").
+- ``frequency``: the K experts the calibration tokens selected most often.
+
+Layer selectors (which N MoE layers to condense):
+
+- ``greedy``: Algorithm 2 (default).
+- ``layer-rank``: the N layers whose own output moves least when condensed (the layer-level
+  divergence after expert selection), the paper's *Layer Rank*.
+- ``global-layer-rank``: the N layers whose condensation alone moves the model's final output
+  least (Algorithm 2's first step, ranked), the paper's *Global Layer Rank*.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adapter import MoEBlock
+
+__all__ = ["EXPERT_SELECTORS", "LAYER_SELECTORS", "expert_l1_norms", "select_experts", "rank_layers"]
+
+EXPERT_SELECTORS = ("greedy", "random", "l1", "frequency")
+LAYER_SELECTORS = ("greedy", "layer-rank", "global-layer-rank")
+
+
+@torch.no_grad()
+def expert_l1_norms(block: MoEBlock) -> torch.Tensor:
+    """Sum of |w| over each routed expert's gate, up and down weights: (E,)."""
+    return torch.tensor([sum(float(w.float().abs().sum()) for w in block.expert_weights(e))
+                         for e in range(block.num_experts)])
+
+
+def select_experts(selector: str, block: MoEBlock, counts: torch.Tensor, k: int, seed: int = 0) -> tuple[int, ...]:
+    """K routed experts of ``block`` by a non-greedy ``selector`` (ties: lower index first)."""
+    if selector == "random":
+        gen = torch.Generator().manual_seed(seed * 100_003 + block.layer_idx)
+        return tuple(torch.randperm(block.num_experts, generator=gen)[:k].tolist())
+    if selector == "l1":
+        scores = expert_l1_norms(block)
+    elif selector == "frequency":
+        scores = -counts.double()
+    else:
+        raise ValueError(f"unknown expert selector {selector!r}")
+    order = sorted(range(block.num_experts), key=lambda e: (float(scores[e]), e))
+    return tuple(order[:k])
+
+
+def rank_layers(scores: dict[int, float], n: int) -> list[int]:
+    """The ``n`` layers with the smallest score, smallest first (ties: lower index)."""
+    return sorted(scores, key=lambda layer: (scores[layer], layer))[:n]
