@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .adapter import family_spec
 from .budget import model_params
-from .checkpoint import RECORD_NAME, save_condensed
+from .checkpoint import RECORD_NAME, check_output_dir, save_condensed
 from .condensed import LayerChoice, condense_model
 from .errors import CdmoeError
 from .loading import load_model
@@ -65,8 +65,7 @@ def apply_record(model: str | Path, record: str | Path, out: str | Path, *, dtyp
     if not path.exists():
         raise CdmoeError(f"record {path} does not exist; pass a cdmoe.json or an output directory holding one")
     data = json.loads(path.read_text())
-    if Path(out).exists() and not force:
-        raise CdmoeError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
+    check_output_dir(out, force)
     loaded = load_model(model, dtype=dtype)
     new_record = condense_layers(loaded, choices_from_record(data), base_model=str(model), search=data.get("search"))
     return save(loaded, out, new_record, source=model, force=force)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import CdmoeError
 
-__all__ = ["RECORD_NAME", "atomic_output_dir", "save_condensed", "read_record", "versions"]
+__all__ = ["RECORD_NAME", "atomic_output_dir", "check_output_dir", "save_condensed", "read_record", "versions"]
 
 RECORD_NAME = "cdmoe.json"
 TOKENIZER_FILES = (
@@ -45,12 +45,17 @@ def versions() -> dict[str, str]:
     return {"cdmoe": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def check_output_dir(out: str | Path, force: bool = False) -> None:
+    """Fail fast (before any heavy work) if ``out`` exists and may not be replaced."""
+    if Path(out).exists() and not force:
+        raise CdmoeError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; move it to ``out`` only on success."""
     out = Path(out)
-    if out.exists() and not force:
-        raise CdmoeError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
+    check_output_dir(out, force)
     if out.exists() and not out.is_dir():
         raise CdmoeError(f"output path {out} is a file; choose a directory path for --out")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 from .ablations import DroppedBlock, fused_modules, random_choices, swapped_blocks
 from .api import condense_layers, save
 from .calibration import CalibSpec, load_calibration
-from .errors import CdmoeError
-from .loading import checkpoint_dtype, load_model, load_tokenizer
+from .checkpoint import check_output_dir
+from .loading import load_model, load_tokenizer, round_to_checkpoint_dtype
 from .perplexity import perplexity, token_stream
 from .plots import plot_single_layer_scores
 from .search import SearchOptions, run_search
@@ -54,8 +54,7 @@ def condense(
     show_progress: bool = True,
 ) -> dict:
     """Condense ``search.layers`` MoE layers of ``model`` with CD-MoE and save to ``out``; return the record."""
-    if Path(out).exists() and not force:
-        raise CdmoeError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
+    check_output_dir(out, force)
     started = time.perf_counter()
     tokenizer = load_tokenizer(model)
     loaded = load_model(model, dtype=dtype)
@@ -92,11 +91,7 @@ def condense(
 
     search_record = {**result.record, "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())}}
     record = condense_layers(loaded, result.choices, base_model=str(model), search=search_record)
-    stored = checkpoint_dtype(model)
-    compute = loaded.dtype
-    if stored is not None and dtype == "auto" and compute != stored:
-        loaded.to(stored)  # round the fused weights to the checkpoint's dtype, as they will be saved
-        loaded.to(compute)
+    stored = round_to_checkpoint_dtype(loaded, model, dtype)
     if stream is not None:
         evaluation_record["condensed_ppl"] = perplexity(loaded, stream, evaluation_record["seq_len"])
         record["evaluation"] = evaluation_record
@@ -108,7 +103,7 @@ def condense(
         plot_single_layer_scores(record["search"], directory / "plots" / "single_layer_js.png",
                                  title=f"{model}: single-layer condensing")
 
-    if stored is not None and dtype == "auto":
+    if stored is not None:
         loaded.to(stored)  # computed in fp32 on CPU; saved in the checkpoint's own dtype
     save(loaded, out, record, tokenizer=tokenizer, force=force, extra_files=write_plots)
     return record

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import CdmoeError
 
-__all__ = ["checkpoint_dtype", "compute_dtype", "load_model", "load_tokenizer", "resolve_dtype"]
+__all__ = ["checkpoint_dtype", "compute_dtype", "load_model", "load_tokenizer", "resolve_dtype", "round_to_checkpoint_dtype"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -72,6 +72,20 @@ def checkpoint_dtype(name_or_path: str | Path) -> torch.dtype | None:
     data = json.loads(path.read_text())
     name = data.get("dtype") or data.get("torch_dtype")
     return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def round_to_checkpoint_dtype(model, source: str | Path, dtype: str | None) -> torch.dtype | None:
+    """With ``dtype="auto"``, round ``model``'s weights (e.g. freshly fused fp32 ones) to the dtype
+    ``source`` stores, keeping the compute dtype, so that what is evaluated is what will be saved.
+    Returns the dtype to save in (None: keep the model's)."""
+    stored = checkpoint_dtype(source)
+    if stored is None or dtype != "auto":
+        return None
+    compute = model.dtype
+    if compute != stored:
+        model.to(stored)
+        model.to(compute)
+    return stored
 
 
 def load_tokenizer(name_or_path: str | Path):

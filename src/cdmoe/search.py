@@ -107,7 +107,7 @@ def run_search(
     batches = list(calib_ids.split(options.batch_size))
     runner = LayerRunner(model, spec, batches)
     for b, out in enumerate(runner.outputs):
-        _check_finite(out, "the last layer's output on calibration batch {b}")
+        _check_finite(out, f"the last layer's output on calibration batch {b}")
     timings["calibration_forward_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from .api import condense_layers, save
 from .calibration import CalibSpec, load_calibration
+from .checkpoint import check_output_dir
 from .condense_run import EvalOptions
 from .errors import CdmoeError
-from .loading import checkpoint_dtype, load_model, load_tokenizer
+from .loading import load_model, load_tokenizer, round_to_checkpoint_dtype
 from .perplexity import perplexity, token_stream
 from .report import build_report
 from .search import SearchOptions, run_search
@@ -30,8 +31,7 @@ def sweep(model: str | Path, out: str | Path, layer_counts: list[int], search: S
     if not counts or counts[0] < 1:
         raise CdmoeError("--layers must list positive layer counts, e.g. 1,2,4")
     out = Path(out)
-    if out.exists() and not force:
-        raise CdmoeError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
+    check_output_dir(out, force)
     tokenizer = load_tokenizer(model)
     base = load_model(model, dtype=dtype)
     calib_ids = load_calibration(tokenizer, calib)
@@ -40,7 +40,6 @@ def sweep(model: str | Path, out: str | Path, layer_counts: list[int], search: S
     seq_len = evaluation.seq_len or calib.seq_len
     original_ppl = perplexity(base, stream, seq_len) if stream is not None else None
     del base
-    stored = checkpoint_dtype(model)
     dirs = []
     for n in counts:
         point = load_model(model, dtype=dtype)
@@ -48,10 +47,11 @@ def sweep(model: str | Path, out: str | Path, layer_counts: list[int], search: S
                          "layer_step_scores": result.record["layer_step_scores"][:n],
                          "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())}, "sweep": counts}
         record = condense_layers(point, result.choices[:n], base_model=str(model), search=search_record)
+        stored = round_to_checkpoint_dtype(point, model, dtype)  # evaluate what will be saved
         if stream is not None:
             record["evaluation"] = {"text": evaluation.text, "tokens": len(stream), "seq_len": seq_len,
                                     "original_ppl": original_ppl, "condensed_ppl": perplexity(point, stream, seq_len)}
-        if stored is not None and dtype == "auto" and point.dtype != stored:
+        if stored is not None:
             point.to(stored)
         dirs.append(save(point, out / f"layers-{n}", record, tokenizer=tokenizer, force=force))
     return build_report(dirs, out / "report")
