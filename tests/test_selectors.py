@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from conftest import make_tiny
 
 from cdmoe.adapter import moe_blocks
 from cdmoe.errors import CdmoeError
 from cdmoe.search import SearchOptions, run_search
-from conftest import make_tiny
+from cdmoe.selectors import expert_alphas, hill_alpha
 
 
 def _calib():
@@ -67,3 +68,30 @@ def test_unknown_selectors_are_rejected():
         _search(make_tiny("deepseek_v2"), expert_selector="pl_alpha")
     with pytest.raises(CdmoeError, match="layer-selector"):
         _search(make_tiny("deepseek_v2"), layer_selector="best")
+
+
+@pytest.mark.parametrize("alpha", [2.5, 4.0])
+def test_hill_estimator_recovers_a_power_law_exponent(alpha):
+    # eigenvalues drawn from p(x) ~ x^-alpha on x >= 1 (inverse CDF), plus a thin log-uniform bulk
+    # below 1: the log-histogram peaks where the power law starts, where Fix-Finger puts x_min
+    gen = torch.Generator().manual_seed(0)
+    tail = (1 - torch.rand(20000, generator=gen, dtype=torch.float64)) ** (-1 / (alpha - 1))
+    bulk = 10 ** (-3 * torch.rand(2000, generator=gen, dtype=torch.float64))
+    estimate = hill_alpha(torch.cat([bulk, tail]))
+    assert abs(estimate - alpha) < 0.15 * alpha
+
+
+def test_pl_alpha_hill_selector_keeps_the_most_heavy_tailed_experts():
+    model = make_tiny("deepseek_v2", seed=3)
+    block = moe_blocks(model)[0]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # expert 5: weights with a few huge singular values (a heavy tail)
+        for w in block.expert_weights(5):
+            u, _, v = torch.linalg.svd(w.double())
+            s = torch.logspace(2, -2, min(w.shape), dtype=torch.float64) * (1 + 0.01 * torch.rand(min(w.shape), generator=gen))
+            w.copy_((u[:, : s.numel()] * s) @ v[: s.numel()])
+    alphas = expert_alphas(block)
+    assert int(alphas.argmin()) == 5
+    result = _search(model, expert_selector="pl-alpha-hill")
+    kept = result.record["expert_search"][str(block.layer_idx)]["experts"]
+    assert kept == sorted(range(block.num_experts), key=lambda e: (float(alphas[e]), e))[:2] and 5 in kept

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .adapter import MoEBlock, moe_blocks
+from .adapter import MoEBlock, decoder_layers, family_spec, moe_blocks
 
 __all__ = ["MoELayerParams", "ModelParams", "tensor_count", "model_params"]
 
@@ -79,6 +79,7 @@ class ModelParams:
 
     total: int
     layers: tuple[MoELayerParams, ...]
+    blocks: tuple[int, ...] = ()  # elements of each decoder layer (Block Drop); empty if unknown
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -97,6 +98,21 @@ class ModelParams:
 
     def condensed_active(self, condensed: dict[int, int]) -> int:
         return self.active - sum(self._layer(i).active - self._layer(i).condensed(k) for i, k in condensed.items())
+
+    def layer_dropped_total(self, layers: list[int]) -> int:
+        """Total elements after removing the MoE sub-layers ``layers`` (Layer Drop)."""
+        return self.total - sum(self._layer(i).total for i in layers)
+
+    def block_dropped_total(self, blocks: list[int]) -> int:
+        """Total elements after removing decoder layers ``blocks`` (Block Drop)."""
+        return self.total - sum(self.blocks[i] for i in blocks)
+
+    def experts_reduced_total(self, kept: int) -> int:
+        """Total elements with ``kept`` routed experts in every MoE layer, router rows included."""
+        return self.total - sum(
+            (layer.num_experts - kept) * layer.expert + layer.other - layer.other * kept // layer.num_experts
+            for layer in self.layers
+        )
 
     def summary(self, condensed: dict[int, int], bytes_per_param: float) -> dict:
         after = self.condensed_total(condensed)
@@ -118,4 +134,6 @@ class ModelParams:
 
 def model_params(model: nn.Module) -> ModelParams:
     """Count a (possibly meta-device) model."""
-    return ModelParams(total=tensor_count(model), layers=tuple(MoELayerParams.of_block(b) for b in moe_blocks(model)))
+    blocks = tuple(tensor_count(layer) for layer in decoder_layers(model, family_spec(model)))
+    return ModelParams(total=tensor_count(model), layers=tuple(MoELayerParams.of_block(b) for b in moe_blocks(model)),
+                       blocks=blocks)

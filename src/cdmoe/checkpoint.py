@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import CdmoeError
 
-__all__ = ["RECORD_NAME", "atomic_output_dir", "check_output_dir", "save_condensed", "read_record", "versions"]
+__all__ = ["RECORD_NAME", "atomic_output_dir", "check_output_dir", "save_condensed", "read_record", "versions", "write_record"]
 
 RECORD_NAME = "cdmoe.json"
 TOKENIZER_FILES = (
@@ -106,6 +106,13 @@ def save_condensed(
         if extra_files is not None:  # e.g. plots, written inside the same atomic directory
             extra_files(tmp)
     return Path(out)
+
+
+def write_record(directory: str | Path, record: dict) -> None:
+    """Rewrite the record of a finished output directory (e.g. to add measurements)."""
+    path = Path(directory) / RECORD_NAME
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**record, "versions": previous.get("versions", versions())}, indent=2) + "\n")
 
 
 def read_record(directory: str | Path) -> dict:

@@ -31,8 +31,9 @@ EvalText = Annotated[Optional[str], typer.Option(help="held-out text for perplex
 EvalTokens = Annotated[int, typer.Option(help="max tokens of --eval-text")]
 Dtype = Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")]
 Force = Annotated[bool, typer.Option(help="replace the output if it exists")]
-ExpertSelector = Annotated[str, typer.Option(help="greedy (Alg. 1) | random | l1 | frequency")]
+ExpertSelector = Annotated[str, typer.Option(help="greedy (Alg. 1) | random | l1 | frequency | pl-alpha-hill")]
 LayerSelector = Annotated[str, typer.Option(help="greedy (Alg. 2) | layer-rank | global-layer-rank")]
+Quantize = Annotated[Optional[str], typer.Option(help="then quantise experts / condensed MLPs: int8 | int4 (bitsandbytes)")]
 
 
 def _experts(experts: int | None, shared_only: bool) -> int | None:
@@ -137,6 +138,7 @@ def condense(
     eval_tokens: EvalTokens = 50_000,
     force: Force = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    quantize: Quantize = None,
 ):
     """Condense N MoE layers with CD-MoE (greedy experts and layers on calibration data) and save."""
     from .calibration import CalibSpec
@@ -154,8 +156,80 @@ def condense(
         dtype=dtype,
         force=force,
         show_progress=not quiet,
+        quantize=quantize,
     )
     print_summary(record, out)
+
+
+@app.command()
+@_friendly
+def baseline(
+    method: Annotated[str, typer.Argument(help="layer-drop | block-drop | expert-drop | msmoe | slim")],
+    model: Annotated[str, typer.Argument(help="model directory or hub id")],
+    out: Annotated[Path, typer.Option(help="output directory (must not exist, unless --force)")],
+    layers: Annotated[Optional[int], typer.Option(help="N layers (layer-drop) or decoder blocks (block-drop) to drop")] = None,
+    keep_experts: Annotated[Optional[int], typer.Option(help="E' routed experts kept per layer (expert-drop, msmoe)")] = None,
+    quantize: Quantize = None,
+    calib: Calib = "c4",
+    samples: Samples = 100,
+    seq_len: SeqLen = 512,
+    seed: Seed = 0,
+    dtype: Dtype = "auto",
+    eval_text: EvalText = None,
+    eval_tokens: EvalTokens = 50_000,
+    force: Force = False,
+):
+    """Run a baseline (Layer/Block Drop, Expert Drop, M-SMoE, Expert Slimming) and save it like condense."""
+    from .baselines import BaselineOptions, run_baseline
+    from .calibration import CalibSpec
+
+    record = run_baseline(model, out, BaselineOptions(method, layers=layers, keep_experts=keep_experts, quantize=quantize),
+                          CalibSpec(calib, samples, seq_len, seed), eval_text, eval_tokens, dtype, force)
+    params = record["params"]
+    table = Table(title=f"cdmoe baseline {method}")
+    for col in ("", "original", "result"):
+        table.add_column(col, justify="right")
+    table.add_row("parameters", f"{params['total_params']:,}", f"{params['condensed_params']:,}")
+    table.add_row("weights on disk", "", f"{record['weight_bytes']:,} bytes")
+    ev = record.get("evaluation")
+    if ev:
+        table.add_row(f"perplexity ({ev['tokens']:,} held-out tokens)", f"{ev['original_ppl']:.2f}", f"{ev['ppl']:.2f}")
+    out_console.print(table)
+    out_console.print(f"wrote {out}")
+
+
+@app.command()
+@_friendly
+def compare(
+    model: Annotated[str, typer.Argument(help="model directory or hub id")],
+    out: Annotated[Path, typer.Option(help="output directory: compare.md/.json/.png and points/")],
+    budget: Annotated[str, typer.Option(help="memory ratios (weight bytes / original), e.g. 0.8,0.6")],
+    methods: Annotated[str, typer.Option(help="default | ablations | all | comma-separated names (see cdmoe.compare)")] = "default",
+    calib: Calib = "c4",
+    samples: Samples = 100,
+    seq_len: SeqLen = 512,
+    seed: Seed = 0,
+    eval_text: EvalText = None,
+    eval_tokens: EvalTokens = 50_000,
+    tasks: Annotated[Optional[str], typer.Option(help="lm-eval tasks: paper | demo | names (default: none)")] = None,
+    task_text: Annotated[Optional[str], typer.Option(help="held-out text for --tasks demo")] = None,
+    dtype: Dtype = "auto",
+    force: Force = False,
+):
+    """CD-MoE, its ablations and the baselines at matched memory budgets, in one table (MD + JSON + plot)."""
+    from .calibration import CalibSpec
+    from .compare import compare as run_compare
+    from .compare import parse_methods
+
+    try:
+        budgets = [float(b) for b in budget.split(",") if b.strip()]
+    except ValueError:
+        raise CdmoeError(f"--budget expects comma-separated ratios such as 0.8,0.6, got {budget!r}") from None
+    result = run_compare(model, out, budgets, parse_methods(methods), CalibSpec(calib, samples, seq_len, seed),
+                         eval_text, eval_tokens, tasks, task_text, dtype, force,
+                         progress=lambda msg: console.print(msg, highlight=False))
+    print((out / "compare.md").read_text())
+    out_console.print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {result['plot']}")
 
 
 @app.command(name="eval")
@@ -282,6 +356,8 @@ def print_summary(record: dict, out: Path) -> None:
     if ev:
         table.add_row(f"perplexity ({ev['tokens']:,} held-out tokens)", f"{ev['original_ppl']:.2f}",
                       f"{ev['condensed_ppl']:.2f}")
+        if "quantized_ppl" in ev:
+            table.add_row(f"  then quantised ({record['quantization']['bits']}, from disk)", "", f"{ev['quantized_ppl']:.2f}")
         if "random_experts_ppl" in ev:
             table.add_row("  same layers, random experts", "", f"{ev['random_experts_ppl']:.2f}")
             table.add_row("  same layers dropped (Layer Drop)", "", f"{ev['dropped_layers_ppl']:.2f}")

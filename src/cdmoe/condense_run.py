@@ -10,8 +10,8 @@ from pathlib import Path
 from .ablations import DroppedBlock, fused_modules, random_choices, swapped_blocks
 from .api import condense_layers, save
 from .calibration import CalibSpec, load_calibration
-from .checkpoint import check_output_dir
-from .loading import load_model, load_tokenizer, round_to_checkpoint_dtype
+from .checkpoint import check_output_dir, write_record
+from .loading import checkpoint_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
 from .perplexity import perplexity, token_stream
 from .plots import plot_single_layer_scores
 from .search import SearchOptions, run_search
@@ -52,8 +52,12 @@ def condense(
     dtype: str = "auto",
     force: bool = False,
     show_progress: bool = True,
+    quantize: str | None = None,
 ) -> dict:
-    """Condense ``search.layers`` MoE layers of ``model`` with CD-MoE and save to ``out``; return the record."""
+    """Condense ``search.layers`` MoE layers of ``model`` with CD-MoE and save to ``out``; return the record.
+
+    With ``quantize`` (int8 | int4), the condensed MLPs and remaining experts are then quantised
+    (:mod:`cdmoe.quantize`) and the quantised model's perplexity is measured from disk."""
     check_output_dir(out, force)
     started = time.perf_counter()
     tokenizer = load_tokenizer(model)
@@ -103,7 +107,15 @@ def condense(
         plot_single_layer_scores(record["search"], directory / "plots" / "single_layer_js.png",
                                  title=f"{model}: single-layer condensing")
 
-    if stored is not None:
+    if quantize:
+        from .baselines import finish_quantized
+
+        loaded, record["quantization"] = finish_quantized(loaded, quantize, stored or checkpoint_dtype(model))
+    elif stored is not None:
         loaded.to(stored)  # computed in fp32 on CPU; saved in the checkpoint's own dtype
-    save(loaded, out, record, tokenizer=tokenizer, force=force, extra_files=write_plots)
+    path = save(loaded, out, record, tokenizer=tokenizer, force=force, extra_files=write_plots)
+    if quantize and stream is not None:  # as a user loads it
+        del loaded
+        record["evaluation"]["quantized_ppl"] = perplexity(load_model(path), stream, evaluation_record["seq_len"])
+        write_record(path, record)
     return record

@@ -22,7 +22,7 @@ from .adapter import MoEBlock, decoder_layers, family_spec, moe_blocks
 from .errors import CdmoeError
 from .hf.modeling_cdmoe import CondensedMLP, condensed_classes
 
-__all__ = ["LayerChoice", "fuse_condensed_mlp", "condense_model", "condensed_layer_spec"]
+__all__ = ["LayerChoice", "fuse_condensed_mlp", "condense_model", "condensed_layer_spec", "to_cdmoe_format"]
 
 
 @dataclass(frozen=True)
@@ -147,24 +147,40 @@ def condense_model(model: nn.Module, choices: list[LayerChoice], *, prefer_nativ
             setattr(model.config, key, value)
         return model
 
+    previous = getattr(model.config, "cdmoe", None) or {}
+    to_cdmoe_format(model, {"condensed_layers": {
+        **previous.get("condensed_layers", {}),
+        **{str(i): condensed_layer_spec(m) for i, m in sorted(new_layers.items())},
+    }})
+    return model
+
+
+def to_cdmoe_format(model: nn.Module, entries: dict) -> nn.Module:
+    """Make ``model`` a cdmoe-format model (see ``hf/modeling_cdmoe.py``) in place.
+
+    ``entries`` (``condensed_layers``, ``dropped_layers``, ``dropped_blocks``,
+    ``unfused_experts``) replace those of ``model.config.cdmoe``; the modules must already
+    be in the state they describe. The class becomes the family's condensed subclass, so
+    ``save_pretrained`` writes a checkpoint that loads anywhere.
+    """
+    spec = family_spec(model)
     old_cfg = model.config
     base_cfg_cls, base_model_cls = _base_classes(model)
     cfg_cls, model_cls = condensed_classes(base_cfg_cls, base_model_cls)
     data = old_cfg.to_dict()
     data.pop("model_type", None)
     previous = getattr(old_cfg, "cdmoe", None) or {}
-    cdmoe = {
+    data["cdmoe"] = {
         "format_version": 1,
         "base_model_type": previous.get("base_model_type", old_cfg.model_type),
         "base_auto_map": previous.get("base_auto_map", getattr(old_cfg, "auto_map", None)),
         "layers_path": spec.layers_path,
         "block_attr": spec.block_attr,
-        "condensed_layers": {
-            **previous.get("condensed_layers", {}),
-            **{str(i): condensed_layer_spec(m) for i, m in sorted(new_layers.items())},
-        },
+        "experts_attr": spec.experts_attr,
+        "condensed_layers": {},
+        **{k: v for k, v in previous.items() if k not in ("format_version", "base_model_type", "base_auto_map")},
+        **entries,
     }
-    data["cdmoe"] = cdmoe
     new_cfg = cfg_cls.from_dict(data)
     for key, value in vars(old_cfg).items():  # runtime settings such as _attn_implementation
         if key.startswith("_"):

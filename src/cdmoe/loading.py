@@ -59,6 +59,8 @@ def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str
         ) from None
     except ValueError as err:
         raise CdmoeError(f"cannot load {name_or_path}: {str(err).splitlines()[0]}") from None
+    if getattr(model, "is_quantized", False):  # bitsandbytes weights stay where they were loaded
+        return model.eval()
     return model.to(device).eval()
 
 

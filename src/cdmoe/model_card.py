@@ -11,8 +11,29 @@ def _fmt(n: int | float | None) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
+METHOD_TEXT = {
+    "layer-drop": "Layer Drop (He et al., 2406.02500): the sparse MoE sub-layers listed in `cdmoe.json` were removed",
+    "block-drop": "Block Drop (He et al., 2406.02500): the decoder layers listed in `cdmoe.json` were removed",
+    "expert-drop": "Expert Drop: every MoE layer keeps the routed experts with the highest routing scores, router restricted to them",
+    "msmoe": "M-SMoE (Li et al., 2310.01334): every MoE layer's experts were merged into fewer by routing-policy grouping",
+    "slim": "Expert Slimming (2406.02500): the routed experts were quantised",
+}
+
+
+def _quantization_lines(record: dict) -> list[str]:
+    q = record.get("quantization")
+    if not q:
+        return []
+    return ["", "## Quantisation", "",
+            f"Then the {q['targets']} were quantised with {q['library']} ({q['format']}, weight-only; "
+            f"{q['linear_modules']} linear modules); other weights are stored in {q['stored_dtype']}. Loading needs "
+            "`pip install bitsandbytes`."]
+
+
 def model_card(record: dict) -> str:
     """Markdown model card with YAML front matter, from a ``cdmoe.json`` record."""
+    if record.get("method", "cd-moe") in METHOD_TEXT:
+        return _baseline_card(record)
     base = record.get("base_model", "unknown")
     params = record.get("params", {})
     layers = record.get("condensed", [])
@@ -52,7 +73,28 @@ def model_card(record: dict) -> str:
         for key in ("method", "expert_selector", "layer_selector", "metric", "final_distribution", "calibration"):
             if key in search:
                 lines.append(f"- {key.replace('_', ' ')}: `{search[key]}`")
-    lines += [
+    lines += _quantization_lines(record)
+    lines += _loading_lines(record)
+    return "\n".join(lines)
+
+
+def _baseline_card(record: dict) -> str:
+    base, params = record.get("base_model", "unknown"), record.get("params", {})
+    lines = ["---", "library_name: transformers", f"base_model: {base}",
+             "tags: [cdmoe, mixture-of-experts, compression, baseline]", "---", "",
+             f"# {base}, {record['method']} (cdmoe baseline)", "",
+             METHOD_TEXT[record["method"]] + ". Made for comparison with CD-MoE; see `cdmoe.json` for what was chosen.",
+             "", "| | original | this checkpoint |", "|---|---|---|",
+             f"| parameters | {_fmt(params.get('total_params'))} | {_fmt(params.get('condensed_params'))} |",
+             f"| activated parameters / token | {_fmt(params.get('active_params'))} | "
+             f"{_fmt(params.get('condensed_active_params'))} |"]
+    lines += _quantization_lines(record)
+    lines += _loading_lines(record)
+    return "\n".join(lines)
+
+
+def _loading_lines(record: dict) -> list[str]:
+    return [
         "",
         "## Loading",
         "",
@@ -65,4 +107,3 @@ def model_card(record: dict) -> str:
         f"Made with cdmoe {record.get('versions', {}).get('cdmoe', '')}; the full record is in `cdmoe.json`.",
         "",
     ]
-    return "\n".join(lines)

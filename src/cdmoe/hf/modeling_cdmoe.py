@@ -22,8 +22,14 @@ instance of a subclass of the family's ``*ForCausalLM`` class.
       "base_auto_map": null,            # or the base checkpoint's auto_map for remote-code families
       "layers_path": "model.layers",    # attribute path of the decoder layer list
       "block_attr": "mlp",              # attribute of the decoder layer that holds the MoE block
-      "condensed_layers": {"3": {"intermediate_size": 224, "gated_width": 0, "bias": false}}
+      "condensed_layers": {"3": {"intermediate_size": 224, "gated_width": 0, "bias": false}},
+      "dropped_layers": [5],            # optional: MoE sub-layer removed (Layer Drop)
+      "dropped_blocks": [6],            # optional: whole decoder layer removed (Block Drop)
+      "unfused_experts": [1, 2]         # optional: routed experts as one nn.Linear trio per expert
     }
+
+Unfused experts hold exactly the fused weights, one ``nn.Linear`` per projection, so that
+weight-only quantisers that act on ``nn.Linear`` (bitsandbytes, ...) can slim them.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-__all__ = ["CondensedMLP", "CdmoeConfig", "CdmoeForCausalLM", "condensed_classes"]
+__all__ = ["CondensedMLP", "DroppedMLP", "UnfusedExperts", "CdmoeConfig", "CdmoeForCausalLM", "condensed_classes"]
 
 AUTO_MAP = {"AutoConfig": "modeling_cdmoe.CdmoeConfig", "AutoModelForCausalLM": "modeling_cdmoe.CdmoeForCausalLM"}
 
@@ -77,6 +83,94 @@ class CondensedMLP(nn.Module):
             w = self.gated_width
             h = torch.cat([h[..., :w] * torch.sigmoid(self.shared_gate(x)), h[..., w:]], dim=-1)
         return self.down_proj(h)
+
+
+class DroppedMLP(nn.Module):
+    """An MoE sub-layer removed (Layer Drop): adds nothing to the residual stream."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+class _ExpertMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+
+class UnfusedExperts(nn.ModuleList):
+    """Routed experts with one ``nn.Linear`` per projection; same call as the fused experts.
+
+    ``forward(hidden_states (T, H), top_k_index (T, K), top_k_weights (T, K)) -> (T, H)``:
+    sum over k of ``top_k_weights[t, k] * E_{top_k_index[t, k]}(x_t)`` with SwiGLU experts.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
+        super().__init__([_ExpertMLP(hidden_size, intermediate_size) for _ in range(num_experts)])
+        self.num_experts = num_experts
+        self.hidden_act = hidden_act  # a string: an activation module would join the list
+
+    @classmethod
+    def from_fused(cls, fused: nn.Module, hidden_act: str) -> "UnfusedExperts":
+        """The same experts as a fused module (``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I))."""
+        e, two_i, h = fused.gate_up_proj.shape
+        new = cls(e, h, two_i // 2, hidden_act).to(fused.gate_up_proj.dtype)
+        with torch.no_grad():
+            for i, expert in enumerate(new):
+                expert.gate_proj.weight.copy_(fused.gate_up_proj[i, : two_i // 2])
+                expert.up_proj.weight.copy_(fused.gate_up_proj[i, two_i // 2 :])
+                expert.down_proj.weight.copy_(fused.down_proj[i])
+        return new
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        act_fn = ACT2FN[self.hidden_act]
+        for e in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == e)
+            expert, x = self[e], hidden_states[token]
+            y = expert.down_proj(act_fn(expert.gate_proj(x)) * expert.up_proj(x))
+            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+
+def _apply_structure(model: nn.Module, config) -> None:
+    """Swap in what ``config.cdmoe`` describes: condensed, dropped and unfused layers, removed blocks."""
+    spec = config.cdmoe
+    layers = _resolve_attr(model, spec["layers_path"])
+    for idx, layer in spec.get("condensed_layers", {}).items():
+        mlp = CondensedMLP(
+            config.hidden_size,
+            layer["intermediate_size"],
+            config.hidden_act,
+            gated_width=layer.get("gated_width", 0),
+            bias=layer.get("bias", False),
+        )
+        setattr(layers[int(idx)], spec["block_attr"], mlp)
+    for idx in spec.get("dropped_layers", []):
+        setattr(layers[int(idx)], spec["block_attr"], DroppedMLP())
+    for idx in spec.get("unfused_experts", []):
+        block = getattr(layers[int(idx)], spec["block_attr"])
+        fused = getattr(block, spec.get("experts_attr", "experts"))
+        e, two_i, h = fused.gate_up_proj.shape
+        setattr(block, spec.get("experts_attr", "experts"), UnfusedExperts(e, h, two_i // 2, config.hidden_act))
+    remove_blocks(model, spec["layers_path"], spec.get("dropped_blocks", []))
+
+
+def remove_blocks(model: nn.Module, layers_path: str, dropped) -> None:
+    """Remove decoder layers ``dropped`` (original indices) from the stack (Block Drop)."""
+    dropped = {int(i) for i in dropped}
+    if not dropped:
+        return
+    layers = _resolve_attr(model, layers_path)
+    kept = [layer for i, layer in enumerate(layers) if i not in dropped]
+    for new_idx, layer in enumerate(kept):  # the KV cache is indexed by position in the stack
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    parent_path, _, name = layers_path.rpartition(".")
+    setattr(_resolve_attr(model, parent_path) if parent_path else model, name, nn.ModuleList(kept))
 
 
 class CdmoeConfig(PretrainedConfig):
@@ -116,17 +210,7 @@ def condensed_classes(base_config_cls: type, base_model_cls: type) -> tuple[type
 
     def __init__(self, config, *args, **kwargs):
         base_model_cls.__init__(self, config, *args, **kwargs)
-        spec = config.cdmoe
-        layers = _resolve_attr(self, spec["layers_path"])
-        for idx, layer in spec["condensed_layers"].items():
-            mlp = CondensedMLP(
-                config.hidden_size,
-                layer["intermediate_size"],
-                config.hidden_act,
-                gated_width=layer.get("gated_width", 0),
-                bias=layer.get("bias", False),
-            )
-            setattr(layers[int(idx)], spec["block_attr"], mlp)
+        _apply_structure(self, config)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.config.auto_map = dict(AUTO_MAP)

@@ -1,0 +1,173 @@
+"""The paper's baselines as methods that write loadable output directories, like condense.
+
+- ``layer-drop``: remove the N sparse MoE sub-layers whose residual stream changes least
+  (highest cosine similarity before/after the MoE add on calibration tokens; He et al.,
+  2406.02500). The output is a cdmoe-format checkpoint with those blocks gone.
+- ``block-drop``: remove the N whole decoder layers whose output is most similar to their
+  input (same paper); the remaining layers are renumbered.
+- ``expert-drop``: keep the E' experts with the highest routing scores in every MoE layer,
+  router restricted to them (native checkpoint, see :mod:`cdmoe.expert_reduce`).
+- ``msmoe``: M-SMoE merging into E' experts per layer (native checkpoint).
+- ``slim``: Expert Slimming, weight-only quantisation of the experts (``--quantize``).
+
+Any of the structural methods can be followed by ``--quantize int8|int4`` (the experts and
+condensed MLPs that remain are quantised; see :mod:`cdmoe.quantize`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import decoder_layers, family_spec, moe_blocks
+from .api import RECORD_FORMAT, save
+from .budget import model_params
+from .calib_stats import CalibStats, calibration_stats
+from .calibration import CalibSpec, load_calibration
+from .checkpoint import check_output_dir, write_record
+from .condensed import to_cdmoe_format
+from .errors import CdmoeError
+from .expert_reduce import expert_drop_plans, msmoe_plans, reduce_experts
+from .hf.modeling_cdmoe import DroppedMLP, remove_blocks
+from .loading import checkpoint_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
+from .measure import disk_bytes
+from .perplexity import perplexity, token_stream
+from .quantize import BITS, layers_quantized, quantize_model, quantized_bytes, unfuse_experts
+
+__all__ = ["METHODS", "BaselineOptions", "apply_baseline", "run_baseline", "finish_quantized"]
+
+METHODS = ("layer-drop", "block-drop", "expert-drop", "msmoe", "slim")
+
+
+@dataclass(frozen=True)
+class BaselineOptions:
+    method: str
+    layers: int | None = None  # N for layer-drop / block-drop
+    keep_experts: int | None = None  # E' for expert-drop / msmoe
+    quantize: str | None = None  # int8 | int4 (required by slim, optional after the others)
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise CdmoeError(f"unknown baseline {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.method in ("layer-drop", "block-drop") and not self.layers:
+            raise CdmoeError(f"{self.method} needs --layers N (how many to drop)")
+        if self.method in ("expert-drop", "msmoe") and not self.keep_experts:
+            raise CdmoeError(f"{self.method} needs --keep-experts E' (routed experts kept per layer)")
+        if self.method == "slim" and self.quantize is None:
+            raise CdmoeError("slim needs --quantize int8 or int4")
+        if self.quantize is not None and self.quantize not in BITS:
+            raise CdmoeError(f"unknown --quantize {self.quantize!r}; use {' or '.join(BITS)}")
+
+
+def _top(scores: dict[int, float], n: int, what: str) -> list[int]:
+    if not 1 <= n <= len(scores):
+        raise CdmoeError(f"--layers {n} is out of range: the model has {len(scores)} {what}")
+    return sorted(sorted(scores, key=lambda i: (-scores[i], i))[:n])
+
+
+def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
+    """Layer Drop: the MoE sub-layers of ``layers`` add nothing (in place; cdmoe format)."""
+    spec = family_spec(model)
+    stack = decoder_layers(model, spec)
+    for i in layers:
+        setattr(stack[i], spec.block_attr, DroppedMLP())
+    previous = (getattr(model.config, "cdmoe", None) or {}).get("dropped_layers", [])
+    return to_cdmoe_format(model, {"dropped_layers": sorted(set(previous) | set(layers))})
+
+
+def drop_blocks(model: nn.Module, blocks: list[int]) -> nn.Module:
+    """Block Drop: decoder layers ``blocks`` removed (in place; cdmoe format)."""
+    spec = family_spec(model)
+    remove_blocks(model, spec.layers_path, blocks)
+    return to_cdmoe_format(model, {"dropped_blocks": sorted(blocks)})
+
+
+def apply_baseline(model: nn.Module, stats: CalibStats | None, options: BaselineOptions) -> tuple[nn.Module, dict]:
+    """Apply the structural part of ``options`` to ``model``; return (model, method details)."""
+    options.validate()
+    params = model_params(model)
+    if options.method == "layer-drop":
+        layers = _top(stats.moe_cosine, options.layers, "MoE layers")
+        details = {"layers": layers, "scores": {str(i): stats.moe_cosine[i] for i in sorted(stats.moe_cosine)},
+                   "predicted_params": params.layer_dropped_total(layers)}
+        model = drop_layers(model, layers)
+    elif options.method == "block-drop":
+        blocks = _top(stats.block_cosine, options.layers, "decoder layers")
+        details = {"blocks": blocks, "scores": {str(i): stats.block_cosine[i] for i in sorted(stats.block_cosine)},
+                   "predicted_params": params.block_dropped_total(blocks)}
+        model = drop_blocks(model, blocks)
+    elif options.method in ("expert-drop", "msmoe"):
+        make = expert_drop_plans if options.method == "expert-drop" else msmoe_plans
+        plans = make(model, stats, options.keep_experts)
+        details = {"keep_experts": options.keep_experts, "plans": [p.to_dict() for p in plans],
+                   "predicted_params": params.experts_reduced_total(options.keep_experts)}
+        model = reduce_experts(model, plans)
+    else:
+        details = {"predicted_params": params.total}
+    after = model_params(model)
+    details["params"] = {"total_params": params.total, "condensed_params": after.total,
+                         "memory_ratio": after.total / params.total, "active_params": params.active,
+                         "condensed_active_params": after.active}
+    return model, details
+
+
+def finish_quantized(model: nn.Module, bits: str, stored: torch.dtype | None) -> tuple[nn.Module, dict]:
+    """Quantise ``model``'s experts / condensed MLPs; return the quantised model and its record entry."""
+    dtype = stored or model.dtype
+    moe_layers = len(moe_blocks(model))
+    predicted = quantized_bytes(unfuse_experts(model), bits, dtype)
+    quantized = quantize_model(model, bits, dtype=dtype)
+    return quantized, {"library": "bitsandbytes", "bits": bits, "format": "LLM.int8" if bits == "int8" else "NF4",
+                       "targets": "routed experts and condensed MLPs", "moe_layers": moe_layers,
+                       "linear_modules": layers_quantized(quantized), "predicted_payload_bytes": predicted,
+                       "stored_dtype": str(dtype).removeprefix("torch.")}
+
+
+def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, calib: CalibSpec = CalibSpec(),
+                 eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto",
+                 force: bool = False) -> dict:
+    """Run one baseline end to end on ``model`` and save it to ``out``; return its record."""
+    options.validate()
+    check_output_dir(out, force)
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(model)
+    loaded = load_model(model, dtype=dtype)
+    stats = None
+    if options.method != "slim":
+        stats = calibration_stats(loaded, load_calibration(tokenizer, calib), options.batch_size)
+    stream = token_stream(tokenizer, eval_text, eval_tokens) if eval_text else None
+    evaluation = {}
+    if stream is not None:
+        evaluation = {"text": eval_text, "tokens": len(stream), "seq_len": calib.seq_len,
+                      "original_ppl": perplexity(loaded, stream, calib.seq_len)}
+    result, details = apply_baseline(loaded, stats, options)
+    stored = round_to_checkpoint_dtype(result, model, dtype)
+    record = {"format_version": RECORD_FORMAT, "method": options.method, "base_model": str(model),
+              "family": _family_name(result), "params": details.pop("params"), "baseline": details,
+              "calibration": calib.to_dict() if stats is not None else None}
+    if options.quantize:
+        result, record["quantization"] = finish_quantized(result, options.quantize, stored or checkpoint_dtype(model))
+        stored = None
+    if stream is not None:  # measured on the weights as saved (quantised models: as a user loads them)
+        evaluation["ppl"] = perplexity(result, stream, calib.seq_len) if not options.quantize else None
+        record["evaluation"] = evaluation
+    record["timings"] = {"total_s": time.perf_counter() - started}
+    if stored is not None:
+        result.to(stored)
+    path = save(result, out, record, tokenizer=tokenizer, force=force)
+    if stream is not None and options.quantize:
+        del result
+        evaluation["ppl"] = perplexity(load_model(path), stream, calib.seq_len)
+        write_record(path, record)
+    record["weight_bytes"] = disk_bytes(path)
+    return record
+
+
+def _family_name(model: nn.Module) -> str:
+    cdmoe = getattr(model.config, "cdmoe", None)
+    return cdmoe["base_model_type"] if cdmoe else model.config.model_type
