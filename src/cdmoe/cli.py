@@ -179,7 +179,7 @@ def finetune(
     seed: Annotated[int, typer.Option(help="seed for data order and LoRA init")] = 0,
     save_steps: Annotated[int, typer.Option(help="Trainer checkpoint every N steps")] = 100,
     logging_steps: Annotated[int, typer.Option(help="log the loss every N steps")] = 10,
-    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Trainer checkpoints (default OUT.checkpoints)")] = None,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="checkpoint dir (default OUT.checkpoints)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint there")] = False,
     keep_checkpoints: Annotated[bool, typer.Option(help="keep --checkpoint-dir after success")] = False,
     eval_text: EvalText = None,
