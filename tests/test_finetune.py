@@ -221,7 +221,8 @@ def test_instruction_formats_take_loss_on_the_answer_only(tiny_model_dir, tmp_pa
 
     mmlu = tmp_path / "mmlu.json"
     mmlu.write_text(json.dumps([{"question": "2 + 2 = ?", "choices": ["3", "4", "5", "6"], "answer": 1},
-                                {"question": "Capital of France?", "choices": ["Paris", "Rome"], "answer": "A"}]))
+                                {"train": {"question": "Capital of France?", "choices": ["Paris", "Rome"],
+                                           "answer": "A"}}]))  # cais/mmlu auxiliary_train nesting
     data = build_dataset(tok, str(mmlu), seq_len=512)
     assert data.format == "mmlu"
     assert render_pair({"question": "2 + 2 = ?", "choices": ["3", "4", "5", "6"], "answer": 1}, "mmlu") == (
@@ -258,6 +259,7 @@ def test_condensed_mlps_are_the_recorded_layers(condensed_dir):
         ("--format poetry", "supported: auto, text, commonsense, mmlu"),
         ("--data missing.txt", "does not exist"),
         ("unknown-fields", "cannot tell the data format"),
+        ("--data nobody/no-such-dataset", "cannot load training data"),
     ],
 )
 def test_finetune_cli_bad_input(tiny_model_dir, condensed_dir, train_text, tmp_path, args, message):
@@ -268,8 +270,10 @@ def test_finetune_cli_bad_input(tiny_model_dir, condensed_dir, train_text, tmp_p
     elif args == "unknown-fields":
         data = tmp_path / "odd.jsonl"
         data.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
-    elif args.startswith("--data"):
+    elif args == "--data missing.txt":
         data = str(tmp_path / "missing.txt")
+    elif args.startswith("--data"):
+        data = args.split()[1]
     else:
         extra = args.split()
     result = runner.invoke(app, ["finetune", str(directory), "--data", str(data), "--out", str(out), "--steps", "1",

@@ -55,18 +55,19 @@ def _read_json_rows(path: Path) -> list[dict]:
 def load_records(spec: str) -> list[dict]:
     """Records (dicts) of a local file or an HF dataset spec ``name[:config[:split]]``."""
     path = Path(spec)
+    local = path.name.endswith((".txt", ".txt.gz")) or path.suffix in (".jsonl", ".json", ".parquet")
+    if local and not path.exists():
+        raise CdmoeError(f"training data {path} does not exist; pass an existing .txt/.jsonl/.json/.parquet file")
     if path.name.endswith((".txt", ".txt.gz")):
         return [{"text": d} for d in read_documents(path)]
-    if path.suffix in (".jsonl", ".json", ".parquet"):
-        if not path.exists():
-            raise CdmoeError(f"training data {path} does not exist; pass an existing .txt/.jsonl/.json/.parquet file")
+    if local:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             rows = pq.read_table(path).to_pylist()
         else:
             rows = _read_json_rows(path)
-    elif path.exists() or path.suffix:
+    elif path.exists():
         raise CdmoeError(f"unsupported training data file {path}; use .txt, .txt.gz, .jsonl, .json or .parquet")
     else:
         from datasets import load_dataset
@@ -77,7 +78,9 @@ def load_records(spec: str) -> list[dict]:
         except Exception as err:  # hub and dataset errors come in many types
             raise CdmoeError(f"cannot load training data {spec!r} ({type(err).__name__}: "
                              f"{str(err).splitlines()[0][:200]}); pass a local .txt/.jsonl file") from None
-    rows = [r for r in rows if isinstance(r, dict)]
+    # cais/mmlu's auxiliary_train nests each record under "train"
+    rows = [r["train"] if set(r) == {"train"} and isinstance(r["train"], dict) else r
+            for r in rows if isinstance(r, dict)]
     if not rows:
         raise CdmoeError(f"training data {spec} has no records")
     return rows
