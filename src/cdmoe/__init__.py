@@ -11,10 +11,12 @@ from .adapter import MoEBlock, Routing, family_spec, moe_blocks  # noqa: E402
 from .api import apply_record, condense_layers, save  # noqa: E402
 from .condensed import LayerChoice, condense_model  # noqa: E402
 from .errors import CdmoeError  # noqa: E402
+from .finetune import FinetuneOptions, finetune  # noqa: E402
 from .loading import load_model, load_tokenizer  # noqa: E402
 from .plan import plan  # noqa: E402
 
 __all__ = [
-    "CdmoeError", "LayerChoice", "MoEBlock", "Routing", "apply_record", "condense_layers", "condense_model",
-    "family_spec", "load_model", "load_tokenizer", "moe_blocks", "plan", "save",
+    "CdmoeError", "FinetuneOptions", "LayerChoice", "MoEBlock", "Routing", "apply_record", "condense_layers",
+    "condense_model",
+    "family_spec", "finetune", "load_model", "load_tokenizer", "moe_blocks", "plan", "save",
 ]

@@ -232,6 +232,53 @@ def compare(
     out_console.print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {result['plot']}")
 
 
+@app.command()
+@_friendly
+def finetune(
+    directory: Annotated[Path, typer.Argument(help="a condensed directory (output of cdmoe condense)")],
+    data: Annotated[str, typer.Option(help="local .txt/.txt.gz/.jsonl/.json/.parquet or HF name[:config[:split]]")],
+    out: Annotated[Path, typer.Option(help="output directory (must not exist, unless --force)")],
+    data_format: Annotated[str, typer.Option("--format", help="auto | text | commonsense | mmlu")] = "auto",
+    lora: Annotated[bool, typer.Option("--lora", help="LoRA adapters on the condensed layers, merged on save")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha")] = 16,
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps (overrides --epochs)")] = None,
+    epochs: Annotated[float, typer.Option(help="passes over the data (when --steps is not given)")] = 1.0,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-4,
+    warmup: Annotated[float, typer.Option(help="warm-up share of the steps")] = 0.1,
+    schedule: Annotated[str, typer.Option(help="learning-rate schedule (transformers lr_scheduler_type)")] = "cosine",
+    batch_size: Annotated[int, typer.Option(help="examples per step (per device)")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="gradient accumulation steps")] = 1,
+    seq_len: Annotated[int, typer.Option(help="tokens per packed text block / max pair length")] = 256,
+    seed: Annotated[int, typer.Option(help="seed for data order and LoRA init")] = 0,
+    save_steps: Annotated[int, typer.Option(help="Trainer checkpoint every N steps")] = 100,
+    logging_steps: Annotated[int, typer.Option(help="log the loss every N steps")] = 10,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="checkpoint dir (default OUT.checkpoints)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint there")] = False,
+    keep_checkpoints: Annotated[bool, typer.Option(help="keep --checkpoint-dir after success")] = False,
+    eval_text: EvalText = None,
+    eval_tokens: EvalTokens = 50_000,
+    dtype: Dtype = "auto",
+    force: Force = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+):
+    """Fine-tune only the condensed layers (full or LoRA) of a condensed directory; save like a condensed one."""
+    from .condense_run import EvalOptions
+    from .finetune import FinetuneOptions
+    from .finetune import finetune as run_finetune
+
+    options = FinetuneOptions(data=data, format=data_format, steps=steps, epochs=epochs, lr=lr, warmup_ratio=warmup,
+                              schedule=schedule, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
+                              seed=seed, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, save_steps=save_steps,
+                              logging_steps=logging_steps, dtype=dtype)
+    record = run_finetune(directory, out, options, EvalOptions(text=eval_text, max_tokens=eval_tokens),
+                          checkpoint_dir=checkpoint_dir, resume=resume, keep_checkpoints=keep_checkpoints,
+                          force=force, show_progress=not quiet, log=out_console.print)
+    ft = record["finetune"]
+    out_console.print(f"{ft['mode']} fine-tuning: {ft['steps']} steps, final loss {ft['final_loss']:.4f}, "
+                      f"trainable {ft['trainable_params']:,} ({100 * ft['trainable_share']:.2f}%); wrote {out}")
+
+
 @app.command(name="eval")
 @_friendly
 def eval_cmd(

@@ -30,6 +30,25 @@ def _quantization_lines(record: dict) -> list[str]:
             "`pip install bitsandbytes`."]
 
 
+def _finetune_section(ft: dict | None) -> list[str]:
+    """Model-card lines describing a ``cdmoe finetune`` run (none if the layers were not fine-tuned)."""
+    if not ft:
+        return []
+    how = f"LoRA (r={ft['lora']['r']}, alpha={ft['lora']['alpha']}, merged)" if ft.get("lora") else "full weights"
+    lines = [
+        "", "## Fine-tuning", "",
+        f"The condensed layers (only) were fine-tuned, {how}: {ft['trainable_params']:,} trainable parameters "
+        f"({100 * ft['trainable_share']:.2f}% of the model), {ft['steps']} steps on `{ft['data']}` ({ft['format']}), "
+        f"lr {ft['lr']:g}, {ft['schedule']} schedule with {100 * ft['warmup_ratio']:.0f}% warm-up; "
+        f"final training loss {ft['final_loss']:.4f}.",
+    ]
+    ev = ft.get("evaluation")
+    if ev:
+        lines.append(f"Held-out perplexity ({ev['tokens']:,} tokens of `{ev['text']}`): {ev['ppl_before']:.2f} before, "
+                     f"{ev['ppl_after']:.2f} after.")
+    return lines
+
+
 def model_card(record: dict) -> str:
     """Markdown model card with YAML front matter, from a ``cdmoe.json`` record."""
     if record.get("method", "cd-moe") in METHOD_TEXT:
@@ -73,6 +92,7 @@ def model_card(record: dict) -> str:
         for key in ("method", "expert_selector", "layer_selector", "metric", "final_distribution", "calibration"):
             if key in search:
                 lines.append(f"- {key.replace('_', ' ')}: `{search[key]}`")
+    lines += _finetune_section(record.get("finetune"))
     lines += _quantization_lines(record)
     lines += _loading_lines(record)
     return "\n".join(lines)
