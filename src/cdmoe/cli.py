@@ -137,6 +137,9 @@ def condense(
     eval_tokens: EvalTokens = 50_000,
     force: Force = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    mode: Annotated[str, typer.Option(help="whole | sequential (one decoder layer in memory at a time) | auto "
+                                           "(sequential when the weights do not fit the device)")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto (several GPUs: accelerate device map)")] = "cpu",
 ):
     """Condense N MoE layers with CD-MoE (greedy experts and layers on calibration data) and save."""
     from .calibration import CalibSpec
@@ -154,6 +157,8 @@ def condense(
         dtype=dtype,
         force=force,
         show_progress=not quiet,
+        mode=mode,
+        device=device,
     )
     print_summary(record, out)
 
