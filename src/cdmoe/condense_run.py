@@ -99,8 +99,8 @@ def condense(
 
     with atomic_output_dir(out, force=force, resumable=True) as tmp:
         state = SearchState(tmp / STATE_DIR, key)
-        if state.resumed and show_progress:
-            progress_note(f"resuming from {tmp / STATE_DIR}: {state.resumed}")
+        if state.resumed:  # printed even with --quiet: the user should know the run continues an old one
+            progress_note(f"resuming the interrupted run in {tmp / STATE_DIR}: {state.resumed}")
         if mode == "whole":
             multi_gpu = device == "auto" and torch.cuda.device_count() > 1
             loaded = load_model(model, dtype=dtype, device=str(dev), device_map="auto" if multi_gpu else None)

@@ -61,7 +61,9 @@ def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice],
     n = len(store.layers)
     shard = "model-{:05d}-of-{:05d}.safetensors"
     skeleton.to(dtype)
-    rest = {k: _cast(v, dtype) for k, v in store.model.state_dict().items() if not k.startswith(prefix + ".")}
+    cast: dict[tuple, torch.Tensor] = {}  # tied tensors (embeddings / lm_head) must stay one tensor after the cast
+    rest = {k: cast.setdefault((v.data_ptr(), v.shape), _cast(v, dtype))
+            for k, v in store.model.state_dict().items() if not k.startswith(prefix + ".")}
     # save_pretrained writes config, generation config and code, and the non-layer tensors as model.safetensors
     skeleton.save_pretrained(directory, state_dict=rest, max_shard_size="10000GB")
     rest_file = shard.format(n + 1, n + 1)
