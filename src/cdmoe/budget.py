@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .adapter import MoEBlock, moe_blocks
+from .adapter import MoEBlock, decoder_layers, family_spec, moe_blocks
 
 __all__ = ["MoELayerParams", "ModelParams", "tensor_count", "model_params"]
 
@@ -79,6 +79,10 @@ class ModelParams:
 
     total: int
     layers: tuple[MoELayerParams, ...]
+    largest_layer: int = 0  # the largest decoder layer (what sequential mode holds at once)
+    non_layer: int = 0  # embeddings, final norm, lm_head (tied once): always resident in sequential mode
+    num_layers: int = 0  # decoder layers
+    hidden_size: int = 0
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -112,10 +116,26 @@ class ModelParams:
             "condensed_layers": sorted(condensed),
         }
 
+    def sequential(self, bytes_per_param: float, tokens: int, activation_bytes: int) -> dict:
+        """Sequential-mode memory: on the device one decoder layer plus the non-layer weights; the
+        layer-input cache of ``tokens`` calibration tokens (``activation_bytes`` per element) on the CPU."""
+        return {
+            "largest_layer_bytes": int(self.largest_layer * bytes_per_param),
+            "non_layer_bytes": int(self.non_layer * bytes_per_param),
+            "sequential_device_bytes": int((self.largest_layer + self.non_layer) * bytes_per_param),
+            "calibration_tokens": tokens,
+            "activation_cache_bytes": self.num_layers * tokens * self.hidden_size * activation_bytes,
+        }
+
     def to_dict(self) -> dict:
         return {"total": self.total, "layers": [asdict(layer) for layer in self.layers]}
 
 
 def model_params(model: nn.Module) -> ModelParams:
     """Count a (possibly meta-device) model."""
-    return ModelParams(total=tensor_count(model), layers=tuple(MoELayerParams.of_block(b) for b in moe_blocks(model)))
+    spec = family_spec(model)
+    sizes = [tensor_count(layer) for layer in decoder_layers(model, spec)]
+    total = tensor_count(model)
+    return ModelParams(total=total, layers=tuple(MoELayerParams.of_block(b) for b in moe_blocks(model, spec)),
+                       largest_layer=max(sizes), non_layer=total - sum(sizes), num_layers=len(sizes),
+                       hidden_size=model.config.hidden_size)

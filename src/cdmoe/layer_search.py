@@ -42,11 +42,21 @@ def final_divergence(
     (B, S, D)); logits are compared in token chunks so that (chunk, V) fits memory.
     Returns (score, decoder-layer passes made).
     """
-    total, tokens = 0.0, 0
     lasts = runner.run_all(start)
-    passes = (len(runner.layers) - start) * len(runner.batches)
+    return score_outputs(runner, reference, lasts, kind, metric, vocab_chunk), passes_from(runner, start)
+
+
+def passes_from(runner: LayerRunner, start: int) -> int:
+    """Decoder-layer passes (over one batch) of a run from layer ``start`` to the end."""
+    return (len(runner.layers) - start) * len(runner.batches)
+
+
+def score_outputs(runner: LayerRunner, reference: list[torch.Tensor], lasts: list[torch.Tensor], kind: str,
+                  metric: str, vocab_chunk: int = 1024) -> float:
+    """Mean per-token divergence between ``reference`` and the final output of ``lasts`` (last-layer outputs)."""
+    total, tokens = 0.0, 0
     for b, ids in enumerate(runner.batches):
-        last = lasts[b]
+        last = lasts[b].to(runner.device)
         ids = ids.to(last.device)
         if metric == "ppl":
             logits = runner.final(last, "logits")
@@ -59,7 +69,7 @@ def final_divergence(
             out = runner.final(flat_last[s : s + vocab_chunk], kind)
             total += float(divergence_sum(flat_ref[s : s + vocab_chunk], out, metric))
         tokens += flat_last.shape[0]
-    return total / tokens, passes
+    return total / tokens
 
 
 @torch.no_grad()
@@ -73,6 +83,7 @@ def greedy_layers(
     on_step: Callable[[int, int], None] | None = None,
     resume: LayerSearchResult | None = None,
     checkpoint: Callable[[LayerSearchResult], None] | None = None,
+    shared_passes: bool = False,
 ) -> LayerSearchResult:
     """Algorithm 2: pick ``n`` of ``candidates`` ({layer: condensed module or choice}).
 
@@ -83,6 +94,10 @@ def greedy_layers(
     step); its finished steps are replayed (blocks swapped in, caches refreshed exactly as
     the first run did) and only the missing candidates are scored. ``checkpoint(result)``
     is called after every scored candidate and every finished step.
+
+    ``shared_passes`` (sequential mode): all candidates of a step run in one pass over the
+    layers (:meth:`LayerRunner.run_candidates`), so each layer is loaded once per step instead
+    of once per candidate behind it; the scores are the same numbers.
     """
     reference = [
         runner.final(runner.outputs[b], "logits" if metric == "ppl" else kind) for b in range(len(runner.batches))
@@ -95,6 +110,12 @@ def greedy_layers(
             runner.run_all(best, record_from=best + 1)
     for step in range(len(result.order), n):
         scores = result.pending
+        todo = [layer for layer in remaining if layer not in scores]
+        if shared_passes and todo:
+            streams = runner.run_candidates(todo, lambda layer, on: set_block(layer, candidates[layer] if on else None))
+            for layer in todo:
+                scores[layer] = score_outputs(runner, reference, streams.pop(layer), kind, metric)
+                result.layer_passes += passes_from(runner, layer)
         for layer in remaining:
             if layer not in scores:
                 set_block(layer, candidates[layer])

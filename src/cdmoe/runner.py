@@ -144,6 +144,31 @@ class LayerRunner:
         return hiddens
 
     @torch.no_grad()
+    def run_candidates(self, starts: list[int], swap) -> dict[int, list[torch.Tensor]]:
+        """Last-layer outputs per batch for several candidate layers, loading each layer once.
+
+        The stream of candidate ``l`` starts at layer ``l``'s cached input and runs layer ``l``
+        with ``swap(l, True)`` in effect (its condensed block; ``swap(l, False)`` restores it)
+        and the later layers as they are: per stream the same computation as
+        ``run_all(l)`` with ``l`` swapped in, but all streams share every layer load. Streams
+        wait on the CPU (one set of hidden states per candidate).
+        """
+        streams: dict[int, list[torch.Tensor]] = {}
+        for idx in range(min(starts), len(self.layers)):
+            with self.store.resident(idx) as layer:
+                if idx in starts:
+                    streams[idx] = list(self.inputs[idx])
+                for start, hiddens in streams.items():
+                    if start == idx:
+                        swap(idx, True)
+                    for b in range(len(hiddens)):
+                        out = layer(hiddens[b].to(self.device), **self.kwargs[idx][b])
+                        hiddens[b] = (out[0] if isinstance(out, tuple) else out).cpu()
+                    if start == idx:
+                        swap(idx, False)
+        return streams
+
+    @torch.no_grad()
     def final(self, last_hidden: torch.Tensor, kind: str) -> torch.Tensor:
         """The model's final output from the last layer's output: normed hidden states or logits."""
         normed = self.norm(last_hidden.to(self.device))

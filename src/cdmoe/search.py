@@ -163,7 +163,8 @@ def run_search(
     try:
         found_layers = greedy_layers(runner, condensed, steps, store.set_condensed, options.final, options.metric,
                                      on_step, resume=state.layer_progress() if state is not None else None,
-                                     checkpoint=state.save_layer_progress if state is not None else None)
+                                     checkpoint=state.save_layer_progress if state is not None else None,
+                                     shared_passes=store.sequential)
         if options.layer_selector == "global-layer-rank":
             found_layers.order = rank_layers(found_layers.single_layer_scores, options.layers)
             found_layers.step_scores = [found_layers.single_layer_scores[layer] for layer in found_layers.order]
