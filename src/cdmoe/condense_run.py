@@ -7,9 +7,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ablations import DroppedBlock, fused_modules, random_choices, swapped_blocks
 import torch
 
+from .ablations import DroppedBlock, fused_modules, random_choices, swapped_blocks
 from .api import condense_layers
 from .calibration import CalibSpec, load_calibration
 from .checkpoint import STATE_DIR, atomic_output_dir, check_output_dir, write_condensed

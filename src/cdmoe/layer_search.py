@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
 from .metrics import divergence_sum, nll_sum
 from .runner import LayerRunner
 
