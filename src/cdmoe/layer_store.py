@@ -52,8 +52,8 @@ def checkpoint_tensor_files(path: str | Path) -> dict[str, str]:
 
         with safe_open(path / SINGLE_NAME, "pt") as f:
             return {k: SINGLE_NAME for k in f.keys()}
-    raise CdmoeError(f"{path} has no safetensors weights ({INDEX_NAME} or {SINGLE_NAME}); sequential mode reads "
-                     "safetensors checkpoints only (use --mode whole for .bin checkpoints)")
+    raise CdmoeError(f"{path} has no safetensors weights ({INDEX_NAME} or {SINGLE_NAME}); sequential mode reads a "
+                     "local safetensors checkpoint (download it first, or use --mode whole for .bin or hub ids)")
 
 
 class ResidentStore:
