@@ -50,7 +50,7 @@ def _sharded(tmp: Path, family: str, tokenizer_from: Path | None = None, **overr
     """A tiny checkpoint saved as transformers saves it (per-expert keys), in shards smaller than one layer."""
     tok = AutoTokenizer.from_pretrained(tokenizer_from) if tokenizer_from else None
     vocab = {"vocab_size": len(tok), "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0} if tok else {}
-    model = make_tiny(family, seed=11, num_hidden_layers=5, **{**FAMILIES.get(family, {}), **vocab, **overrides})
+    model = make_tiny(family, seed=11, **{"num_hidden_layers": 5, **FAMILIES.get(family, {}), **vocab, **overrides})
     path = tmp / family
     model.save_pretrained(path, max_shard_size="40KB")
     if tok is not None:
@@ -84,6 +84,23 @@ def test_sequential_search_equals_whole(family, tmp_path):
     # every decoder layer was released again; only non-layer weights stay in memory
     assert all(p.device.type == "meta" for p in store.layers.parameters())
     assert all(p.device.type == "cpu" for n, p in store.model.named_parameters() if not n.startswith("model.layers."))
+
+
+def test_each_layer_loads_once_per_algorithm_2_step(tmp_path):
+    path = _sharded(tmp_path, "deepseek_v2", num_hidden_layers=7)
+    store = SequentialStore(path)
+    n = 3
+    result = run_search(store.model, _calib(), SearchOptions(layers=n, experts=1, batch_size=3), store=store)
+    order, layers, moe = result.record["layer_order"], len(store.layers), sorted(map(int, result.record["expert_search"]))
+    remaining, expected = list(moe), layers + len(moe)  # recording pass, then Algorithm 1 once per MoE layer
+    for step, best in enumerate(order):
+        expected += layers - min(remaining)  # one shared pass over all candidates of the step
+        remaining.remove(best)
+        if step < n - 1:
+            expected += layers - best  # refresh of the inputs behind the chosen layer
+    assert store.loads == expected
+    per_candidate = sum(layers - c for c in moe) + sum(layers - c for c in moe if c != order[0])
+    assert store.loads < layers + len(moe) + per_candidate  # fewer than loading per candidate, already by step 2
 
 
 def test_layer_store_loads_what_from_pretrained_loads(tmp_path):

@@ -112,6 +112,8 @@ def condense(
             result = run_search(loaded, calib_ids, search, report, store=store, state=state)
         search_record = {**result.record, "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())},
                          "mode": mode, "mode_reason": why, "device": str(dev)}
+        if store is not None:
+            search_record["cost"]["decoder_layer_loads"] = store.loads
         if mode == "whole":
             record, write_weights = _whole(loaded, model, result, search_record, evaluation, calib, tokenizer, dtype)
         else:

@@ -116,6 +116,7 @@ class SequentialStore:
         self._prefix = self.spec.layers_path + "."
         self._by_layer, rest = self._group_keys()
         self._refs: dict[int, int] = {}
+        self.loads = 0  # decoder layers read from disk so far
         self._condensed: dict[int, tuple[tuple[int, ...], tuple[float, ...]]] = {}
         self._load(rest, what="the non-layer weights")
         self.model.tie_weights()
@@ -186,6 +187,7 @@ class SequentialStore:
         layer = self.layers[idx]
         if self._refs.get(idx, 0) == 0:
             self._load(self.layer_keys(idx), what=f"decoder layer {idx}")
+            self.loads += 1
             missing = [n for n, t in _persistent_tensors(layer) if t.device.type == "meta"]
             if missing:
                 raise CdmoeError(f"{self.path} has no tensor for {self._prefix}{idx}.{missing[0]}; is it complete?")
