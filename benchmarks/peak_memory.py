@@ -13,7 +13,8 @@ saved tensors are identical, and the bound expected for sequential mode:
     largest decoder layer x 2 (transformers' conversion stacks the per-expert tensors: the
     list and the fused copy exist together) + non-layer weights + layer-input cache
     (layers x tokens x hidden x 4 B) + Algorithm 1's working set (expert outputs E x T x H
-    x 4 B, and block input/output/layer output 3 x T x H x 4 B)
+    x 4 B, and block input/output/layer output 3 x T x H x 4 B) + Algorithm 2's candidate
+    streams (one T x H x 4 B hidden-state set per MoE layer)
 """
 
 from __future__ import annotations
@@ -131,19 +132,20 @@ def main() -> None:
     tokens = args.samples * args.seq_len
     cache = n_layers * tokens * hidden * 4
     alg1 = (args.experts + 3) * tokens * hidden * 4
-    bound = 2 * largest + rest + cache + alg1
+    streams = (n_layers - 1) * tokens * hidden * 4  # layer 0 is dense (first_k_dense_replace = 1)
+    bound = 2 * largest + rest + cache + alg1 + streams
     results = {mode: run(model, work / f"out-{mode}", mode, args) for mode in ("whole", "sequential")}
     peak = {m: 1024 * (r["peak_kib"] - r["baseline_kib"]) for m, r in results.items()}
     mib = 2**20
     print(f"model: {n_layers} decoder layers, {total / mib:.0f} MiB fp32 on disk, largest layer {largest / mib:.1f} MiB "
           f"({total / largest:.1f}x smaller than the model), non-layer weights {rest / mib:.1f} MiB")
     print(f"calibration: {tokens} tokens; layer-input cache {cache / mib:.1f} MiB, Algorithm 1 working set "
-          f"{alg1 / mib:.1f} MiB")
+          f"{alg1 / mib:.1f} MiB, Algorithm 2 candidate streams {streams / mib:.1f} MiB")
     baseline = results["sequential"]["baseline_kib"] / 1024
     for mode in ("whole", "sequential"):
         print(f"{mode:>10}: peak RSS above baseline {peak[mode] / mib:8.1f} MiB   ({results[mode]['seconds']:.1f} s)")
     print(f"     ratio: sequential / whole = {peak['sequential'] / peak['whole']:.3f}")
-    print(f"     bound: sequential expected <= 2 x layer + non-layer + cache + Alg. 1 = {bound / mib:.1f} MiB "
+    print(f"     bound: sequential expected <= 2 x layer + non-layer + cache + Alg. 1 + Alg. 2 = {bound / mib:.1f} MiB "
           f"(+ {baseline:.0f} MiB baseline of python + torch + transformers + cdmoe, measured)")
     same = results["whole"]["condensed"] == results["sequential"]["condensed"] and \
         results["whole"]["layer_order"] == results["sequential"]["layer_order"]
