@@ -244,3 +244,22 @@ def test_unknown_mode_and_device(tiny_model_dir, tmp_path):
     assert "unknown --mode" in cli.invoke(app, base + ["--mode", "lazy"]).output
     res = cli.invoke(app, base + ["--device", "tpu"])
     assert res.exit_code == 2 and "--device" in res.output
+
+
+def test_plan_sequential_memory_counts_a_real_model(tmp_path):
+    from conftest import FAMILY_SOURCES
+
+    from cdmoe.plan import plan
+    from cdmoe.testing import shrink_config
+
+    config = shrink_config(FAMILY_SOURCES["deepseek_v2"], num_hidden_layers=5)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = make_tiny("deepseek_v2", num_hidden_layers=5)
+    per_layer = [sum(t.numel() for t in layer.state_dict().values()) for layer in model.model.layers]
+    stored = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+    non_layer = sum(v.numel() for v in stored.values())  # embed_tokens, norm, lm_head (untied here)
+    result = plan(tmp_path / "config.json", layers=1, dtype="float32", calib_tokens=1000)
+    assert result["largest_layer_bytes"] == 4 * max(per_layer)
+    assert result["non_layer_bytes"] == 4 * non_layer
+    assert result["sequential_device_bytes"] == 4 * (max(per_layer) + non_layer)
+    assert result["activation_cache_bytes"] == 5 * 1000 * config["hidden_size"] * 4
