@@ -157,7 +157,7 @@ class SequentialStore:
         from transformers.modeling_utils import LoadStateDictConfig
         from transformers.utils import logging as hf_logging
 
-        config = LoadStateDictConfig(dtype=self.dtype, device_map={"": self.device},
+        config = LoadStateDictConfig(dtype=self.dtype, device_map={"": str(self.device)},
                                      weight_mapping=get_model_conversion_mapping(self.model))
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
