@@ -6,15 +6,17 @@
 Builds a random DeepSeek-V2-style MoE (``cdmoe.testing.tiny_model`` at larger sizes, fp32,
 saved by transformers with per-expert keys in shards smaller than one decoder layer), then
 condenses it twice, each in a fresh Python process (``--mode whole`` and ``--mode sequential``,
-same calibration and options), and prints for each the peak RSS above the process's RSS after
-importing torch/transformers/cdmoe (``ru_maxrss``), the ratio, whether the selections and the
-saved tensors are identical, and the bound expected for sequential mode:
+same calibration and options), and prints for each the peak RSS (``ru_maxrss``) above the
+process's resident memory right after importing torch/transformers/cdmoe (psutil), the ratio,
+whether the selections and the saved tensors are identical, and the bound expected for
+sequential mode (T calibration tokens, H hidden size, E routed experts, all fp32):
 
     largest decoder layer x 2 (transformers' conversion stacks the per-expert tensors: the
     list and the fused copy exist together) + non-layer weights + layer-input cache
-    (layers x tokens x hidden x 4 B) + Algorithm 1's working set (expert outputs E x T x H
-    x 4 B, and block input/output/layer output 3 x T x H x 4 B) + Algorithm 2's candidate
-    streams (one T x H x 4 B hidden-state set per MoE layer)
+    (layers x T x H) + Algorithm 1's working set, the same in both modes (expert outputs as a
+    list and stacked: 2 x E x T x H; block input/output/layer output 3 x T x H; scoring in
+    token chunks: about 6 live (candidates x chunk x H) temporaries, chunk <= 256 MiB)
+    + Algorithm 2's candidate streams (one T x H set per MoE layer)
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from cdmoe.calibration import CalibSpec
 from cdmoe.condense_run import condense
 from cdmoe.search import SearchOptions
 torch.set_num_threads(1)
+import psutil
 model, out, mode, calib, samples, seq_len, layers = sys.argv[1:8]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = psutil.Process().memory_info().rss // 1024  # now, not the import high-water mark
 record = condense(model, out, SearchOptions(layers=int(layers), batch_size=8),
                   CalibSpec(calib, samples=int(samples), seq_len=int(seq_len)), show_progress=False, mode=mode,
                   force=True)
@@ -117,7 +120,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--inter", type=int, default=384, help="expert intermediate size")
     ap.add_argument("--calib", default=str(ROOT / "demo/data/valid.txt.gz"))
-    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--condense", type=int, default=2, help="N: MoE layers to condense")
     ap.add_argument("--keep", type=Path, default=None, help="keep the model and outputs here")
@@ -131,7 +134,8 @@ def main() -> None:
     total = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     tokens = args.samples * args.seq_len
     cache = n_layers * tokens * hidden * 4
-    alg1 = (args.experts + 3) * tokens * hidden * 4
+    scoring = min(256 * 2**20, args.experts * tokens * hidden * 4)  # expert_search._token_chunk's budget
+    alg1 = (2 * args.experts + 3) * tokens * hidden * 4 + 6 * scoring
     streams = (n_layers - 1) * tokens * hidden * 4  # layer 0 is dense (first_k_dense_replace = 1)
     bound = 2 * largest + rest + cache + alg1 + streams
     results = {mode: run(model, work / f"out-{mode}", mode, args) for mode in ("whole", "sequential")}
@@ -145,8 +149,10 @@ def main() -> None:
     for mode in ("whole", "sequential"):
         print(f"{mode:>10}: peak RSS above baseline {peak[mode] / mib:8.1f} MiB   ({results[mode]['seconds']:.1f} s)")
     print(f"     ratio: sequential / whole = {peak['sequential'] / peak['whole']:.3f}")
-    print(f"     bound: sequential expected <= 2 x layer + non-layer + cache + Alg. 1 + Alg. 2 = {bound / mib:.1f} MiB "
+    print(f"     bound: sequential expected ~ 2 x layer + non-layer + cache + Alg. 1 + Alg. 2 = {bound / mib:.1f} MiB "
           f"(+ {baseline:.0f} MiB baseline of python + torch + transformers + cdmoe, measured)")
+    whole_expected = total + cache + alg1  # whole mode holds every layer instead of two copies of one
+    print(f"            whole expected ~ model + the same activations = {whole_expected / mib:.1f} MiB")
     same = results["whole"]["condensed"] == results["sequential"]["condensed"] and \
         results["whole"]["layer_order"] == results["sequential"]["layer_order"]
     print(f"selections identical: {same} (layers {results['whole']['layer_order']}); "
