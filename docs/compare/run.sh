@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../.."
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 COMMON="--budget 0.8,0.65 --calib demo/data/valid.txt.gz --samples 32 --seq-len 128 --eval-text demo/data/test.txt.gz --eval-tokens 10000 --force"
-cdmoe compare demo/model --out runs/compare-methods --methods default $COMMON --tasks demo --task-text demo/data/test.txt.gz
+cdmoe compare demo/model --out runs/compare-methods --methods default $COMMON
 cdmoe compare demo/model --out runs/compare-ablations --methods cd-moe,cd-moe-s,ablations $COMMON
 for name in methods ablations; do
   mkdir -p docs/compare/$name

@@ -80,6 +80,10 @@ class ModelParams:
     total: int
     layers: tuple[MoELayerParams, ...]
     blocks: tuple[int, ...] = ()  # elements of each decoder layer (Block Drop); empty if unknown
+    largest_layer: int = 0  # the largest decoder layer (what sequential mode holds at once)
+    non_layer: int = 0  # embeddings, final norm, lm_head (tied once): always resident in sequential mode
+    num_layers: int = 0  # decoder layers
+    hidden_size: int = 0
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -128,12 +132,26 @@ class ModelParams:
             "condensed_layers": sorted(condensed),
         }
 
+    def sequential(self, bytes_per_param: float, tokens: int, activation_bytes: int) -> dict:
+        """Sequential-mode memory: on the device one decoder layer plus the non-layer weights; the
+        layer-input cache of ``tokens`` calibration tokens (``activation_bytes`` per element) on the CPU."""
+        return {
+            "largest_layer_bytes": int(self.largest_layer * bytes_per_param),
+            "non_layer_bytes": int(self.non_layer * bytes_per_param),
+            "sequential_device_bytes": int((self.largest_layer + self.non_layer) * bytes_per_param),
+            "calibration_tokens": tokens,
+            "activation_cache_bytes": self.num_layers * tokens * self.hidden_size * activation_bytes,
+        }
+
     def to_dict(self) -> dict:
         return {"total": self.total, "layers": [asdict(layer) for layer in self.layers]}
 
 
 def model_params(model: nn.Module) -> ModelParams:
     """Count a (possibly meta-device) model."""
-    blocks = tuple(tensor_count(layer) for layer in decoder_layers(model, family_spec(model)))
-    return ModelParams(total=tensor_count(model), layers=tuple(MoELayerParams.of_block(b) for b in moe_blocks(model)),
-                       blocks=blocks)
+    spec = family_spec(model)
+    sizes = [tensor_count(layer) for layer in decoder_layers(model, spec)]
+    total = tensor_count(model)
+    return ModelParams(total=total, layers=tuple(MoELayerParams.of_block(b) for b in moe_blocks(model, spec)),
+                       largest_layer=max(sizes), non_layer=total - sum(sizes), num_layers=len(sizes),
+                       hidden_size=model.config.hidden_size, blocks=tuple(sizes))

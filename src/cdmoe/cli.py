@@ -93,6 +93,14 @@ def plan(
     table.add_row("activated params / token", f"{result['active_params']:,}", f"{result['condensed_active_params']:,}")
     table.add_row("memory ratio", "100%", f"{100 * result['memory_ratio']:.1f}%")
     out_console.print(table)
+    gib = 2**30
+    out_console.print(
+        f"sequential mode (--mode sequential): {(result['sequential_device_bytes']) / gib:.2f} GiB on the device "
+        f"(largest decoder layer {result['largest_layer_bytes'] / gib:.2f} GiB + embeddings/norm/lm_head "
+        f"{result['non_layer_bytes'] / gib:.2f} GiB; whole mode needs {result['total_bytes'] / gib:.2f} GiB), plus a "
+        f"{result['activation_cache_bytes'] / gib:.1f} GiB layer-input cache in CPU memory for "
+        f"{result['calibration_tokens']:,} calibration tokens ({result['dtype']})."
+    )
     out_console.print(
         f"{len(result['condensed_layers'])} of {result['moe_layers']} MoE layers condensed "
         f"({result['condensed_layers']}), routed experts kept per layer: {result['experts_kept']} of "
@@ -139,6 +147,9 @@ def condense(
     force: Force = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     quantize: Quantize = None,
+    mode: Annotated[str, typer.Option(help="whole | sequential (one decoder layer in memory at a time) | auto "
+                                           "(sequential when the weights do not fit the device)")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto (several GPUs: accelerate device map)")] = "cpu",
 ):
     """Condense N MoE layers with CD-MoE (greedy experts and layers on calibration data) and save."""
     from .calibration import CalibSpec
@@ -157,6 +168,8 @@ def condense(
         force=force,
         show_progress=not quiet,
         quantize=quantize,
+        mode=mode,
+        device=device,
     )
     print_summary(record, out)
 

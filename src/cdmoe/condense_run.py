@@ -7,14 +7,21 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .ablations import DroppedBlock, fused_modules, random_choices, swapped_blocks
-from .api import condense_layers, save
+from .api import condense_layers
 from .calibration import CalibSpec, load_calibration
-from .checkpoint import check_output_dir, write_record
-from .loading import checkpoint_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
+from .checkpoint import STATE_DIR, atomic_output_dir, check_output_dir, write_condensed, write_record
+from .devices import choose_mode, resolve_device
+from .errors import CdmoeError
+from .layer_store import SequentialStore
+from .loading import checkpoint_dtype, compute_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
 from .perplexity import perplexity, token_stream
 from .plots import plot_single_layer_scores
+from .resume import SearchState, run_key
 from .search import SearchOptions, run_search
+from .stream_save import condensed_skeleton, write_streamed
 
 __all__ = ["EvalOptions", "condense"]
 
@@ -52,17 +59,38 @@ def condense(
     dtype: str = "auto",
     force: bool = False,
     show_progress: bool = True,
+    mode: str = "auto",
+    device: str = "cpu",
     quantize: str | None = None,
 ) -> dict:
     """Condense ``search.layers`` MoE layers of ``model`` with CD-MoE and save to ``out``; return the record.
 
-    With ``quantize`` (int8 | int4), the condensed MLPs and remaining experts are then quantised
-    (:mod:`cdmoe.quantize`) and the quantised model's perplexity is measured from disk."""
+    ``mode``: ``whole`` loads the model, ``sequential`` keeps one decoder layer in memory at a
+    time (reading it from the safetensors shards when needed and writing the output layer by
+    layer), ``auto`` picks sequential when the weights do not fit ``device``'s free memory.
+    The search progress is kept in ``.OUT.partial/state/``: rerunning the same command after
+    an interruption resumes it (a different command there is refused unless ``force``).
+    With ``quantize`` (int8 | int4; whole mode), the condensed MLPs and remaining experts are then
+    quantised (:mod:`cdmoe.quantize`) and the quantised model's perplexity is measured from disk.
+    """
     check_output_dir(out, force)
     started = time.perf_counter()
+    dev = resolve_device(device)
+    compute = compute_dtype(dtype, str(dev))
+    stored = checkpoint_dtype(model)
+    if compute == "auto":  # GPU: compute in the checkpoint's dtype
+        compute = stored or torch.float32
+    mode, why = choose_mode(mode, model, dev, compute, stored)
+    if mode == "sequential" and evaluation.text:
+        raise CdmoeError("--eval-text needs the whole model in memory; drop it (evaluate the output with "
+                         "cdmoe eval) or use --mode whole")
+    if mode == "sequential" and quantize:
+        raise CdmoeError("--quantize needs the whole model in memory for now; use --mode whole, or quantise the "
+                         "condensed output with cdmoe baseline slim")
+    out_dtype = stored if dtype == "auto" and stored is not None else compute
     tokenizer = load_tokenizer(model)
-    loaded = load_model(model, dtype=dtype)
     calib_ids = load_calibration(tokenizer, calib)
+    key = run_key(model, calib.to_dict(), calib_ids, search, {"dtype": str(compute), "device": dev.type})
 
     progress = _rich_progress() if show_progress else None
     tasks: dict[str, int] = {}
@@ -75,9 +103,58 @@ def condense(
             tasks[stage] = progress.add_task(label, total=total)
         progress.update(tasks[stage], completed=done)
 
-    with progress or nullcontext():
-        result = run_search(loaded, calib_ids, search, report)
+    with atomic_output_dir(out, force=force, resumable=True) as tmp:
+        state = SearchState(tmp / STATE_DIR, key)
+        if state.resumed:  # printed even with --quiet: the user should know the run continues an old one
+            progress_note(f"resuming the interrupted run in {tmp / STATE_DIR}: {state.resumed}")
+        if mode == "whole":
+            multi_gpu = device == "auto" and torch.cuda.device_count() > 1
+            loaded = load_model(model, dtype=dtype, device=str(dev), device_map="auto" if multi_gpu else None)
+            store = None
+        else:
+            store = SequentialStore(model, device=dev, dtype=compute)
+            loaded = store.model
+        with progress or nullcontext():
+            result = run_search(loaded, calib_ids, search, report, store=store, state=state)
+        search_record = {**result.record, "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())},
+                         "mode": mode, "mode_reason": why, "device": str(dev)}
+        if store is not None:
+            search_record["cost"]["decoder_layer_loads"] = store.loads
+        if mode == "whole":
+            record, write_weights = _whole(loaded, model, result, search_record, evaluation, calib, tokenizer, dtype,
+                                           quantize)
+        else:
+            skeleton, record = condensed_skeleton(store, result.choices, str(model), search_record)
 
+            def write_weights(directory: Path) -> None:
+                write_streamed(store, skeleton, result.choices, directory, out_dtype)
+
+        record["search"]["timings"]["total_s"] = time.perf_counter() - started
+
+        def write_plots(directory: Path) -> None:
+            if not record["search"]["single_layer_scores"]:  # layer-rank computes no single-layer final scores
+                return
+            plot_single_layer_scores(record["search"], directory / "plots" / "single_layer_js.png",
+                                     title=f"{model}: single-layer condensing")
+
+        write_condensed(tmp, record, write_weights, tokenizer=tokenizer, extra_files=write_plots)
+    if quantize and "evaluation" in record:  # as a user loads it
+        ev = record["evaluation"]
+        ev["quantized_ppl"] = perplexity(load_model(out), token_stream(tokenizer, ev["text"], evaluation.max_tokens),
+                                         ev["seq_len"])
+        write_record(out, record)
+    return record
+
+
+def progress_note(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False)
+
+
+def _whole(loaded, model, result, search_record: dict, evaluation: EvalOptions, calib: CalibSpec, tokenizer,
+           dtype: str, quantize: str | None = None):
+    """Whole mode after the search: optional perplexity, condense in memory; (record, weight writer)."""
     evaluation_record = {}
     stream = None
     if evaluation.text:
@@ -93,29 +170,15 @@ def condense(
             with swapped_blocks(loaded, {layer: DroppedBlock() for layer in layers}):
                 evaluation_record["dropped_layers_ppl"] = perplexity(loaded, stream, seq_len)
 
-    search_record = {**result.record, "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())}}
     record = condense_layers(loaded, result.choices, base_model=str(model), search=search_record)
     stored = round_to_checkpoint_dtype(loaded, model, dtype)
     if stream is not None:
         evaluation_record["condensed_ppl"] = perplexity(loaded, stream, evaluation_record["seq_len"])
         record["evaluation"] = evaluation_record
-    record["search"]["timings"]["total_s"] = time.perf_counter() - started
-
-    def write_plots(directory: Path) -> None:
-        if not record["search"]["single_layer_scores"]:  # layer-rank computes no single-layer final scores
-            return
-        plot_single_layer_scores(record["search"], directory / "plots" / "single_layer_js.png",
-                                 title=f"{model}: single-layer condensing")
-
     if quantize:
         from .baselines import finish_quantized
 
         loaded, record["quantization"] = finish_quantized(loaded, quantize, stored or checkpoint_dtype(model))
     elif stored is not None:
         loaded.to(stored)  # computed in fp32 on CPU; saved in the checkpoint's own dtype
-    path = save(loaded, out, record, tokenizer=tokenizer, force=force, extra_files=write_plots)
-    if quantize and stream is not None:  # as a user loads it
-        del loaded
-        record["evaluation"]["quantized_ppl"] = perplexity(load_model(path), stream, evaluation_record["seq_len"])
-        write_record(path, record)
-    return record
+    return record, lambda directory: loaded.save_pretrained(directory, max_shard_size="5GB")

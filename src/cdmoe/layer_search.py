@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from .metrics import divergence_sum, nll_sum
 from .runner import LayerRunner
@@ -32,6 +31,7 @@ class LayerSearchResult:
     step_scores: list[float] = field(default_factory=list)  # divergence after each step
     single_layer_scores: dict[int, float] = field(default_factory=dict)  # step 1: each layer alone (Fig. 2)
     layer_passes: int = 0  # decoder-layer forward passes over one calibration batch
+    pending: dict[int, float] = field(default_factory=dict)  # scores of the current step so far (for resuming)
 
 
 def final_divergence(
@@ -43,51 +43,88 @@ def final_divergence(
     (B, S, D)); logits are compared in token chunks so that (chunk, V) fits memory.
     Returns (score, decoder-layer passes made).
     """
-    total, tokens, passes = 0.0, 0, 0
+    lasts = runner.run_all(start)
+    return score_outputs(runner, reference, lasts, kind, metric, vocab_chunk), passes_from(runner, start)
+
+
+def passes_from(runner: LayerRunner, start: int) -> int:
+    """Decoder-layer passes (over one batch) of a run from layer ``start`` to the end."""
+    return (len(runner.layers) - start) * len(runner.batches)
+
+
+def score_outputs(runner: LayerRunner, reference: list[torch.Tensor], lasts: list[torch.Tensor], kind: str,
+                  metric: str, vocab_chunk: int = 1024) -> float:
+    """Mean per-token divergence between ``reference`` and the final output of ``lasts`` (last-layer outputs)."""
+    total, tokens = 0.0, 0
     for b, ids in enumerate(runner.batches):
-        last = runner.run(start, b)
-        passes += len(runner.layers) - start
+        last = lasts[b].to(runner.device)
+        ids = ids.to(last.device)
         if metric == "ppl":
             logits = runner.final(last, "logits")
-            total += abs(float(nll_sum(logits, ids) - nll_sum(reference[b], ids)))
+            total += abs(float(nll_sum(logits, ids) - nll_sum(reference[b].to(logits.device), ids)))
             tokens += ids[:, 1:].numel()
             continue
-        flat_ref = reference[b].reshape(-1, reference[b].shape[-1])
+        flat_ref = reference[b].to(last.device).reshape(-1, reference[b].shape[-1])
         flat_last = last.reshape(-1, last.shape[-1])
         for s in range(0, flat_last.shape[0], vocab_chunk):
             out = runner.final(flat_last[s : s + vocab_chunk], kind)
             total += float(divergence_sum(flat_ref[s : s + vocab_chunk], out, metric))
         tokens += flat_last.shape[0]
-    return total / tokens, passes
+    return total / tokens
 
 
 @torch.no_grad()
 def greedy_layers(
     runner: LayerRunner,
-    candidates: dict[int, nn.Module],
+    candidates: dict[int, object],
     n: int,
-    set_block: Callable[[int, nn.Module | None], None],
+    set_block: Callable[[int, object | None], None],
     kind: str = "hidden",
     metric: str = "js",
     on_step: Callable[[int, int], None] | None = None,
+    resume: LayerSearchResult | None = None,
+    checkpoint: Callable[[LayerSearchResult], None] | None = None,
+    shared_passes: bool = False,
 ) -> LayerSearchResult:
-    """Algorithm 2: pick ``n`` of ``candidates`` ({layer: condensed module}).
+    """Algorithm 2: pick ``n`` of ``candidates`` ({layer: condensed module or choice}).
 
-    ``set_block(layer, module)`` swaps a condensed module in, ``set_block(layer, None)``
+    ``set_block(layer, candidate)`` swaps a condensed layer in, ``set_block(layer, None)``
     restores the original block. On return the chosen layers are swapped in.
+
+    ``resume``: the progress of an interrupted run (steps done, scores of the current
+    step); its finished steps are replayed (blocks swapped in, caches refreshed exactly as
+    the first run did) and only the missing candidates are scored. ``checkpoint(result)``
+    is called after every scored candidate and every finished step.
+
+    ``shared_passes`` (sequential mode): all candidates of a step run in one pass over the
+    layers (:meth:`LayerRunner.run_candidates`), so each layer is loaded once per step instead
+    of once per candidate behind it; the scores are the same numbers.
     """
     reference = [
         runner.final(runner.outputs[b], "logits" if metric == "ppl" else kind) for b in range(len(runner.batches))
     ]
-    result = LayerSearchResult()
-    remaining = sorted(candidates)
-    for step in range(n):
-        scores = {}
+    result = resume or LayerSearchResult()
+    remaining = [layer for layer in sorted(candidates) if layer not in result.order]
+    for step, best in enumerate(result.order):  # replay finished steps (their passes are already counted)
+        set_block(best, candidates[best])
+        if step < n - 1:
+            runner.run_all(best, record_from=best + 1)
+    for step in range(len(result.order), n):
+        scores = result.pending
+        todo = [layer for layer in remaining if layer not in scores]
+        if shared_passes and todo:
+            streams = runner.run_candidates(todo, lambda layer, on: set_block(layer, candidates[layer] if on else None))
+            for layer in todo:
+                scores[layer] = score_outputs(runner, reference, streams.pop(layer), kind, metric)
+                result.layer_passes += passes_from(runner, layer)
         for layer in remaining:
-            set_block(layer, candidates[layer])
-            scores[layer], passes = final_divergence(runner, reference, layer, kind, metric)
-            result.layer_passes += passes
-            set_block(layer, None)
+            if layer not in scores:
+                set_block(layer, candidates[layer])
+                scores[layer], passes = final_divergence(runner, reference, layer, kind, metric)
+                result.layer_passes += passes
+                set_block(layer, None)
+                if checkpoint:
+                    checkpoint(result)
             if on_step:
                 on_step(step, layer)
         if step == 0:
@@ -97,8 +134,10 @@ def greedy_layers(
         remaining.remove(best)
         result.order.append(best)
         result.step_scores.append(scores[best])
+        result.pending = {}
         if step < n - 1:  # refresh the inputs of the layers behind the newly condensed one
-            for b in range(len(runner.batches)):
-                runner.run(best, b, record_from=best + 1)
-                result.layer_passes += len(runner.layers) - best
+            runner.run_all(best, record_from=best + 1)
+            result.layer_passes += (len(runner.layers) - best) * len(runner.batches)
+        if checkpoint:
+            checkpoint(result)
     return result

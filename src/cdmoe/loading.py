@@ -41,17 +41,20 @@ def compute_dtype(dtype: str | None, device: str) -> torch.dtype | str:
     return resolved
 
 
-def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str = "cpu", trust_remote_code: bool = True):
+def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str = "cpu", trust_remote_code: bool = True,
+               device_map: str | dict | None = None):
     """``AutoModelForCausalLM.from_pretrained`` in eval mode, with one-line errors.
 
     The checkpoint's own dtype is kept in ``model.config.dtype`` whatever the compute dtype.
+    ``device_map`` (e.g. ``"auto"`` for several GPUs) places the layers with accelerate instead of ``device``.
     """
     _check_path(name_or_path)
     from . import register  # noqa: F401  (condensed checkpoints load natively)
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=compute_dtype(dtype, device), trust_remote_code=trust_remote_code
+            str(name_or_path), dtype=compute_dtype(dtype, device), trust_remote_code=trust_remote_code,
+            **({"device_map": device_map} if device_map is not None else {}),
         )
     except OSError as err:
         raise CdmoeError(
@@ -59,7 +62,7 @@ def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str
         ) from None
     except ValueError as err:
         raise CdmoeError(f"cannot load {name_or_path}: {str(err).splitlines()[0]}") from None
-    if getattr(model, "is_quantized", False):  # bitsandbytes weights stay where they were loaded
+    if getattr(model, "is_quantized", False) or device_map is not None:  # placed by from_pretrained
         return model.eval()
     return model.to(device).eval()
 

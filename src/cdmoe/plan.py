@@ -76,8 +76,10 @@ def _analytic(data: dict) -> ModelParams:
     first_dense = data.get("first_k_dense_replace", 0) or 0
     freq = data.get("moe_layer_freq", 1) or 1
     total = v * h * (1 if data.get("tie_word_embeddings", True) else 2) + h
+    non_layer, largest = total, 0
     layers = []
     for i in range(n_layers):
+        before = total
         total += attn + norms
         if i >= first_dense and i % freq == 0:
             layer = MoELayerParams(
@@ -88,7 +90,9 @@ def _analytic(data: dict) -> ModelParams:
             total += layer.total
         else:
             total += dense_mlp
-    return ModelParams(total=total, layers=tuple(layers))
+        largest = max(largest, total - before)
+    return ModelParams(total=total, layers=tuple(layers), largest_layer=largest, non_layer=non_layer,
+                       num_layers=n_layers, hidden_size=h)
 
 
 def params_from_config(config: PretrainedConfig | dict) -> tuple[ModelParams, str]:
@@ -109,10 +113,13 @@ def plan(
     experts: int | None = None,
     layer_ids: list[int] | None = None,
     dtype: str | None = None,
+    calib_tokens: int = 100 * 512,
 ) -> dict:
     """Memory of condensing ``layers`` MoE layers (or ``layer_ids``) to ``experts`` routed experts each.
 
-    ``experts=None`` keeps top-k routed experts per layer; ``experts=0`` is CD-MoE-S.
+    ``experts=None`` keeps top-k routed experts per layer; ``experts=0`` is CD-MoE-S. Also the
+    sequential-mode memory (:meth:`~cdmoe.budget.ModelParams.sequential`) for ``calib_tokens``
+    calibration tokens, with activations cached in ``dtype`` (what a GPU computes in).
     """
     config = load_config(model_or_config)
     params, counted = params_from_config(config)
@@ -137,6 +144,7 @@ def plan(
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
     dtype = dtype or str(get("torch_dtype", None) or get("dtype", None) or "bfloat16").replace("torch.", "")
     result = params.summary(per_layer, DTYPE_BYTES.get(dtype, 2))
+    result.update(params.sequential(DTYPE_BYTES.get(dtype, 2), calib_tokens, DTYPE_BYTES.get(dtype, 2)))
     first = params.layers[0]
     result.update(
         model=str(model_or_config),

@@ -1,11 +1,23 @@
 """Run a model layer by layer from cached layer inputs.
 
-One ordinary forward pass per calibration batch records, for every decoder layer, its
-input hidden states and the keyword arguments the model passed to it (attention mask,
-rotary position embeddings, ...). Afterwards any suffix of the model can be re-run from
-layer ``l`` without touching layers ``< l``: this is what makes the greedy layer search
+The runner records, for every decoder layer and calibration batch, the layer's input
+hidden states and the keyword arguments the model passes to it (attention mask, rotary
+position embeddings, ...). Afterwards any suffix of the model can be re-run from layer
+``l`` without touching layers ``< l``: this is what makes the greedy layer search
 (Algorithm 2) cost a fraction of a full model pass per candidate.
 
+Runs go layer-outer, batch-inner (:meth:`LayerRunner.run_all`), so that with a
+:class:`~cdmoe.layer_store.SequentialStore` each layer is loaded once per run and
+released after. Recording:
+
+- whole mode: one ordinary forward pass per batch, with hooks on every layer.
+- sequential mode: the model's own forward runs up to layer 0 only (a catcher raises
+  there, as GPTQ implementations do) to capture layer 0's input and kwargs; the kwargs
+  serve every layer, except that families with per-layer attention types
+  (``config.layer_types``, e.g. sliding-window layers) get one capture per type. Then the
+  layers run one at a time over all batches.
+
+Cached inputs live on the CPU; a batch moves to the compute device when it runs.
 Shapes: a batch is (B, S) token ids; hidden states are (B, S, H).
 """
 
@@ -16,15 +28,22 @@ from torch import nn
 
 from .adapter import attr_path, decoder_layers
 from .families import FamilySpec
+from .layer_store import ResidentStore
 
 __all__ = ["LayerRunner"]
+
+
+class _Caught(Exception):
+    """Raised by the layer-0 catcher to stop the model's forward pass."""
 
 
 class LayerRunner:
     """Cached inputs of every decoder layer for a list of calibration batches."""
 
-    def __init__(self, model: nn.Module, spec: FamilySpec, batches: list[torch.Tensor]):
+    def __init__(self, model: nn.Module, spec: FamilySpec, batches: list[torch.Tensor], store=None):
         self.model = model
+        self.store = store if store is not None else ResidentStore(model, spec)
+        self.device = self.store.device
         self.layers = decoder_layers(model, spec)
         self.norm = attr_path(model, spec.final_norm)
         self.lm_head = model.get_output_embeddings()
@@ -33,10 +52,13 @@ class LayerRunner:
         self.inputs: list[list[torch.Tensor]] = [[None] * len(batches) for _ in range(n)]  # type: ignore[list-item]
         self.kwargs: list[list[dict]] = [[None] * len(batches) for _ in range(n)]  # type: ignore[list-item]
         self.outputs: list[torch.Tensor] = [None] * len(batches)  # type: ignore[list-item]
-        self._record(batches)
+        if self.store.sequential:
+            self._record_layerwise()
+        else:
+            self._record()
 
     @torch.no_grad()
-    def _record(self, batches: list[torch.Tensor]) -> None:
+    def _record(self) -> None:
         current = {}
 
         def pre_hook(idx):
@@ -55,31 +77,99 @@ class LayerRunner:
         hooks = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
         hooks.append(self.layers[-1].register_forward_hook(last_hook))
         try:
-            for b, ids in enumerate(batches):
+            for b, ids in enumerate(self.batches):
                 current["b"] = b
-                self.model(input_ids=ids, use_cache=False)
+                self.model(input_ids=ids.to(self.device), use_cache=False)
         finally:
             for h in hooks:
                 h.remove()
 
     @torch.no_grad()
-    def run(self, start: int, batch: int, hidden: torch.Tensor | None = None, stop: int | None = None,
-            record_from: int | None = None) -> torch.Tensor:
-        """Run layers ``start..stop-1`` on batch ``batch`` from its cached input (or ``hidden``).
+    def _catch_layer0(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Layer 0's input hidden states and kwargs from the model's own forward (stopped there)."""
+        caught = {}
 
-        With ``record_from``, the inputs of layers ``>= record_from`` seen on the way replace
-        the cache (used after the model changed at layer ``record_from - 1``).
+        def hook(module, args, kwargs):
+            caught["hidden"] = args[0] if args else kwargs["hidden_states"]
+            caught["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            raise _Caught
+
+        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.model(input_ids=ids.to(self.device), use_cache=False)
+        except _Caught:
+            pass
+        finally:
+            handle.remove()
+        kwargs = {**caught["kwargs"], "past_key_values": None, "use_cache": False}
+        return caught["hidden"].detach(), kwargs
+
+    @torch.no_grad()
+    def _record_layerwise(self) -> None:
+        config = self.model.config
+        types = list(getattr(config, "layer_types", None) or [])
+        distinct = sorted(set(types)) if len(set(types)) > 1 else [None]
+        for kind in distinct:
+            if kind is not None:  # every layer of this type: the model builds that type's mask for layer 0
+                config.layer_types = [kind] * len(types)
+            try:
+                for b, ids in enumerate(self.batches):
+                    hidden, kwargs = self._catch_layer0(ids)
+                    self.inputs[0][b] = hidden.cpu()
+                    for idx in range(len(self.layers)):
+                        if kind is None or types[idx] == kind:
+                            self.kwargs[idx][b] = kwargs
+            finally:
+                if kind is not None:
+                    config.layer_types = types
+        self.outputs = [h.cpu() for h in self.run_all(0, record_from=1)]
+
+    @torch.no_grad()
+    def run_all(self, start: int, stop: int | None = None, record_from: int | None = None) -> list[torch.Tensor]:
+        """Run layers ``start..stop-1`` on every batch from its cached input of layer ``start``.
+
+        Returns the last layer's output per batch (on the compute device). With
+        ``record_from``, the inputs of layers ``>= record_from`` seen on the way replace the
+        cache (used after the model changed at layer ``record_from - 1``).
         """
-        hidden = self.inputs[start][batch] if hidden is None else hidden
+        hiddens = [self.inputs[start][b] for b in range(len(self.batches))]
         for idx in range(start, len(self.layers) if stop is None else stop):
-            if record_from is not None and idx >= record_from:
-                self.inputs[idx][batch] = hidden
-            out = self.layers[idx](hidden, **self.kwargs[idx][batch])
-            hidden = out[0] if isinstance(out, tuple) else out
-        return hidden
+            with self.store.resident(idx) as layer:
+                for b in range(len(hiddens)):
+                    hidden = hiddens[b].to(self.device)
+                    if record_from is not None and idx >= record_from:
+                        self.inputs[idx][b] = hidden.cpu()
+                    out = layer(hidden, **self.kwargs[idx][b])
+                    hiddens[b] = out[0] if isinstance(out, tuple) else out
+        return hiddens
+
+    @torch.no_grad()
+    def run_candidates(self, starts: list[int], swap) -> dict[int, list[torch.Tensor]]:
+        """Last-layer outputs per batch for several candidate layers, loading each layer once.
+
+        The stream of candidate ``l`` starts at layer ``l``'s cached input and runs layer ``l``
+        with ``swap(l, True)`` in effect (its condensed block; ``swap(l, False)`` restores it)
+        and the later layers as they are: per stream the same computation as
+        ``run_all(l)`` with ``l`` swapped in, but all streams share every layer load. Streams
+        wait on the CPU (one set of hidden states per candidate).
+        """
+        streams: dict[int, list[torch.Tensor]] = {}
+        for idx in range(min(starts), len(self.layers)):
+            with self.store.resident(idx) as layer:
+                if idx in starts:
+                    streams[idx] = list(self.inputs[idx])
+                for start, hiddens in streams.items():
+                    if start == idx:
+                        swap(idx, True)
+                    for b in range(len(hiddens)):
+                        out = layer(hiddens[b].to(self.device), **self.kwargs[idx][b])
+                        hiddens[b] = (out[0] if isinstance(out, tuple) else out).cpu()
+                    if start == idx:
+                        swap(idx, False)
+        return streams
 
     @torch.no_grad()
     def final(self, last_hidden: torch.Tensor, kind: str) -> torch.Tensor:
         """The model's final output from the last layer's output: normed hidden states or logits."""
-        normed = self.norm(last_hidden)
+        normed = self.norm(last_hidden.to(self.device))
         return normed if kind == "hidden" else self.lm_head(normed)

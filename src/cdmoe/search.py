@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import MoEBlock, config_value, decoder_layers, family_spec, moe_blocks
-from .condensed import LayerChoice, fuse_condensed_mlp
+from .adapter import MoEBlock, config_value, family_spec, moe_blocks
+from .condensed import LayerChoice
 from .errors import CdmoeError
 from .expert_search import ExpertSearchResult, LayerActivations, fixed_gates, greedy_experts, layer_divergence
 from .layer_search import greedy_layers
+from .layer_store import ResidentStore
+from .resume import SearchState
 from .runner import LayerRunner
 from .selectors import EXPERT_SELECTORS, LAYER_SELECTORS, rank_layers, select_experts
 
@@ -68,7 +70,7 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
 @torch.no_grad()
 def layer_activations(runner: LayerRunner, block: MoEBlock, residual_scale: float) -> LayerActivations:
     """Run decoder layer ``block.layer_idx`` alone on its cached inputs; return X, block output, layer output."""
-    xs, ys, hs = [], [], []
+    xs, ys = [], []
 
     def capture(module, args, output):
         xs.append(args[0])
@@ -76,8 +78,7 @@ def layer_activations(runner: LayerRunner, block: MoEBlock, residual_scale: floa
 
     hook = block.module.register_forward_hook(capture)
     try:
-        for b in range(len(runner.batches)):
-            hs.append(runner.run(block.layer_idx, b, stop=block.layer_idx + 1))
+        hs = runner.run_all(block.layer_idx, stop=block.layer_idx + 1)
     finally:
         hook.remove()
     width = hs[0].shape[-1]
@@ -96,16 +97,31 @@ def run_search(
     calib_ids: torch.Tensor,
     options: SearchOptions,
     progress: Callable[[str, int, int], None] | None = None,
+    store=None,
+    state: SearchState | None = None,
 ) -> SearchResult:
-    """Run gates + Algorithm 1 on every MoE layer and Algorithm 2 for ``options.layers`` layers."""
+    """Run gates + Algorithm 1 on every MoE layer and Algorithm 2 for ``options.layers`` layers.
+
+    ``store``: a :class:`~cdmoe.layer_store.SequentialStore` whose ``model`` is ``model``
+    (sequential mode: one decoder layer in memory at a time); default: ``model`` is whole.
+    ``state``: resumable progress (finished layers' experts and gates, the greedy layer
+    order so far), read at the start and written after every step.
+    """
     spec = family_spec(model)
     blocks = moe_blocks(model, spec)
     options.validate(len(blocks))
+    for block in blocks:
+        k = block.top_k if options.experts is None else options.experts
+        if not 0 <= k <= block.num_experts:
+            raise CdmoeError(f"--experts {k} is out of range: layer {block.layer_idx} has {block.num_experts} routed experts")
+        if k == 0 and block.shared is None:
+            raise CdmoeError("--shared-only needs shared experts, and this family has none; pass --experts K >= 1")
+    store = store if store is not None else ResidentStore(model, spec)
     report = progress or (lambda stage, done, total: None)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     batches = list(calib_ids.split(options.batch_size))
-    runner = LayerRunner(model, spec, batches)
+    runner = LayerRunner(model, spec, batches, store)
     for b, out in enumerate(runner.outputs):
         _check_finite(out, f"the last layer's output on calibration batch {b}")
     timings["calibration_forward_s"] = time.perf_counter() - t0
@@ -116,32 +132,21 @@ def run_search(
     per_layer, condensed, all_gates = {}, {}, {}
     for i, block in enumerate(blocks):
         k = block.top_k if options.experts is None else options.experts
-        if not 0 <= k <= block.num_experts:
-            raise CdmoeError(f"--experts {k} is out of range: layer {block.layer_idx} has {block.num_experts} routed experts")
-        if k == 0 and block.shared is None:
-            raise CdmoeError("--shared-only needs shared experts, and this family has none; pass --experts K >= 1")
-        acts = layer_activations(runner, block, scale)
-        gates, counts = fixed_gates(block, acts.x)
-        all_gates[block.layer_idx] = gates
-        if options.expert_selector == "greedy":
-            found = greedy_experts(block, acts, gates, k, expert_metric, options.cache_bytes)
+        done = state.expert_layer(block.layer_idx) if state is not None else None
+        if done is not None:  # finished by an interrupted run
+            found, counts, gates = done
         else:
-            chosen = select_experts(options.expert_selector, block, counts, k, options.seed)
-            found = ExpertSearchResult(layer=block.layer_idx, experts=chosen, gates=tuple(float(gates[e]) for e in chosen))
-            found.step_scores = [layer_divergence(block, acts, chosen, gates, expert_metric)] if k else []
-            found.shared_only_score = layer_divergence(block, acts, (), gates, expert_metric)
+            with store.resident(block.layer_idx):
+                found, counts, gates = _expert_search(runner, block, scale, k, options, expert_metric)
+            if state is not None:
+                state.save_expert_layer(block.layer_idx, found, counts, gates)
+        all_gates[block.layer_idx] = gates
         per_layer[block.layer_idx] = (found, counts)
-        condensed[block.layer_idx] = fuse_condensed_mlp(block, found.experts, found.gates)
+        condensed[block.layer_idx] = store.candidate(block, found.experts, found.gates)  # whole mode: fused now
         report("experts", i + 1, len(blocks))
     timings["expert_search_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    layers = decoder_layers(model, spec)
-    originals = {b.layer_idx: b.module for b in blocks}
-
-    def set_block(layer: int, module: nn.Module | None) -> None:
-        setattr(layers[layer], spec.block_attr, module if module is not None else originals[layer])
-
     n_cand = len(blocks)
     evals = sum(n_cand - s for s in range(options.layers))
     done = {"n": 0}
@@ -156,7 +161,10 @@ def run_search(
         steps = 1 if options.layer_selector == "global-layer-rank" else 0
         evals = n_cand * steps
     try:
-        found_layers = greedy_layers(runner, condensed, steps, set_block, options.final, options.metric, on_step)
+        found_layers = greedy_layers(runner, condensed, steps, store.set_condensed, options.final, options.metric,
+                                     on_step, resume=state.layer_progress() if state is not None else None,
+                                     checkpoint=state.save_layer_progress if state is not None else None,
+                                     shared_passes=store.sequential)
         if options.layer_selector == "global-layer-rank":
             found_layers.order = rank_layers(found_layers.single_layer_scores, options.layers)
             found_layers.step_scores = [found_layers.single_layer_scores[layer] for layer in found_layers.order]
@@ -166,8 +174,8 @@ def run_search(
             found_layers.order = rank_layers(own, options.layers)
             found_layers.step_scores = [own[layer] for layer in found_layers.order]
     finally:
-        for layer in originals:
-            set_block(layer, None)
+        for layer in condensed:
+            store.set_condensed(layer, None)
     timings["layer_search_s"] = time.perf_counter() - t0
 
     choices = []
@@ -203,4 +211,20 @@ def run_search(
         },
         "timings": timings,
     }
+    if state is not None and state.resumed:
+        record["resumed"] = state.resumed
     return SearchResult(choices=choices, record=record)
+
+
+def _expert_search(runner: LayerRunner, block: MoEBlock, scale: float, k: int, options: SearchOptions,
+                   metric: str) -> tuple[ExpertSearchResult, torch.Tensor, torch.Tensor]:
+    """Gates (Eq. 2) and the kept experts of one MoE layer (its weights must be resident)."""
+    acts = layer_activations(runner, block, scale)
+    gates, counts = fixed_gates(block, acts.x)
+    if options.expert_selector == "greedy":
+        return greedy_experts(block, acts, gates, k, metric, options.cache_bytes), counts, gates
+    chosen = select_experts(options.expert_selector, block, counts, k, options.seed)
+    found = ExpertSearchResult(layer=block.layer_idx, experts=chosen, gates=tuple(float(gates[e]) for e in chosen))
+    found.step_scores = [layer_divergence(block, acts, chosen, gates, metric)] if k else []
+    found.shared_only_score = layer_divergence(block, acts, (), gates, metric)
+    return found, counts, gates
