@@ -258,8 +258,8 @@ def markdown_table(result: dict) -> str:
     lines = [f"# cdmoe compare: {result['model']}", ""]
     for budget in result["budgets"]:
         lines += [f"## Budget {100 * budget:.0f}% of the original weight bytes", "",
-                  "| method | setting | activated params | memory (measured) | speed-up | perplexity | "
-                  + " | ".join(task_names) + (" | average |" if task_names else ""),
+                  "| method | setting | activated params | memory (measured) | speed-up | perplexity |"
+                  + "".join(f" {t} |" for t in task_names) + (" average |" if task_names else ""),
                   "|---|---|---|---|---|---|" + "---|" * len(task_names) + ("---|" if task_names else "")]
         for row in [rows[0]] + [r for r in rows[1:] if budget in r["budgets"]]:
             setting = "-" if row["knob"] is None else (

@@ -1,0 +1,43 @@
+"""cdmoe compare: matched budgets, every point written and scored from disk."""
+
+import json
+
+import pytest
+from conftest import DEMO_CALIB, DEMO_TEXT
+
+from cdmoe.calibration import CalibSpec
+from cdmoe.compare import compare, parse_methods
+from cdmoe.errors import CdmoeError
+from cdmoe.measure import disk_bytes
+
+
+def test_parse_methods():
+    names = [m.name for m in parse_methods("default")]
+    assert "cd-moe" in names and "slim-int4" in names and "layer-drop+int4" in names
+    by_name = {m.name: m for m in parse_methods("cd-moe-s,cd-moe:l1,cd-moe:layer-rank,cd-moe:kl,slim-int8,cd-moe+int4")}
+    assert by_name["cd-moe-s"].search == {"experts": 0}
+    assert by_name["cd-moe:l1"].search == {"expert_selector": "l1"}
+    assert by_name["cd-moe:layer-rank"].search == {"layer_selector": "layer-rank"}
+    assert by_name["cd-moe:kl"].search == {"metric": "kl"}
+    assert by_name["slim-int8"].base == "slim" and by_name["slim-int8"].quantize == "int8"
+    assert by_name["cd-moe+int4"].base == "cd-moe" and by_name["cd-moe+int4"].quantize == "int4"
+    with pytest.raises(CdmoeError, match="unknown"):
+        parse_methods("cd-moe:bogus")
+
+
+def test_compare_writes_matched_points(tiny_model_dir, tmp_path):
+    out = tmp_path / "cmp"
+    result = compare(tiny_model_dir, out, [0.8], parse_methods("cd-moe,layer-drop,expert-drop"),
+                     CalibSpec(str(DEMO_CALIB), 4, 32, 0), eval_text=str(DEMO_TEXT), eval_tokens=2000,
+                     progress=lambda msg: None)
+    saved = json.loads((out / "compare.json").read_text())
+    assert (out / "compare.md").exists() and (out / "compare.png").exists()
+    rows = {r["method"]: r for r in saved["rows"]}
+    assert set(rows) == {"original", "cd-moe", "layer-drop", "expert-drop"}
+    original = disk_bytes(tiny_model_dir)
+    for name in ("cd-moe", "layer-drop", "expert-drop"):
+        row = rows[name]
+        assert row["memory_ratio"] == pytest.approx(disk_bytes(out / row["dir"]) / original)
+        assert row["ppl"] > 0 and row["budgets"] == [0.8]
+        assert abs(row["predicted_ratio"] - row["memory_ratio"]) < 0.02  # the plan predicts the real bytes
+    assert result["rows"][0]["memory_ratio"] == 1.0
