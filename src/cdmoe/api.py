@@ -18,9 +18,15 @@ from .condensed import LayerChoice, condense_model
 from .errors import CdmoeError
 from .loading import load_model
 
-__all__ = ["condense_layers", "save", "apply_record", "choices_from_record"]
+__all__ = ["family_name", "condense_layers", "save", "apply_record", "choices_from_record"]
 
 RECORD_FORMAT = 1
+
+
+def family_name(model) -> str:
+    """The model's family (``model_type``), also for a cdmoe-format model."""
+    cdmoe = getattr(model.config, "cdmoe", None)
+    return cdmoe["base_model_type"] if cdmoe else model.config.model_type
 
 
 def condense_layers(model, choices: list[LayerChoice], *, base_model: str | None = None, search: dict | None = None) -> dict:
@@ -35,7 +41,7 @@ def condense_layers(model, choices: list[LayerChoice], *, base_model: str | None
         "format_version": RECORD_FORMAT,
         "method": "cd-moe",
         "base_model": base_model or getattr(model.config, "_name_or_path", None) or "unknown",
-        "family": model.config.model_type if not getattr(model.config, "cdmoe", None) else model.config.cdmoe["base_model_type"],
+        "family": family_name(model),
         "family_spec": spec.name,
         "native_format": not hasattr(model.config, "cdmoe"),
         "condensed": [

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .adapter import decoder_layers, family_spec, moe_blocks
-from .api import RECORD_FORMAT, save
+from .api import RECORD_FORMAT, family_name, save
 from .budget import model_params
 from .calib_stats import CalibStats, calibration_stats
 from .calibration import CalibSpec, load_calibration
@@ -36,9 +36,10 @@ from .hf.modeling_cdmoe import DroppedMLP, remove_blocks
 from .loading import checkpoint_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
 from .measure import disk_bytes
 from .perplexity import perplexity, token_stream
-from .quantize import BITS, layers_quantized, quantize_model, quantized_bytes, unfuse_experts
+from .quantize import BITS, layers_quantized, quantize_model, quantized_bytes
 
-__all__ = ["METHODS", "BaselineOptions", "apply_baseline", "run_baseline", "finish_quantized"]
+__all__ = ["METHODS", "BaselineOptions", "apply_baseline", "baseline_record", "finish_quantized", "most_similar_first",
+           "run_baseline"]
 
 METHODS = ("layer-drop", "block-drop", "expert-drop", "msmoe", "slim")
 
@@ -64,10 +65,15 @@ class BaselineOptions:
             raise CdmoeError(f"unknown --quantize {self.quantize!r}; use {' or '.join(BITS)}")
 
 
+def most_similar_first(scores: dict[int, float]) -> list[int]:
+    """Layers by decreasing cosine similarity (ties: lower index): the order Layer/Block Drop drop them in."""
+    return sorted(scores, key=lambda i: (-scores[i], i))
+
+
 def _top(scores: dict[int, float], n: int, what: str) -> list[int]:
     if not 1 <= n <= len(scores):
         raise CdmoeError(f"--layers {n} is out of range: the model has {len(scores)} {what}")
-    return sorted(sorted(scores, key=lambda i: (-scores[i], i))[:n])
+    return sorted(most_similar_first(scores)[:n])
 
 
 def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
@@ -120,8 +126,8 @@ def finish_quantized(model: nn.Module, bits: str, stored: torch.dtype | None) ->
     """Quantise ``model``'s experts / condensed MLPs; return the quantised model and its record entry."""
     dtype = stored or model.dtype
     moe_layers = len(moe_blocks(model))
-    predicted = quantized_bytes(unfuse_experts(model), bits, dtype)
     quantized = quantize_model(model, bits, dtype=dtype)
+    predicted = quantized_bytes(model, bits, dtype)  # ``model`` now holds the unfused layout that was quantised
     return quantized, {"library": "bitsandbytes", "bits": bits, "format": "LLM.int8" if bits == "int8" else "NF4",
                        "targets": "routed experts and condensed MLPs", "moe_layers": moe_layers,
                        "linear_modules": layers_quantized(quantized), "predicted_payload_bytes": predicted,
@@ -147,9 +153,8 @@ def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, c
                       "original_ppl": perplexity(loaded, stream, calib.seq_len)}
     result, details = apply_baseline(loaded, stats, options)
     stored = round_to_checkpoint_dtype(result, model, dtype)
-    record = {"format_version": RECORD_FORMAT, "method": options.method, "base_model": str(model),
-              "family": _family_name(result), "params": details.pop("params"), "baseline": details,
-              "calibration": calib.to_dict() if stats is not None else None}
+    record = baseline_record(result, model, options.method, details)
+    record["calibration"] = calib.to_dict() if stats is not None else None
     if options.quantize:
         result, record["quantization"] = finish_quantized(result, options.quantize, stored or checkpoint_dtype(model))
         stored = None
@@ -168,6 +173,7 @@ def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, c
     return record
 
 
-def _family_name(model: nn.Module) -> str:
-    cdmoe = getattr(model.config, "cdmoe", None)
-    return cdmoe["base_model_type"] if cdmoe else model.config.model_type
+def baseline_record(model: nn.Module, source: str | Path, method: str, details: dict) -> dict:
+    """The ``cdmoe.json`` record of a baseline output, from :func:`apply_baseline`'s details (consumed)."""
+    return {"format_version": RECORD_FORMAT, "method": method, "base_model": str(source), "family": family_name(model),
+            "params": details.pop("params"), "baseline": details}

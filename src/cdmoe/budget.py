@@ -103,6 +103,11 @@ class ModelParams:
     def condensed_active(self, condensed: dict[int, int]) -> int:
         return self.active - sum(self._layer(i).active - self._layer(i).condensed(k) for i, k in condensed.items())
 
+    def routed_total(self, layers: list[int] | None = None) -> int:
+        """Elements of the routed experts of ``layers`` (default: every MoE layer)."""
+        chosen = self.layers if layers is None else [self._layer(i) for i in layers]
+        return sum(layer.num_experts * layer.expert for layer in chosen)
+
     def layer_dropped_total(self, layers: list[int]) -> int:
         """Total elements after removing the MoE sub-layers ``layers`` (Layer Drop)."""
         return self.total - sum(self._layer(i).total for i in layers)

@@ -61,7 +61,7 @@ def calibration_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int
         stats.score_sums[i] = torch.zeros(block.num_experts, dtype=torch.float64)
         stats.counts[i] = torch.zeros(block.num_experts, dtype=torch.long)
         stats.logit_gram[i] = torch.zeros(block.num_experts, block.num_experts, dtype=torch.float64)
-    seen: dict[int, torch.Tensor] = {}
+    seen: dict[tuple[str, int], torch.Tensor] = {}  # ("in" | "moe", layer) -> this batch's tensor
 
     def layer_pre(idx):
         def hook(module, args, kwargs):

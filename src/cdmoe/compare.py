@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .api import condense_layers, save
-from .baselines import BaselineOptions, apply_baseline, finish_quantized
+from .baselines import BaselineOptions, apply_baseline, baseline_record, finish_quantized, most_similar_first
 from .budget import ModelParams, model_params
 from .calib_stats import calibration_stats
 from .calibration import CalibSpec, load_calibration
@@ -102,22 +102,20 @@ def _bytes_ratio(params: ModelParams, total_after: int, targets: int, quantize: 
 def _candidates(method: Method, params: ModelParams, stats, top_k: int, num_experts: int) -> dict[int, float]:
     """Predicted memory ratio of every knob value of ``method``."""
     moe = params.moe_layer_ids
-    experts_all = sum(layer.num_experts * layer.expert for layer in params.layers)
+    experts_all = params.routed_total()
     if method.base == "cd-moe":
         k = method.search.get("experts", top_k)
         out = {}
         for n in range(1, len(moe) + 1):
             chosen = {i: k for i in moe[:n]}
-            targets = experts_all - sum(params._layer(i).num_experts * params._layer(i).expert for i in chosen) \
-                + sum(params._layer(i).condensed(k) for i in chosen)
+            targets = experts_all - params.routed_total(moe[:n]) + sum(layer.condensed(k) for layer in params.layers[:n])
             out[n] = _bytes_ratio(params, params.condensed_total(chosen), targets, method.quantize)
         return out
     if method.base == "layer-drop":
-        return {n: _bytes_ratio(params, params.layer_dropped_total(moe[:n]),
-                                experts_all - sum(params._layer(i).num_experts * params._layer(i).expert for i in moe[:n]),
+        return {n: _bytes_ratio(params, params.layer_dropped_total(moe[:n]), experts_all - params.routed_total(moe[:n]),
                                 method.quantize) for n in range(1, len(moe) + 1)}
     if method.base == "block-drop":
-        ranked = sorted(stats.block_cosine, key=lambda i: (-stats.block_cosine[i], i))
+        ranked = most_similar_first(stats.block_cosine)
         return {n: _bytes_ratio(params, params.block_dropped_total(ranked[:n]), 0, None)
                 for n in range(1, len(ranked))}
     if method.base in ("expert-drop", "msmoe"):
@@ -199,8 +197,7 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, stor
                                       keep_experts=knob if method.knob == "keep_experts" else None,
                                       quantize=method.quantize if method.base == "slim" else None)
             loaded, details = apply_baseline(loaded, stats, options)
-            record = {"format_version": 1, "method": method.base, "variant": name, "base_model": str(model),
-                      "params": details.pop("params"), "baseline": details}
+            record = {**baseline_record(loaded, model, method.base, details), "variant": name}
         rounded = round_to_checkpoint_dtype(loaded, model, dtype)
         if method.quantize:
             loaded, record["quantization"] = finish_quantized(loaded, method.quantize, stored)
