@@ -41,3 +41,16 @@ def test_compare_writes_matched_points(tiny_model_dir, tmp_path):
         assert row["ppl"] > 0 and row["budgets"] == [0.8]
         assert abs(row["predicted_ratio"] - row["memory_ratio"]) < 0.02  # the plan predicts the real bytes
     assert result["rows"][0]["memory_ratio"] == 1.0
+
+
+def test_compare_peak_rss_and_tasks_columns(tiny_model_dir, tmp_path):
+    """--peak-rss measures every point in its own process; ratios are to the original's measurement."""
+    out = tmp_path / "cmp"
+    compare(tiny_model_dir, out, [0.8], parse_methods("layer-drop"), CalibSpec(str(DEMO_CALIB), 2, 32, 0),
+            eval_text=str(DEMO_TEXT), eval_tokens=1000, measure_rss=True, progress=lambda msg: None)
+    saved = json.loads((out / "compare.json").read_text())
+    original, point = saved["rows"]
+    assert saved["peak_rss_dtype"] == "auto"
+    assert original["peak_rss_bytes"] > 0 and point["peak_rss_bytes"] > 0
+    assert point["peak_rss_ratio"] == pytest.approx(point["peak_rss_bytes"] / original["peak_rss_bytes"])
+    assert "| peak RSS |" in (out / "compare.md").read_text()

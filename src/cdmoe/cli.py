@@ -226,6 +226,9 @@ def compare(
     eval_tokens: EvalTokens = 50_000,
     tasks: Annotated[Optional[str], typer.Option(help="lm-eval tasks: paper | demo | names (default: none)")] = None,
     task_text: Annotated[Optional[str], typer.Option(help="held-out text for --tasks demo")] = None,
+    task_batch_size: Annotated[int, typer.Option(help="lm-eval batch size")] = 32,
+    peak_rss: Annotated[bool, typer.Option("--peak-rss", help="also measure each point's peak RAM loading and "
+                                                               "running it (one fresh process per point)")] = False,
     dtype: Dtype = "auto",
     force: Force = False,
 ):
@@ -239,8 +242,8 @@ def compare(
     except ValueError:
         raise CdmoeError(f"--budget expects comma-separated ratios such as 0.8,0.6, got {budget!r}") from None
     result = run_compare(model, out, budgets, parse_methods(methods), CalibSpec(calib, samples, seq_len, seed),
-                         eval_text, eval_tokens, tasks, task_text, dtype, force,
-                         progress=lambda msg: console.print(msg, highlight=False))
+                         eval_text, eval_tokens, tasks, task_text, dtype, force, measure_rss=peak_rss,
+                         task_batch_size=task_batch_size, progress=lambda msg: console.print(msg, highlight=False))
     print((out / "compare.md").read_text())
     out_console.print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {result['plot']}")
 

@@ -5,7 +5,8 @@ its knob (N condensed or dropped layers, E' experts per layer) whose *predicted*
 closest; quantisation-only methods have one setting. Every point is written as a normal
 output directory, reloaded from disk as a user would, and scored the same way: held-out
 perplexity, optional lm-eval tasks, prefill speed relative to the original (timed in the
-same run, interleaved) and the measured ratio of weight bytes. One calibration set and one
+same run, interleaved), the measured ratio of weight bytes and, optionally, peak resident
+memory loading and running it (a fresh process per point, :func:`cdmoe.measure.peak_rss`). One calibration set and one
 statistics pass serve all methods; CD-MoE variants run one search each (the greedy order
 for N layers is a prefix of the order for more).
 
@@ -36,7 +37,7 @@ from .calibration import CalibSpec, load_calibration
 from .checkpoint import atomic_output_dir, check_output_dir
 from .errors import CdmoeError
 from .loading import checkpoint_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
-from .measure import disk_bytes
+from .measure import disk_bytes, peak_rss
 from .perplexity import perplexity, token_stream
 from .search import SearchOptions, run_search
 from .selectors import EXPERT_SELECTORS, LAYER_SELECTORS
@@ -140,7 +141,7 @@ def _prefill_seconds(models: dict[str, torch.nn.Module], prompts: torch.Tensor, 
 def compare(model: str | Path, out: str | Path, budgets: list[float], methods: list[Method],
             calib: CalibSpec = CalibSpec(), eval_text: str | None = None, eval_tokens: int = 50_000,
             tasks: str | None = None, task_text: str | None = None, dtype: str = "auto", force: bool = False,
-            progress=print) -> dict:
+            measure_rss: bool = False, task_batch_size: int = 32, progress=print) -> dict:
     """Run ``methods`` at each budget on ``model``; write ``out/compare.{json,md,png}`` and the points."""
     if not budgets or not all(0 < b <= 1 for b in budgets):
         raise CdmoeError("--budget takes memory ratios in (0, 1], e.g. 0.8,0.6")
@@ -164,10 +165,12 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
 
     with atomic_output_dir(out, force) as work:  # nothing at ``out`` until every point is written and scored
         _run_points(model, work, plan, calib_ids, tokenizer, stats, stored, dtype, progress)
-        rows = _evaluate(model, work, plan, tokenizer, eval_text, eval_tokens, calib.seq_len, tasks, task_text,
-                         dtype, progress)
+        scorer = _Scorer(tokenizer, token_stream(tokenizer, eval_text, eval_tokens) if eval_text else None,
+                         calib.seq_len, tasks, task_text, task_batch_size, dtype if measure_rss else None)
+        rows = _evaluate(model, work, plan, scorer, dtype, progress)
         result = {"model": str(model), "budgets": budgets, "calibration": calib.to_dict(), "eval_text": eval_text,
-                  "eval_tokens": eval_tokens, "tasks": tasks, "rows": rows}
+                  "eval_tokens": eval_tokens, "tasks": tasks, "task_batch_size": task_batch_size,
+                  "peak_rss_dtype": dtype if measure_rss else None, "rows": rows}
         (work / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         (work / "compare.md").write_text(markdown_table(result))
         plot_compare(result, work / "compare.png")
@@ -207,15 +210,46 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, stor
         del loaded
 
 
-def _evaluate(model, work: Path, plan, tokenizer, eval_text, eval_tokens, seq_len, tasks, task_text, dtype, progress) -> list[dict]:
-    stream = token_stream(tokenizer, eval_text, eval_tokens) if eval_text else None
+@dataclass
+class _Scorer:
+    """How every point (and the original) is scored: the same text, tasks and settings for all."""
+
+    tokenizer: object
+    stream: torch.Tensor | None  # held-out token ids (T,) for perplexity, or None
+    seq_len: int
+    tasks: str | None
+    task_text: str | None
+    task_batch_size: int
+    rss_dtype: str | None  # dtype to measure peak RSS in, or None to skip
+
+    def prompts(self) -> torch.Tensor:
+        """(4, seq_len) token ids the prefill speed is timed on."""
+        ids = self.stream if self.stream is not None else torch.arange(4 * self.seq_len) % self.tokenizer.vocab_size
+        return ids[: 4 * self.seq_len].reshape(-1, self.seq_len)[:4]
+
+    def __call__(self, model, path) -> dict:
+        from .lmeval import evaluate, resolve_tasks, summarize
+
+        scores: dict = {}
+        if self.stream is not None:
+            scores["ppl"] = perplexity(model, self.stream, self.seq_len)
+        if self.tasks:
+            with tempfile.TemporaryDirectory(prefix="cdmoe-tasks-") as work:
+                names, include = resolve_tasks(self.tasks, self.task_text, Path(work))
+                scores["tasks"] = summarize(evaluate(model, self.tokenizer, names, include,
+                                                     batch_size=self.task_batch_size))
+        if self.rss_dtype:
+            scores["peak_rss_bytes"] = peak_rss(path, self.rss_dtype)["load_and_run_bytes"]
+        return scores
+
+
+def _evaluate(model, work: Path, plan, scorer: _Scorer, dtype, progress) -> list[dict]:
     original = load_model(model, dtype=dtype)
-    prompts = (stream if stream is not None else torch.arange(4 * seq_len) % tokenizer.vocab_size)[: 4 * seq_len]
-    prompts = prompts.reshape(-1, seq_len)[:4]
+    prompts = scorer.prompts()
     orig_bytes = disk_bytes(model)
     rows = [{"method": "original", "knob": None, "budgets": [], "dir": str(model), "memory_ratio": 1.0,
              "predicted_ratio": 1.0, "speedup": 1.0, "active_params": model_params(original).active,
-             **_scores(original, tokenizer, stream, seq_len, tasks, task_text)}]
+             **scorer(original, model)}]
     for point in plan.values():
         progress(f"[compare] evaluating {point['method'].name} ({point['knob']})")
         path = work / point["dir"]
@@ -225,23 +259,12 @@ def _evaluate(model, work: Path, plan, tokenizer, eval_text, eval_tokens, seq_le
         rows.append({"method": point["method"].name, "knob": point["knob"], "knob_name": point["method"].knob,
                      "budgets": point["budgets"], "dir": point["dir"], "predicted_ratio": point["predicted_ratio"],
                      "memory_ratio": disk_bytes(path) / orig_bytes, "speedup": times["original"] / times["point"],
-                     "active_params": record["params"]["condensed_active_params"],
-                     **_scores(loaded, tokenizer, stream, seq_len, tasks, task_text)})
+                     "active_params": record["params"]["condensed_active_params"], **scorer(loaded, path)})
         del loaded
+    if scorer.rss_dtype:
+        for row in rows:
+            row["peak_rss_ratio"] = row["peak_rss_bytes"] / rows[0]["peak_rss_bytes"]
     return rows
-
-
-def _scores(model, tokenizer, stream, seq_len, tasks, task_text) -> dict:
-    from .lmeval import evaluate, resolve_tasks, summarize
-
-    scores: dict = {}
-    if stream is not None:
-        scores["ppl"] = perplexity(model, stream, seq_len)
-    if tasks:
-        with tempfile.TemporaryDirectory(prefix="cdmoe-tasks-") as work:
-            names, include = resolve_tasks(tasks, task_text, Path(work))
-            scores["tasks"] = summarize(evaluate(model, tokenizer, names, include, batch_size=8))
-    return scores
 
 
 def _average(row: dict) -> float | None:
@@ -252,18 +275,22 @@ def _average(row: dict) -> float | None:
 def markdown_table(result: dict) -> str:
     rows = result["rows"]
     task_names = sorted({t for r in rows for t in (r.get("tasks") or {})})
+    rss = all("peak_rss_ratio" in r for r in rows)
     lines = [f"# cdmoe compare: {result['model']}", ""]
     for budget in result["budgets"]:
         lines += [f"## Budget {100 * budget:.0f}% of the original weight bytes", "",
-                  "| method | setting | activated params | memory (measured) | speed-up | perplexity |"
-                  + "".join(f" {t} |" for t in task_names) + (" average |" if task_names else ""),
-                  "|---|---|---|---|---|---|" + "---|" * len(task_names) + ("---|" if task_names else "")]
+                  "| method | setting | activated params | memory (measured) |" + (" peak RSS |" if rss else "")
+                  + " speed-up | perplexity |" + "".join(f" {t} |" for t in task_names)
+                  + (" average |" if task_names else ""),
+                  "|---|---|---|---|" + ("---|" if rss else "") + "---|---|" + "---|" * len(task_names)
+                  + ("---|" if task_names else "")]
         for row in [rows[0]] + [r for r in rows[1:] if budget in r["budgets"]]:
             setting = "-" if row["knob"] is None else (
                 f"N={row['knob']}" if row.get("knob_name") == "layers" else
                 f"E'={row['knob']}" if row.get("knob_name") == "keep_experts" else "-")
-            cells = [row["method"], setting, f"{row['active_params'] / 1e6:.2f}M", f"{100 * row['memory_ratio']:.1f}%",
-                     f"{row['speedup']:.2f}x", f"{row['ppl']:.2f}" if row.get("ppl") else "-"]
+            cells = [row["method"], setting, f"{row['active_params'] / 1e6:.2f}M", f"{100 * row['memory_ratio']:.1f}%"]
+            cells += [f"{100 * row['peak_rss_ratio']:.0f}% ({row['peak_rss_bytes'] / 2**20:.0f} MiB)"] if rss else []
+            cells += [f"{row['speedup']:.2f}x", f"{row['ppl']:.2f}" if row.get("ppl") else "-"]
             cells += [f"{row['tasks'][t]:.2f}" if t in (row.get("tasks") or {}) else "-" for t in task_names]
             if task_names:
                 avg = _average(row)

@@ -3,7 +3,11 @@
 Peak RSS is measured in a fresh Python process per model (so one model's peak cannot hide
 another's): the process imports torch and transformers, records its RSS, loads the model,
 runs one forward pass on ``batch x seq_len`` tokens, and reports the peak RSS above the
-post-import baseline (``ru_maxrss``; Linux reports KiB).
+post-import RSS. On Linux the peak (``VmHWM``) is reset to the current RSS after the imports
+(``/proc/self/clear_refs``), so a transient peak during the imports cannot hide the load's;
+elsewhere ``ru_maxrss`` is used, which can under-report small models. Memory the allocator
+already holds from the imports is reused without growing RSS, so for models of a few MiB
+the numbers are dominated by that slack; they are meaningful from tens of MiB up.
 """
 
 from __future__ import annotations
@@ -26,11 +30,26 @@ try:
 except ImportError:
     pass
 def rss_kib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def current_kib():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except OSError:
+        return rss_kib()
 path, dtype, batch, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(2)
-base = rss_kib()
-model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=True).eval()
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+except OSError:
+    pass
+base = current_kib()
+model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=True).eval()
 loaded = rss_kib()
 with torch.no_grad():
     model(input_ids=torch.randint(0, model.config.vocab_size, (batch, seq)))
@@ -49,7 +68,10 @@ def disk_bytes(directory: str | Path) -> int:
 
 
 def peak_rss(directory: str | Path, dtype: str = "float32", batch: int = 1, seq_len: int = 128) -> dict:
-    """Peak resident memory (bytes) above the import baseline, loading then running the model."""
+    """Peak resident memory (bytes) above the import baseline, loading then running the model.
+
+    ``dtype`` is a torch dtype name or ``auto`` (the checkpoint's own).
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run([sys.executable, "-c", _SCRIPT, str(directory), dtype, str(batch), str(seq_len)],
                          capture_output=True, text=True, env=env)
