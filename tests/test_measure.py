@@ -34,7 +34,7 @@ def test_measure_cli_ratios(tiny_model_dir, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model_dir, copy)
-    result = CliRunner().invoke(app, ["measure", str(tiny_model_dir), str(copy)])
+    result = CliRunner().invoke(app, ["measure", str(tiny_model_dir), str(copy), "--repeats", "1"])
     assert result.exit_code == 0, result.output
     saved = json.loads((copy / "memory.json").read_text())
     for key, ratio in saved["ratios"].items():

@@ -243,7 +243,8 @@ def compare(
         raise CdmoeError(f"--budget expects comma-separated ratios such as 0.8,0.6, got {budget!r}") from None
     result = run_compare(model, out, budgets, parse_methods(methods), CalibSpec(calib, samples, seq_len, seed),
                          eval_text, eval_tokens, tasks, task_text, dtype, force, measure_rss=peak_rss,
-                         task_batch_size=task_batch_size, progress=lambda msg: console.print(msg, highlight=False))
+                         task_batch_size=task_batch_size,
+                         progress=lambda msg: console.print(msg, highlight=False, markup=False))
     print((out / "compare.md").read_text())
     out_console.print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {result['plot']}")
 
@@ -364,12 +365,15 @@ def sweep(
 def measure(
     original: Annotated[Path, typer.Argument(help="original model directory")],
     condensed: Annotated[Path, typer.Argument(help="condensed output directory")],
-    dtype: Annotated[str, typer.Option(help="dtype to load both in")] = "float32",
+    dtype: Annotated[str, typer.Option(help="dtype to load both in (or auto: the checkpoint's)")] = "float32",
+    repeats: Annotated[int, typer.Option(help="fresh processes per model; the median peak is reported")] = 3,
 ):
     """Measured memory: bytes on disk and peak RSS loading + running each model (fresh process each)."""
     from .measure import measure_memory
 
-    result = measure_memory(original, condensed, dtype)
+    if repeats < 1:
+        raise CdmoeError(f"--repeats must be at least 1, got {repeats}")
+    result = measure_memory(original, condensed, dtype, repeats)
     (condensed / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
     table = Table(title="cdmoe measure")
     for col in ("", "original", "condensed", "ratio"):

@@ -183,7 +183,9 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, stor
     searches: dict[str, object] = {}
     for (name, knob), point in plan.items():
         method: Method = point["method"]
-        progress(f"[compare] {name} ({method.knob}={knob})")
+        budgets = ", ".join(f"{100 * b:.0f}%" for b in point["budgets"])
+        progress(f"[compare] {name} ({method.knob}={knob}): predicted memory {100 * point['predicted_ratio']:.1f}% "
+                 f"for budget {budgets}")
         point["dir"] = f"points/{name.replace(':', '_').replace('+', '_')}-{knob}"
         path = work / point["dir"]
         loaded = load_model(model, dtype=dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -82,10 +83,19 @@ def peak_rss(directory: str | Path, dtype: str = "float32", batch: int = 1, seq_
             "load_and_run_bytes": 1024 * (data["after_forward_kib"] - data["baseline_kib"])}
 
 
-def measure_memory(original: str | Path, condensed: str | Path, dtype: str = "float32") -> dict:
-    """Disk bytes and peak RSS of both checkpoints, and their ratios (condensed / original)."""
-    out = {}
+def measure_memory(original: str | Path, condensed: str | Path, dtype: str = "float32", repeats: int = 3) -> dict:
+    """Disk bytes and peak RSS of both checkpoints, and their ratios (condensed / original).
+
+    Peak RSS is the median of ``repeats`` fresh processes per checkpoint, alternating between
+    the two (it varies by several MiB from run to run).
+    """
+    runs: dict[str, list[dict]] = {"original": [], "condensed": []}
+    for _ in range(repeats):
+        for name, path in (("original", original), ("condensed", condensed)):
+            runs[name].append(peak_rss(path, dtype))
+    out: dict = {"repeats": repeats}
     for name, path in (("original", original), ("condensed", condensed)):
-        out[name] = {"disk_bytes": disk_bytes(path), **peak_rss(path, dtype)}
+        out[name] = {"disk_bytes": disk_bytes(path),
+                     **{key: statistics.median(r[key] for r in runs[name]) for key in runs[name][0]}}
     out["ratios"] = {key: out["condensed"][key] / out["original"][key] for key in out["original"]}
     return out
