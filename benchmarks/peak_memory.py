@@ -1,22 +1,24 @@
-"""Peak resident memory of ``cdmoe condense``: sequential mode vs loading the model whole, in one run.
+"""Peak resident memory of ``cdmoe condense``: sequential mode (activations in memory or on disk) vs whole.
 
     python benchmarks/peak_memory.py                     # ~0.9 GB fp32 random deepseek_v2, 10 layers
     python benchmarks/peak_memory.py --layers 12 --experts 48
 
 Builds a random DeepSeek-V2-style MoE (``cdmoe.testing.tiny_model`` at larger sizes, fp32,
 saved by transformers with per-expert keys in shards smaller than one decoder layer), then
-condenses it twice, each in a fresh Python process (``--mode whole`` and ``--mode sequential``,
-same calibration and options), and prints for each the peak RSS (``ru_maxrss``) above the
-process's resident memory right after importing torch/transformers/cdmoe (psutil), the ratio,
-whether the selections and the saved tensors are identical, and the bound expected for
+condenses it three times, each in a fresh Python process (``--mode whole``, ``--mode sequential``
+and ``--mode sequential --activations disk``, same calibration and options), and prints for each
+the peak RSS (``ru_maxrss``) above the process's resident memory right after importing
+torch/transformers/cdmoe (psutil), the ratios, whether the selections and the saved tensors are identical, and the bound expected for
 sequential mode (T calibration tokens, H hidden size, E routed experts, all fp32):
 
     largest decoder layer x 2 (transformers' conversion stacks the per-expert tensors: the
     list and the fused copy exist together) + non-layer weights + layer-input cache
-    (layers x T x H) + Algorithm 1's working set, the same in both modes (expert outputs as a
+    (MoE layers x T x H) + Algorithm 1's working set, the same in both modes (expert outputs as a
     list and stacked: 2 x E x T x H; block input/output/layer output 3 x T x H; scoring in
     token chunks: about 6 live (candidates x chunk x H) temporaries, chunk <= 256 MiB)
     + Algorithm 2's candidate streams (one T x H set per MoE layer)
+
+and with ``--activations disk`` the same without the cache and the streams (they are files).
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ from cdmoe.condense_run import condense
 from cdmoe.search import SearchOptions
 torch.set_num_threads(1)
 import psutil
-model, out, mode, calib, samples, seq_len, layers = sys.argv[1:8]
+model, out, mode, activations, calib, samples, seq_len, layers = sys.argv[1:9]
 base = psutil.Process().memory_info().rss // 1024  # now, not the import high-water mark
 record = condense(model, out, SearchOptions(layers=int(layers), batch_size=8),
                   CalibSpec(calib, samples=int(samples), seq_len=int(seq_len)), show_progress=False, mode=mode,
-                  force=True)
+                  force=True, activations=activations)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"baseline_kib": base, "peak_kib": peak, "condensed": record["condensed"],
                   "layer_order": record["search"]["layer_order"], "seconds": record["search"]["timings"]["total_s"]}))
@@ -89,14 +91,18 @@ def layer_sizes(path: Path) -> tuple[int, int, int, int]:
     return max(per_layer.values()), rest, len(per_layer), config["hidden_size"]
 
 
-def run(model: Path, out: Path, mode: str, args) -> dict:
+RUNS = {"whole": ("whole", "memory"), "sequential": ("sequential", "memory"), "seq+disk": ("sequential", "disk")}
+
+
+def run(model: Path, out: Path, name: str, args) -> dict:
+    mode, activations = RUNS[name]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-c", _CHILD, str(model), str(out), mode, args.calib, str(args.samples), str(args.seq_len),
-           str(args.condense)]
+    cmd = [sys.executable, "-c", _CHILD, str(model), str(out), mode, activations, args.calib, str(args.samples),
+           str(args.seq_len), str(args.condense)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
-        sys.exit(f"{mode} run failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"{name} run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -133,12 +139,12 @@ def main() -> None:
     largest, rest, n_layers, hidden = layer_sizes(model)
     total = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     tokens = args.samples * args.seq_len
-    cache = n_layers * tokens * hidden * 4
+    cache = (n_layers - 1) * tokens * hidden * 4  # inputs of the MoE layers (layer 0 is dense)
     scoring = min(256 * 2**20, args.experts * tokens * hidden * 4)  # expert_search._token_chunk's budget
     alg1 = (2 * args.experts + 3) * tokens * hidden * 4 + 6 * scoring
     streams = (n_layers - 1) * tokens * hidden * 4  # layer 0 is dense (first_k_dense_replace = 1)
     bound = 2 * largest + rest + cache + alg1 + streams
-    results = {mode: run(model, work / f"out-{mode}", mode, args) for mode in ("whole", "sequential")}
+    results = {name: run(model, work / f"out-{name}", name, args) for name in RUNS}
     peak = {m: 1024 * (r["peak_kib"] - r["baseline_kib"]) for m, r in results.items()}
     mib = 2**20
     print(f"model: {n_layers} decoder layers, {total / mib:.0f} MiB fp32 on disk, largest layer {largest / mib:.1f} MiB "
@@ -146,17 +152,19 @@ def main() -> None:
     print(f"calibration: {tokens} tokens; layer-input cache {cache / mib:.1f} MiB, Algorithm 1 working set "
           f"{alg1 / mib:.1f} MiB, Algorithm 2 candidate streams {streams / mib:.1f} MiB")
     baseline = results["sequential"]["baseline_kib"] / 1024
-    for mode in ("whole", "sequential"):
-        print(f"{mode:>10}: peak RSS above baseline {peak[mode] / mib:8.1f} MiB   ({results[mode]['seconds']:.1f} s)")
-    print(f"     ratio: sequential / whole = {peak['sequential'] / peak['whole']:.3f}")
+    for name in RUNS:
+        print(f"{name:>10}: peak RSS above baseline {peak[name] / mib:8.1f} MiB   ({results[name]['seconds']:.1f} s)")
+    print(f"     ratio: sequential / whole = {peak['sequential'] / peak['whole']:.3f}, "
+          f"sequential --activations disk / whole = {peak['seq+disk'] / peak['whole']:.3f}")
     print(f"     bound: sequential expected ~ 2 x layer + non-layer + cache + Alg. 1 + Alg. 2 = {bound / mib:.1f} MiB "
           f"(+ {baseline:.0f} MiB baseline of python + torch + transformers + cdmoe, measured)")
+    print(f"            seq+disk expected ~ the same without cache and streams = {(bound - cache - streams) / mib:.1f} MiB")
     whole_expected = total + cache + alg1  # whole mode holds every layer instead of two copies of one
     print(f"            whole expected ~ model + the same activations = {whole_expected / mib:.1f} MiB")
-    same = results["whole"]["condensed"] == results["sequential"]["condensed"] and \
-        results["whole"]["layer_order"] == results["sequential"]["layer_order"]
-    print(f"selections identical: {same} (layers {results['whole']['layer_order']}); "
-          f"saved tensors identical: {same_tensors(work / 'out-whole', work / 'out-sequential')}")
+    same = all(results["whole"]["condensed"] == r["condensed"] and results["whole"]["layer_order"] == r["layer_order"]
+               for r in results.values())
+    tensors = all(same_tensors(work / "out-whole", work / f"out-{name}") for name in RUNS if name != "whole")
+    print(f"selections identical: {same} (layers {results['whole']['layer_order']}); saved tensors identical: {tensors}")
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -262,4 +262,11 @@ def test_plan_sequential_memory_counts_a_real_model(tmp_path):
     assert result["largest_layer_bytes"] == 4 * max(per_layer)
     assert result["non_layer_bytes"] == 4 * non_layer
     assert result["sequential_device_bytes"] == 4 * (max(per_layer) + non_layer)
-    assert result["activation_cache_bytes"] == 5 * 1000 * config["hidden_size"] * 4
+    moe = sum(hasattr(layer.mlp, "experts") for layer in model.model.layers)  # layer 0 is dense
+    assert moe == 4 and result["activation_cache_bytes"] == moe * 1000 * config["hidden_size"] * 4  # MoE inputs
+    streams = result["candidate_stream_bytes"]  # Algorithm 2, step 1: one stream per MoE layer
+    assert streams == moe * 1000 * config["hidden_size"] * 4
+    assert result["activation_disk_bytes"] == result["activation_cache_bytes"] + streams
+    shown = cli.invoke(app, ["plan", str(tmp_path / "config.json"), "--layers", "1", "--dtype", "float32"])
+    assert shown.exit_code == 0, shown.output
+    assert "--activations disk" in " ".join(shown.output.split())

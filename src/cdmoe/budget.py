@@ -139,13 +139,18 @@ class ModelParams:
 
     def sequential(self, bytes_per_param: float, tokens: int, activation_bytes: int) -> dict:
         """Sequential-mode memory: on the device one decoder layer plus the non-layer weights; the
-        layer-input cache of ``tokens`` calibration tokens (``activation_bytes`` per element) on the CPU."""
+        layer-input cache of ``tokens`` calibration tokens (``activation_bytes`` per element; the
+        MoE layers' inputs) and, in Algorithm 2's shared pass, up to as much again in candidate
+        streams (one set per MoE layer), both in CPU memory or, with ``--activations disk``, on disk."""
+        cache = len(self.layers) * tokens * self.hidden_size * activation_bytes
         return {
             "largest_layer_bytes": int(self.largest_layer * bytes_per_param),
             "non_layer_bytes": int(self.non_layer * bytes_per_param),
             "sequential_device_bytes": int((self.largest_layer + self.non_layer) * bytes_per_param),
             "calibration_tokens": tokens,
-            "activation_cache_bytes": self.num_layers * tokens * self.hidden_size * activation_bytes,
+            "activation_cache_bytes": cache,
+            "candidate_stream_bytes": cache,
+            "activation_disk_bytes": 2 * cache,
         }
 
     def to_dict(self) -> dict:

@@ -97,9 +97,11 @@ def plan(
     out_console.print(
         f"sequential mode (--mode sequential): {(result['sequential_device_bytes']) / gib:.2f} GiB on the device "
         f"(largest decoder layer {result['largest_layer_bytes'] / gib:.2f} GiB + embeddings/norm/lm_head "
-        f"{result['non_layer_bytes'] / gib:.2f} GiB; whole mode needs {result['total_bytes'] / gib:.2f} GiB), plus a "
-        f"{result['activation_cache_bytes'] / gib:.1f} GiB layer-input cache in CPU memory for "
-        f"{result['calibration_tokens']:,} calibration tokens ({result['dtype']})."
+        f"{result['non_layer_bytes'] / gib:.2f} GiB; whole mode needs {result['total_bytes'] / gib:.2f} GiB), plus in "
+        f"CPU memory a {result['activation_cache_bytes'] / gib:.1f} GiB layer-input cache for "
+        f"{result['calibration_tokens']:,} calibration tokens ({result['dtype']}) and up to "
+        f"{result['candidate_stream_bytes'] / gib:.1f} GiB of Algorithm 2 candidate streams; --activations disk "
+        f"moves both to disk ({result['activation_disk_bytes'] / gib:.1f} GiB of disk, slower)."
     )
     out_console.print(
         f"{len(result['condensed_layers'])} of {result['moe_layers']} MoE layers condensed "
@@ -150,6 +152,10 @@ def condense(
     mode: Annotated[str, typer.Option(help="whole | sequential (one decoder layer in memory at a time) | auto "
                                            "(sequential when the weights do not fit the device)")] = "auto",
     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto (several GPUs: accelerate device map)")] = "cpu",
+    activations: Annotated[str, typer.Option(help="memory | disk: where calibration hidden states wait between "
+                                                  "layers (disk: less RAM, slower)")] = "memory",
+    activations_dir: Annotated[Optional[Path], typer.Option(help="where --activations disk writes (default: "
+                                                                  "inside .OUT.partial/ beside --out)")] = None,
 ):
     """Condense N MoE layers with CD-MoE (greedy experts and layers on calibration data) and save."""
     from .calibration import CalibSpec
@@ -170,6 +176,8 @@ def condense(
         quantize=quantize,
         mode=mode,
         device=device,
+        activations=activations,
+        activations_dir=activations_dir,
     )
     print_summary(record, out)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .ablations import DroppedBlock, fused_modules, random_choices, swapped_blocks
+from .activation_cache import DIR_PREFIX, activation_cache, check_activations
 from .api import condense_layers
 from .calibration import CalibSpec, load_calibration
 from .checkpoint import STATE_DIR, atomic_output_dir, check_output_dir, write_condensed, write_record
@@ -62,6 +64,8 @@ def condense(
     mode: str = "auto",
     device: str = "cpu",
     quantize: str | None = None,
+    activations: str = "memory",
+    activations_dir: str | Path | None = None,
 ) -> dict:
     """Condense ``search.layers`` MoE layers of ``model`` with CD-MoE and save to ``out``; return the record.
 
@@ -72,7 +76,11 @@ def condense(
     an interruption resumes it (a different command there is refused unless ``force``).
     With ``quantize`` (int8 | int4; whole mode), the condensed MLPs and remaining experts are then
     quantised (:mod:`cdmoe.quantize`) and the quantised model's perplexity is measured from disk.
+    ``activations``: ``memory`` keeps the calibration hidden states in CPU memory, ``disk`` in
+    safetensors files (:mod:`cdmoe.activation_cache`) in a directory inside ``activations_dir``
+    (default: ``.OUT.partial/``), deleted when the search ends; same result, less memory, slower.
     """
+    check_activations(activations, activations_dir)
     check_output_dir(out, force)
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -107,6 +115,8 @@ def condense(
         state = SearchState(tmp / STATE_DIR, key)
         if state.resumed:  # printed even with --quiet: the user should know the run continues an old one
             progress_note(f"resuming the interrupted run in {tmp / STATE_DIR}: {state.resumed}")
+        for stale in tmp.glob(f"{DIR_PREFIX}*"):  # a killed run's activation cache, never part of the output
+            shutil.rmtree(stale, ignore_errors=True)
         if mode == "whole":
             multi_gpu = device == "auto" and torch.cuda.device_count() > 1
             loaded = load_model(model, dtype=dtype, device=str(dev), device_map="auto" if multi_gpu else None)
@@ -114,10 +124,10 @@ def condense(
         else:
             store = SequentialStore(model, device=dev, dtype=compute)
             loaded = store.model
-        with progress or nullcontext():
-            result = run_search(loaded, calib_ids, search, report, store=store, state=state)
+        with progress or nullcontext(), activation_cache(activations, activations_dir or tmp) as cache:
+            result = run_search(loaded, calib_ids, search, report, store=store, state=state, activations=cache)
         search_record = {**result.record, "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())},
-                         "mode": mode, "mode_reason": why, "device": str(dev)}
+                         "mode": mode, "mode_reason": why, "device": str(dev), "activations": activations}
         if store is not None:
             search_record["cost"]["decoder_layer_loads"] = store.loads
         if mode == "whole":

@@ -109,13 +109,14 @@ def greedy_layers(
         set_block(best, candidates[best])
         if step < n - 1:
             runner.run_all(best, record_from=best + 1)
+            runner.forget(best)
     for step in range(len(result.order), n):
         scores = result.pending
         todo = [layer for layer in remaining if layer not in scores]
         if shared_passes and todo:
             streams = runner.run_candidates(todo, lambda layer, on: set_block(layer, candidates[layer] if on else None))
-            for layer in todo:
-                scores[layer] = score_outputs(runner, reference, streams.pop(layer), kind, metric)
+            for layer, lasts in streams:  # one candidate's outputs in memory at a time
+                scores[layer] = score_outputs(runner, reference, lasts, kind, metric)
                 result.layer_passes += passes_from(runner, layer)
         for layer in remaining:
             if layer not in scores:
@@ -137,6 +138,7 @@ def greedy_layers(
         result.pending = {}
         if step < n - 1:  # refresh the inputs of the layers behind the newly condensed one
             runner.run_all(best, record_from=best + 1)
+            runner.forget(best)  # no longer a candidate: no run starts there again
             result.layer_passes += (len(runner.layers) - best) * len(runner.batches)
         if checkpoint:
             checkpoint(result)

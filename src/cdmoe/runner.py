@@ -17,15 +17,22 @@ released after. Recording:
   (``config.layer_types``, e.g. sliding-window layers) get one capture per type. Then the
   layers run one at a time over all batches.
 
-Cached inputs live on the CPU; a batch moves to the compute device when it runs.
+Cached hidden states live in an activation cache (:mod:`cdmoe.activation_cache`): CPU
+memory by default, safetensors files with ``--activations disk``; a batch moves to the
+compute device when it runs. Only the inputs of ``cached_layers`` (the layers later runs
+start from; the search passes its MoE layers) are kept. The per-batch keyword arguments
+(masks, rotary embeddings: small and shared by the layers) stay in memory.
 Shapes: a batch is (B, S) token ids; hidden states are (B, S, H).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator
+
 import torch
 from torch import nn
 
+from .activation_cache import MemoryActivations
 from .adapter import attr_path, decoder_layers
 from .families import FamilySpec
 from .layer_store import ResidentStore
@@ -38,10 +45,16 @@ class _Caught(Exception):
 
 
 class LayerRunner:
-    """Cached inputs of every decoder layer for a list of calibration batches."""
+    """Cached inputs of decoder layers (``cached_layers``, default all) for a list of calibration batches.
 
-    def __init__(self, model: nn.Module, spec: FamilySpec, batches: list[torch.Tensor], store=None):
+    ``activations``: where the hidden states are kept (:mod:`cdmoe.activation_cache`; default
+    in memory). The caller owns it (a disk cache's files go when the caller closes it).
+    """
+
+    def __init__(self, model: nn.Module, spec: FamilySpec, batches: list[torch.Tensor], store=None,
+                 activations=None, cached_layers: Collection[int] | None = None):
         self.model = model
+        self.activations = activations if activations is not None else MemoryActivations()
         self.store = store if store is not None else ResidentStore(model, spec)
         self.device = self.store.device
         self.layers = decoder_layers(model, spec)
@@ -49,7 +62,7 @@ class LayerRunner:
         self.lm_head = model.get_output_embeddings()
         self.batches = batches
         n = len(self.layers)
-        self.inputs: list[list[torch.Tensor]] = [[None] * len(batches) for _ in range(n)]  # type: ignore[list-item]
+        self.cached_layers = set(range(n) if cached_layers is None else cached_layers)
         self.kwargs: list[list[dict]] = [[None] * len(batches) for _ in range(n)]  # type: ignore[list-item]
         self.outputs: list[torch.Tensor] = [None] * len(batches)  # type: ignore[list-item]
         if self.store.sequential:
@@ -66,7 +79,8 @@ class LayerRunner:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                 rest.update(past_key_values=None, use_cache=False)
-                self.inputs[idx][current["b"]] = hidden.detach()
+                if idx in self.cached_layers:
+                    self.activations.put(("input", idx, current["b"]), hidden.detach())
                 self.kwargs[idx][current["b"]] = rest
 
             return hook
@@ -115,7 +129,7 @@ class LayerRunner:
             try:
                 for b, ids in enumerate(self.batches):
                     hidden, kwargs = self._catch_layer0(ids)
-                    self.inputs[0][b] = hidden.cpu()
+                    self.activations.put(("input", 0, b), hidden.cpu())
                     for idx in range(len(self.layers)):
                         if kind is None or types[idx] == kind:
                             self.kwargs[idx][b] = kwargs
@@ -123,6 +137,17 @@ class LayerRunner:
                 if kind is not None:
                     config.layer_types = types
         self.outputs = [h.cpu() for h in self.run_all(0, record_from=1)]
+        if 0 not in self.cached_layers:
+            self.forget(0)
+
+    def cached_input(self, layer: int, batch: int) -> torch.Tensor:
+        """Layer ``layer``'s cached input hidden states on calibration batch ``batch``, (B, S, H)."""
+        return self.activations.get(("input", layer, batch))
+
+    def forget(self, layer: int) -> None:
+        """Drop layer ``layer``'s cached inputs (no later run starts there)."""
+        for b in range(len(self.batches)):
+            self.activations.delete(("input", layer, b))
 
     @torch.no_grad()
     def run_all(self, start: int, stop: int | None = None, record_from: int | None = None) -> list[torch.Tensor]:
@@ -132,41 +157,46 @@ class LayerRunner:
         ``record_from``, the inputs of layers ``>= record_from`` seen on the way replace the
         cache (used after the model changed at layer ``record_from - 1``).
         """
-        hiddens = [self.inputs[start][b] for b in range(len(self.batches))]
+        hiddens: list[torch.Tensor] = [None] * len(self.batches)  # type: ignore[list-item]
         for idx in range(start, len(self.layers) if stop is None else stop):
             with self.store.resident(idx) as layer:
                 for b in range(len(hiddens)):
-                    hidden = hiddens[b].to(self.device)
-                    if record_from is not None and idx >= record_from:
-                        self.inputs[idx][b] = hidden.cpu()
+                    hidden = (self.cached_input(start, b) if idx == start else hiddens[b]).to(self.device)
+                    if record_from is not None and idx >= record_from and idx in self.cached_layers:
+                        self.activations.put(("input", idx, b), hidden.cpu())
                     out = layer(hidden, **self.kwargs[idx][b])
                     hiddens[b] = out[0] if isinstance(out, tuple) else out
         return hiddens
 
     @torch.no_grad()
-    def run_candidates(self, starts: list[int], swap) -> dict[int, list[torch.Tensor]]:
-        """Last-layer outputs per batch for several candidate layers, loading each layer once.
+    def run_candidates(self, starts: list[int], swap) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """(candidate, last-layer outputs per batch) for several candidate layers, loading each layer once.
 
         The stream of candidate ``l`` starts at layer ``l``'s cached input and runs layer ``l``
         with ``swap(l, True)`` in effect (its condensed block; ``swap(l, False)`` restores it)
         and the later layers as they are: per stream the same computation as
         ``run_all(l)`` with ``l`` swapped in, but all streams share every layer load. Streams
-        wait on the CPU (one set of hidden states per candidate).
+        wait in the activation cache (one set of hidden states per candidate: CPU memory, or
+        files with ``--activations disk``); after the pass they are handed out one at a time,
+        in the order of ``starts``, and dropped from the cache.
         """
-        streams: dict[int, list[torch.Tensor]] = {}
+        live: list[int] = []
+        n = len(self.batches)
         for idx in range(min(starts), len(self.layers)):
             with self.store.resident(idx) as layer:
                 if idx in starts:
-                    streams[idx] = list(self.inputs[idx])
-                for start, hiddens in streams.items():
+                    live.append(idx)
+                for start in live:
                     if start == idx:
                         swap(idx, True)
-                    for b in range(len(hiddens)):
-                        out = layer(hiddens[b].to(self.device), **self.kwargs[idx][b])
-                        hiddens[b] = (out[0] if isinstance(out, tuple) else out).cpu()
+                    for b in range(n):
+                        hidden = self.cached_input(idx, b) if start == idx else self.activations.get(("stream", start, b))
+                        out = layer(hidden.to(self.device), **self.kwargs[idx][b])
+                        self.activations.put(("stream", start, b), (out[0] if isinstance(out, tuple) else out).cpu())
                     if start == idx:
                         swap(idx, False)
-        return streams
+        for start in starts:
+            yield start, [self.activations.pop(("stream", start, b)) for b in range(n)]
 
     @torch.no_grad()
     def final(self, last_hidden: torch.Tensor, kind: str) -> torch.Tensor:

@@ -99,6 +99,7 @@ def run_search(
     progress: Callable[[str, int, int], None] | None = None,
     store=None,
     state: SearchState | None = None,
+    activations=None,
 ) -> SearchResult:
     """Run gates + Algorithm 1 on every MoE layer and Algorithm 2 for ``options.layers`` layers.
 
@@ -106,6 +107,10 @@ def run_search(
     (sequential mode: one decoder layer in memory at a time); default: ``model`` is whole.
     ``state``: resumable progress (finished layers' experts and gates, the greedy layer
     order so far), read at the start and written after every step.
+    ``activations``: where the calibration hidden states wait between layers, a
+    :class:`~cdmoe.activation_cache.MemoryActivations` (default) or
+    :class:`~cdmoe.activation_cache.DiskActivations`; the selections are the same bits either way.
+    Not a search option: it does not change the result (nor the resume key).
     """
     spec = family_spec(model)
     blocks = moe_blocks(model, spec)
@@ -121,7 +126,8 @@ def run_search(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     batches = list(calib_ids.split(options.batch_size))
-    runner = LayerRunner(model, spec, batches, store)
+    # only MoE layers' inputs are read again (Algorithm 1 and the candidates of Algorithm 2)
+    runner = LayerRunner(model, spec, batches, store, activations, cached_layers=[b.layer_idx for b in blocks])
     for b, out in enumerate(runner.outputs):
         _check_finite(out, f"the last layer's output on calibration batch {b}")
     timings["calibration_forward_s"] = time.perf_counter() - t0
