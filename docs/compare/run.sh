@@ -3,21 +3,21 @@
 #   methods     CD-MoE vs the baselines at 80% / 65% memory budgets (perplexity, lm-eval demo tasks, peak RAM)
 #   quantized   condense alone, quantise alone, condense + quantise, Layer Drop + quantise at 55% / 45%
 #               (perplexity, lm-eval demo tasks, peak RAM)
-#   ablations   the CD-MoE ablations at 80% / 65% (perplexity)
-# About 1 hour for methods, 40 minutes for quantized and 10 for ablations on 2 otherwise idle CPU
-# cores (bitsandbytes runs slowly on CPU). Name runs to redo only those: `bash docs/compare/run.sh quantized`.
+#   ablations   the CD-MoE ablations at 80% / 65% (perplexity, lm-eval demo tasks)
+# About 45 minutes for methods, 25 for quantized and 30 for ablations on 2 CPU cores (bitsandbytes
+# runs slowly on CPU). Name runs to redo only those: `bash docs/compare/run.sh quantized`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 COMMON="--calib demo/data/valid.txt.gz --samples 32 --seq-len 128 --eval-text demo/data/test.txt.gz --eval-tokens 10000 --force"
-TASKS="--tasks demo --task-text demo/data/test.txt.gz --peak-rss"
+TASKS="--tasks demo --task-text demo/data/test.txt.gz"
 for run in ${@:-methods quantized ablations}; do
   case $run in
-    methods)   cdmoe compare demo/model --out runs/compare-methods --budget 0.8,0.65 --methods default $TASKS $COMMON ;;
-    quantized) cdmoe compare demo/model --out runs/compare-quantized --budget 0.55,0.45 $TASKS $COMMON \
+    methods)   cdmoe compare demo/model --out runs/compare-methods --budget 0.8,0.65 --methods default $TASKS --peak-rss $COMMON ;;
+    quantized) cdmoe compare demo/model --out runs/compare-quantized --budget 0.55,0.45 $TASKS --peak-rss $COMMON \
                  --methods cd-moe,layer-drop,slim-int4,cd-moe+int4,layer-drop+int4 ;;
-    ablations) cdmoe compare demo/model --out runs/compare-ablations --budget 0.8,0.65 --methods cd-moe,cd-moe-s,ablations $COMMON ;;
+    ablations) cdmoe compare demo/model --out runs/compare-ablations --budget 0.8,0.65 --methods cd-moe,cd-moe-s,ablations $TASKS $COMMON ;;
     *) echo "unknown run $run (methods | quantized | ablations)" >&2; exit 2 ;;
   esac
   mkdir -p docs/compare/$run

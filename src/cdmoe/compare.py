@@ -184,8 +184,8 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, stor
     for (name, knob), point in plan.items():
         method: Method = point["method"]
         budgets = ", ".join(f"{100 * b:.0f}%" for b in point["budgets"])
-        progress(f"[compare] {name} ({method.knob}={knob}): predicted memory {100 * point['predicted_ratio']:.1f}% "
-                 f"for budget {budgets}")
+        setting = f" ({method.knob}={knob})" if method.knob != "none" else ""
+        progress(f"[compare] {name}{setting}: predicted memory {100 * point['predicted_ratio']:.1f}% for budget {budgets}")
         point["dir"] = f"points/{name.replace(':', '_').replace('+', '_')}-{knob}"
         path = work / point["dir"]
         loaded = load_model(model, dtype=dtype)
@@ -253,7 +253,7 @@ def _evaluate(model, work: Path, plan, scorer: _Scorer, dtype, progress) -> list
              "predicted_ratio": 1.0, "speedup": 1.0, "active_params": model_params(original).active,
              **scorer(original, model)}]
     for point in plan.values():
-        progress(f"[compare] evaluating {point['method'].name} ({point['knob']})")
+        progress(f"[compare] evaluating {point['dir'].removeprefix('points/')}")
         path = work / point["dir"]
         loaded = load_model(path, dtype=dtype)
         times = _prefill_seconds({"original": original, "point": loaded}, prompts)
@@ -269,6 +269,11 @@ def _evaluate(model, work: Path, plan, scorer: _Scorer, dtype, progress) -> list
     return rows
 
 
+def _task_label(task: str) -> str:
+    """Column header: the task and its unit (accuracy in %, or word perplexity for rolling tasks)."""
+    return f"{task} (word ppl)" if "ppl" in task else f"{task} (%)"
+
+
 def _average(row: dict) -> float | None:
     acc = [v for k, v in (row.get("tasks") or {}).items() if "ppl" not in k]
     return sum(acc) / len(acc) if acc else None
@@ -279,10 +284,12 @@ def markdown_table(result: dict) -> str:
     task_names = sorted({t for r in rows for t in (r.get("tasks") or {})})
     rss = all("peak_rss_ratio" in r for r in rows)
     lines = [f"# cdmoe compare: {result['model']}", ""]
+    if task_names:
+        lines += ["average: mean of the accuracy tasks (not the perplexities)", ""]
     for budget in result["budgets"]:
         lines += [f"## Budget {100 * budget:.0f}% of the original weight bytes", "",
                   "| method | setting | activated params | memory (measured) |" + (" peak RSS |" if rss else "")
-                  + " speed-up | perplexity |" + "".join(f" {t} |" for t in task_names)
+                  + " speed-up | perplexity |" + "".join(f" {_task_label(t)} |" for t in task_names)
                   + (" average |" if task_names else ""),
                   "|---|---|---|---|" + ("---|" if rss else "") + "---|---|" + "---|" * len(task_names)
                   + ("---|" if task_names else "")]
@@ -303,25 +310,29 @@ def markdown_table(result: dict) -> str:
 
 
 def plot_compare(result: dict, path: Path) -> Path:
+    """Every method's points against measured memory: perplexity, and average accuracy when tasks ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     by_method: dict[str, list[dict]] = {}
     for row in result["rows"]:
         by_method.setdefault(row["method"], []).append(row)
+    panels = [(lambda r: r.get("ppl"), "held-out perplexity (lower is better)"),
+              (_average, "average accuracy (%, higher is better)")]
+    panels = [(value, label) for value, label in panels if any(value(r) is not None for r in result["rows"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     markers = "os^vD<>pPX*hH+x"
-    for i, (name, rows) in enumerate(by_method.items()):
-        rows = sorted(rows, key=lambda r: r["memory_ratio"])
-        ys = [_average(r) if _average(r) is not None else r.get("ppl") for r in rows]
-        ax.plot([100 * r["memory_ratio"] for r in rows], ys, marker=markers[i % len(markers)], label=name)
-    uses_acc = any(_average(r) is not None for r in result["rows"])
-    ax.set_xlabel("memory (% of original weight bytes, measured)")
-    ax.set_ylabel("average accuracy (%)" if uses_acc else "held-out perplexity (lower is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    for ax, (value, label) in zip(axes[0], panels):
+        for i, (name, rows) in enumerate(by_method.items()):
+            rows = sorted((r for r in rows if value(r) is not None), key=lambda r: r["memory_ratio"])
+            ax.plot([100 * r["memory_ratio"] for r in rows], [value(r) for r in rows],
+                    marker=markers[i % len(markers)], label=name)
+        ax.set_xlabel("memory (% of original weight bytes, measured)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
