@@ -54,3 +54,22 @@ def test_compare_peak_rss_and_tasks_columns(tiny_model_dir, tmp_path):
     assert original["peak_rss_bytes"] > 0 and point["peak_rss_bytes"] > 0
     assert point["peak_rss_ratio"] == pytest.approx(point["peak_rss_bytes"] / original["peak_rss_bytes"])
     assert "| peak RSS |" in (out / "compare.md").read_text()
+
+
+def test_compare_task_scores_equal_cdmoe_eval(tiny_model_dir, tmp_path):
+    """compare's lm-eval columns are what `cdmoe eval --tasks demo` gives each saved directory."""
+    from cdmoe.calibration import read_documents
+    from cdmoe.lmeval import run_eval
+
+    text = tmp_path / "held_out.txt"  # 60 paragraphs: small tasks, so the test stays quick
+    text.write_text("\n\n".join(read_documents(DEMO_TEXT)[:60]))
+    out = tmp_path / "cmp"
+    compare(tiny_model_dir, out, [0.8], parse_methods("layer-drop"), CalibSpec(str(DEMO_CALIB), 2, 32, 0),
+            tasks="demo", task_text=str(text), progress=lambda msg: None)
+    saved = json.loads((out / "compare.json").read_text())
+    for row, path in zip(saved["rows"], (tiny_model_dir, out / saved["rows"][1]["dir"]), strict=True):
+        direct = run_eval(path, "demo", str(text), batch_size="8", out=tmp_path / "eval.json")["summary"]
+        assert row["tasks"].keys() == direct.keys()
+        for task, value in direct.items():
+            assert row["tasks"][task] == pytest.approx(value, rel=1e-4)
+    assert "cdmoe_demo_cloze (%)" in (out / "compare.md").read_text()
