@@ -108,8 +108,7 @@ def greedy_layers(
     for step, best in enumerate(result.order):  # replay finished steps (their passes are already counted)
         set_block(best, candidates[best])
         if step < n - 1:
-            runner.run_all(best, record_from=best + 1)
-            runner.forget(best)
+            runner.refresh_behind(best)
     for step in range(len(result.order), n):
         scores = result.pending
         todo = [layer for layer in remaining if layer not in scores]
@@ -137,8 +136,7 @@ def greedy_layers(
         result.step_scores.append(scores[best])
         result.pending = {}
         if step < n - 1:  # refresh the inputs of the layers behind the newly condensed one
-            runner.run_all(best, record_from=best + 1)
-            runner.forget(best)  # no longer a candidate: no run starts there again
+            runner.refresh_behind(best)
             result.layer_passes += (len(runner.layers) - best) * len(runner.batches)
         if checkpoint:
             checkpoint(result)

@@ -30,18 +30,14 @@ try:
     import cdmoe  # registers condensed checkpoints when available
 except ImportError:
     pass
-def rss_kib():
+def status_kib(field):  # VmHWM: peak RSS, VmRSS: current RSS (Linux); ru_maxrss (the peak) elsewhere
     try:
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-def current_kib():
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    except OSError:
-        return rss_kib()
+def rss_kib():
+    return status_kib("VmHWM")
 path, dtype, batch, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(2)
 try:
@@ -49,7 +45,7 @@ try:
         f.write("5")  # reset the peak (VmHWM) to the current RSS
 except OSError:
     pass
-base = current_kib()
+base = status_kib("VmRSS")
 model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=True).eval()
 loaded = rss_kib()
 with torch.no_grad():

@@ -149,6 +149,12 @@ class LayerRunner:
         for b in range(len(self.batches)):
             self.activations.delete(("input", layer, b))
 
+    def refresh_behind(self, layer: int) -> None:
+        """Layer ``layer`` changed for good (condensed): re-record the inputs of the layers after it,
+        and drop its own (it is no longer a candidate, so no run starts there again)."""
+        self.run_all(layer, record_from=layer + 1)
+        self.forget(layer)
+
     @torch.no_grad()
     def run_all(self, start: int, stop: int | None = None, record_from: int | None = None) -> list[torch.Tensor]:
         """Run layers ``start..stop-1`` on every batch from its cached input of layer ``start``.
