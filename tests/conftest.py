@@ -38,9 +38,8 @@ def make_tiny(name: str, seed: int = 0, **overrides):
     return tiny_model(FAMILY_SOURCES[name], seed=seed, **overrides)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny deepseek_v2 checkpoint with a real (small) BPE tokenizer, saved like a hub model."""
+def tiny_tokenizer():
+    """A real (small) byte-level BPE tokenizer trained on the demo text, 320 tokens, ``<eos>`` = 0."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -49,7 +48,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     docs = read_documents(DEMO_TEXT)[:300]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(docs, vocab_size=320, min_frequency=2, special_tokens=["<eos>"], show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny deepseek_v2 checkpoint with a real (small) BPE tokenizer, saved like a hub model."""
+    tok = tiny_tokenizer()
     model = make_tiny("deepseek_v2", seed=7, num_hidden_layers=5, vocab_size=len(tok), bos_token_id=0,
                       eos_token_id=0, pad_token_id=0)
     path = tmp_path_factory.mktemp("tiny") / "model"

@@ -107,13 +107,19 @@ def test_native_format_when_the_family_can_express_it(tmp_path):
     torch.testing.assert_close(_logits(loaded, ids), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_existing_output_needs_force(tmp_path):
+def test_existing_output_needs_force_and_force_replaces_only_cdmoe_outputs(tmp_path):
     model, record = _condensed("deepseek_v2")
-    (tmp_path / "out").mkdir()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")
     with pytest.raises(CdmoeError, match="already exists"):
-        cdmoe.save(model, tmp_path / "out", record)
+        cdmoe.save(model, tmp_path / "mine", record)
+    with pytest.raises(CdmoeError, match="replaces only directories cdmoe wrote"):
+        cdmoe.save(model, tmp_path / "mine", record, force=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "a user's file"
+    cdmoe.save(model, tmp_path / "out", record)
+    (tmp_path / "out" / "stale.txt").write_text("from the first run")
     cdmoe.save(model, tmp_path / "out", record, force=True)
-    assert (tmp_path / "out" / "config.json").exists()
+    assert (tmp_path / "out" / "config.json").exists() and not (tmp_path / "out" / "stale.txt").exists()
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):

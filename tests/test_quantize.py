@@ -89,7 +89,34 @@ def test_layer_drop_then_quantise_and_slim(tiny_model_dir, tmp_path):
 
 def test_quantize_model_keeps_non_expert_weights():
     model = make_tiny("deepseek_v2")
-    q = quantize_model(model, "int8", dtype=torch.float32)
+    q = quantize_model(model, "int8")
     names = {n for n, m in q.named_modules() if type(m).__module__.startswith("bitsandbytes")}
     assert names and all(".experts." in n for n in names)
     assert not any("self_attn" in n or "shared_experts" in n or "lm_head" in n for n in names)
+
+
+def test_cpu_repacking_is_turned_off_exactly_where_bitsandbytes_cannot_repack():
+    """On AVX512-BF16 CPUs bitsandbytes repacks each 4-bit weight on its first forward and fails
+    for widths that are not multiples of its block size (the tiny model's experts: in_features 32).
+    Pretend every module may repack (as there), and check the guard's choice against
+    bitsandbytes' own repacking function, module by module."""
+    import copy
+
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from cdmoe.quantize import guard_cpu_packing
+
+    q = quantize_model(make_tiny("deepseek_v2", hidden_size=128), "int4")
+    modules = [m for m in q.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None]
+    for m in modules:
+        m.support_avx512bf16_for_cpu = True
+    switched = guard_cpu_packing(q)
+    repackable = []
+    for m in modules:
+        try:
+            _convert_weight_packed_for_cpu(m.weight.data.clone(), copy.deepcopy(m.weight.quant_state))
+            repackable.append(True)
+        except (RuntimeError, AssertionError):
+            repackable.append(False)
+    assert 0 < switched < len(modules)  # both kinds are present: gate/up (in 128) repack, down (in 32) cannot
+    assert [m.support_avx512bf16_for_cpu for m in modules] == repackable

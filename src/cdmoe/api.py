@@ -17,6 +17,7 @@ from .checkpoint import RECORD_NAME, check_output_dir, save_condensed
 from .condensed import LayerChoice, condense_model
 from .errors import CdmoeError
 from .loading import load_model
+from .storage_dtypes import plan_of
 
 __all__ = ["family_name", "condense_layers", "save", "apply_record", "choices_from_record"]
 
@@ -36,7 +37,8 @@ def condense_layers(model, choices: list[LayerChoice], *, base_model: str | None
     if getattr(model.config, "cdmoe", None):
         raise CdmoeError("this model is already condensed; condense the original model instead")
     condense_model(model, choices)
-    summary = params.summary({c.layer: len(c.experts) for c in choices}, bytes_per_param=model.dtype.itemsize)
+    itemsize = plan_of(model).default.itemsize  # bytes as stored (the checkpoint's dtype), not as computed
+    summary = params.summary({c.layer: len(c.experts) for c in choices}, bytes_per_param=itemsize)
     return {
         "format_version": RECORD_FORMAT,
         "method": "cd-moe",
@@ -54,9 +56,15 @@ def condense_layers(model, choices: list[LayerChoice], *, base_model: str | None
 
 
 def save(model, out: str | Path, record: dict, *, tokenizer=None, source: str | Path | None = None,
-         force: bool = False, extra_files=None) -> Path:
-    """Write the condensed model, tokenizer, record and model card to ``out`` (atomically)."""
-    return save_condensed(model, out, record, tokenizer=tokenizer, source=source, force=force, extra_files=extra_files)
+         force: bool = False, extra_files=None, storage=None) -> Path:
+    """Write the condensed model, tokenizer, record and model card to ``out`` (atomically).
+
+    The model is first cast in place to the dtypes it is stored in: every tensor ``source`` (the
+    checkpoint it was loaded from) has keeps that checkpoint's dtype, byte for byte; new tensors
+    take ``model.config.dtype`` (:mod:`cdmoe.storage_dtypes`; ``storage`` overrides).
+    """
+    return save_condensed(model, out, record, tokenizer=tokenizer, source=source, force=force, extra_files=extra_files,
+                          storage=storage)
 
 
 def choices_from_record(record: dict) -> list[LayerChoice]:
@@ -74,4 +82,4 @@ def apply_record(model: str | Path, record: str | Path, out: str | Path, *, dtyp
     check_output_dir(out, force)
     loaded = load_model(model, dtype=dtype)
     new_record = condense_layers(loaded, choices_from_record(data), base_model=str(model), search=data.get("search"))
-    return save(loaded, out, new_record, source=model, force=force)
+    return save(loaded, out, new_record, source=model, force=force, storage=plan_of(loaded, model, dtype))

@@ -33,7 +33,7 @@ from .condensed import to_cdmoe_format
 from .errors import CdmoeError
 from .expert_reduce import expert_drop_plans, msmoe_plans, reduce_experts
 from .hf.modeling_cdmoe import DroppedMLP, remove_blocks
-from .loading import checkpoint_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
+from .loading import load_model, load_tokenizer, round_to_checkpoint_dtype
 from .measure import disk_bytes
 from .perplexity import perplexity, token_stream
 from .quantize import BITS, layers_quantized, quantize_model, quantized_bytes
@@ -122,11 +122,12 @@ def apply_baseline(model: nn.Module, stats: CalibStats | None, options: Baseline
     return model, details
 
 
-def finish_quantized(model: nn.Module, bits: str, stored: torch.dtype | None) -> tuple[nn.Module, dict]:
-    """Quantise ``model``'s experts / condensed MLPs; return the quantised model and its record entry."""
-    dtype = stored or model.dtype
+def finish_quantized(model: nn.Module, bits: str, storage) -> tuple[nn.Module, dict]:
+    """Quantise ``model``'s experts / condensed MLPs (the other tensors stored as ``storage``, a
+    :class:`~cdmoe.storage_dtypes.StoragePlan`, says); return the quantised model and its record entry."""
+    dtype = storage.default
     moe_layers = len(moe_blocks(model))
-    quantized = quantize_model(model, bits, dtype=dtype)
+    quantized = quantize_model(model, bits, storage=storage)
     predicted = quantized_bytes(model, bits, dtype)  # ``model`` now holds the unfused layout that was quantised
     return quantized, {"library": "bitsandbytes", "bits": bits, "format": "LLM.int8" if bits == "int8" else "NF4",
                        "targets": "routed experts and condensed MLPs", "moe_layers": moe_layers,
@@ -152,19 +153,16 @@ def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, c
         evaluation = {"text": eval_text, "tokens": len(stream), "seq_len": calib.seq_len,
                       "original_ppl": perplexity(loaded, stream, calib.seq_len)}
     result, details = apply_baseline(loaded, stats, options)
-    stored = round_to_checkpoint_dtype(result, model, dtype)
+    storage = round_to_checkpoint_dtype(result, model, dtype)
     record = baseline_record(result, model, options.method, details)
     record["calibration"] = calib.to_dict() if stats is not None else None
     if options.quantize:
-        result, record["quantization"] = finish_quantized(result, options.quantize, stored or checkpoint_dtype(model))
-        stored = None
+        result, record["quantization"] = finish_quantized(result, options.quantize, storage)
     if stream is not None:  # measured on the weights as saved (quantised models: as a user loads them)
         evaluation["ppl"] = perplexity(result, stream, calib.seq_len) if not options.quantize else None
         record["evaluation"] = evaluation
     record["timings"] = {"total_s": time.perf_counter() - started}
-    if stored is not None:
-        result.to(stored)
-    path = save(result, out, record, tokenizer=tokenizer, force=force)
+    path = save(result, out, record, tokenizer=tokenizer, force=force, storage=storage)
     if stream is not None and options.quantize:
         del result
         evaluation["ppl"] = perplexity(load_model(path), stream, calib.seq_len)

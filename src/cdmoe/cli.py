@@ -33,6 +33,8 @@ Dtype = Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")]
 Force = Annotated[bool, typer.Option(help="replace the output if it exists")]
 ExpertSelector = Annotated[str, typer.Option(help="greedy (Alg. 1) | random | l1 | frequency | pl-alpha-hill")]
 LayerSelector = Annotated[str, typer.Option(help="greedy (Alg. 2) | layer-rank | global-layer-rank")]
+TrustCode = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="run Python code shipped inside the checkpoint (auto_map); off by default")]
 Quantize = Annotated[Optional[str], typer.Option(help="then quantise experts / condensed MLPs: int8 | int4 (bitsandbytes)")]
 
 
@@ -43,12 +45,15 @@ def _experts(experts: int | None, shared_only: bool) -> int | None:
 
 
 def _friendly(fn):
-    """Turn a CdmoeError into a one-line message and exit code 2."""
+    """Turn a CdmoeError into a one-line message and exit code 2; apply ``--trust-remote-code`` to every load."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .remote_code import trust_remote_code
+
         try:
-            return fn(*args, **kwargs)
+            with trust_remote_code(kwargs.get("trust_remote_code", False)):  # one decision for every load
+                return fn(*args, **kwargs)
         except CdmoeError as err:
             console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -75,6 +80,7 @@ def plan(
     layer_ids: Annotated[Optional[str], typer.Option(help="exact layers, e.g. 3,5,7")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="dtype for bytes (default: the config's)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    trust_remote_code: TrustCode = False,
 ):
     """Memory of a condensing plan, from the config alone (no weights are read)."""
     from .plan import plan as run_plan
@@ -118,6 +124,7 @@ def apply(
     out: Annotated[Path, typer.Option(help="output directory")],
     dtype: Dtype = "auto",
     force: Force = False,
+    trust_remote_code: TrustCode = False,
 ):
     """Apply the layers/experts/gates of an earlier record to a model and save it (no search)."""
     from .api import apply_record
@@ -156,6 +163,7 @@ def condense(
                                                   "layers (disk: less RAM, slower)")] = "memory",
     activations_dir: Annotated[Optional[Path], typer.Option(help="where --activations disk writes (default: "
                                                                   "inside .OUT.partial/ beside --out)")] = None,
+    trust_remote_code: TrustCode = False,
 ):
     """Condense N MoE layers with CD-MoE (greedy experts and layers on calibration data) and save."""
     from .calibration import CalibSpec
@@ -199,6 +207,7 @@ def baseline(
     eval_text: EvalText = None,
     eval_tokens: EvalTokens = 50_000,
     force: Force = False,
+    trust_remote_code: TrustCode = False,
 ):
     """Run a baseline (Layer/Block Drop, Expert Drop, M-SMoE, Expert Slimming) and save it like condense."""
     from .baselines import BaselineOptions, run_baseline
@@ -239,6 +248,7 @@ def compare(
                                                                "running it (one fresh process per point)")] = False,
     dtype: Dtype = "auto",
     force: Force = False,
+    trust_remote_code: TrustCode = False,
 ):
     """CD-MoE, its ablations and the baselines at matched memory budgets, in one table (MD + JSON + plot)."""
     from .calibration import CalibSpec
@@ -286,6 +296,7 @@ def finetune(
     dtype: Dtype = "auto",
     force: Force = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    trust_remote_code: TrustCode = False,
 ):
     """Fine-tune only the condensed layers (full or LoRA) of a condensed directory; save like a condensed one."""
     from .condense_run import EvalOptions
@@ -318,6 +329,7 @@ def eval_cmd(
     ppl_seq_len: Annotated[int, typer.Option(help="perplexity window, tokens")] = 512,
     ppl_stride: Annotated[Optional[int], typer.Option(help="perplexity stride (default: the window; non-overlapping)")] = None,
     ppl_tokens: Annotated[Optional[int], typer.Option(help="max tokens of --ppl-text")] = None,
+    trust_remote_code: TrustCode = False,
 ):
     """Zero-shot evaluation with lm-evaluation-harness (the paper's 8 tasks by default) and perplexity."""
     from .lmeval import run_eval
@@ -352,6 +364,7 @@ def sweep(
     eval_tokens: EvalTokens = 50_000,
     dtype: Dtype = "auto",
     force: Force = False,
+    trust_remote_code: TrustCode = False,
 ):
     """Condense several N from one calibration and one greedy layer order; write each point and a report."""
     from .calibration import CalibSpec
@@ -375,6 +388,7 @@ def measure(
     condensed: Annotated[Path, typer.Argument(help="condensed output directory")],
     dtype: Annotated[str, typer.Option(help="dtype to load both in (or auto: the checkpoint's)")] = "float32",
     repeats: Annotated[int, typer.Option(help="fresh processes per model; the median peak is reported")] = 3,
+    trust_remote_code: TrustCode = False,
 ):
     """Measured memory: bytes on disk and peak RSS loading + running each model (fresh process each)."""
     from .measure import measure_memory

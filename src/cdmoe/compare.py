@@ -36,7 +36,7 @@ from .calib_stats import calibration_stats
 from .calibration import CalibSpec, load_calibration
 from .checkpoint import atomic_output_dir, check_output_dir
 from .errors import CdmoeError
-from .loading import checkpoint_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
+from .loading import load_model, load_tokenizer, round_to_checkpoint_dtype
 from .measure import disk_bytes, peak_rss
 from .perplexity import perplexity, token_stream
 from .search import SearchOptions, run_search
@@ -149,7 +149,6 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
     check_output_dir(out, force)
     tokenizer = load_tokenizer(model)
     base = load_model(model, dtype=dtype)
-    stored = checkpoint_dtype(model)
     params = model_params(base)
     calib_ids = load_calibration(tokenizer, calib)
     stats = calibration_stats(base, calib_ids)
@@ -164,7 +163,7 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
             point["budgets"].append(budget)
 
     with atomic_output_dir(out, force) as work:  # nothing at ``out`` until every point is written and scored
-        _run_points(model, work, plan, calib_ids, tokenizer, stats, stored, dtype, progress)
+        _run_points(model, work, plan, calib_ids, tokenizer, stats, dtype, progress)
         scorer = _Scorer(tokenizer, token_stream(tokenizer, eval_text, eval_tokens) if eval_text else None,
                          calib.seq_len, tasks, task_text, task_batch_size, dtype if measure_rss else None)
         rows = _evaluate(model, work, plan, scorer, dtype, progress)
@@ -178,7 +177,7 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
     return result
 
 
-def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, stored, dtype, progress) -> None:
+def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtype, progress) -> None:
     """Write every planned point to ``work/points/...`` (its ``dir`` is relative to ``work``)."""
     searches: dict[str, object] = {}
     for (name, knob), point in plan.items():
@@ -203,12 +202,10 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, stor
                                       quantize=method.quantize if method.base == "slim" else None)
             loaded, details = apply_baseline(loaded, stats, options)
             record = {**baseline_record(loaded, model, method.base, details), "variant": name}
-        rounded = round_to_checkpoint_dtype(loaded, model, dtype)
+        storage = round_to_checkpoint_dtype(loaded, model, dtype)
         if method.quantize:
-            loaded, record["quantization"] = finish_quantized(loaded, method.quantize, stored)
-        elif rounded is not None:
-            loaded.to(rounded)
-        save(loaded, path, record, tokenizer=tokenizer, force=True)
+            loaded, record["quantization"] = finish_quantized(loaded, method.quantize, storage)
+        save(loaded, path, record, tokenizer=tokenizer, force=True, storage=storage)
         del loaded
 
 

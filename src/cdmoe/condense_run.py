@@ -23,6 +23,7 @@ from .perplexity import perplexity, token_stream
 from .plots import plot_single_layer_scores
 from .resume import SearchState, run_key
 from .search import SearchOptions, run_search
+from .storage_dtypes import cast_to_storage, plan_of
 from .stream_save import condensed_skeleton, write_streamed
 
 __all__ = ["EvalOptions", "condense"]
@@ -95,7 +96,6 @@ def condense(
     if mode == "sequential" and quantize:
         raise CdmoeError("--quantize needs the whole model in memory for now; use --mode whole, or quantise the "
                          "condensed output with cdmoe baseline slim")
-    out_dtype = stored if dtype == "auto" and stored is not None else compute
     tokenizer = load_tokenizer(model)
     calib_ids = load_calibration(tokenizer, calib)
     key = run_key(model, calib.to_dict(), calib_ids, search, {"dtype": str(compute), "device": dev.type})
@@ -137,7 +137,7 @@ def condense(
             skeleton, record = condensed_skeleton(store, result.choices, str(model), search_record)
 
             def write_weights(directory: Path) -> None:
-                write_streamed(store, skeleton, result.choices, directory, out_dtype)
+                write_streamed(store, skeleton, result.choices, directory, plan_of(store.model, model, dtype))
 
         record["search"]["timings"]["total_s"] = time.perf_counter() - started
 
@@ -181,14 +181,14 @@ def _whole(loaded, model, result, search_record: dict, evaluation: EvalOptions, 
                 evaluation_record["dropped_layers_ppl"] = perplexity(loaded, stream, seq_len)
 
     record = condense_layers(loaded, result.choices, base_model=str(model), search=search_record)
-    stored = round_to_checkpoint_dtype(loaded, model, dtype)
+    storage = round_to_checkpoint_dtype(loaded, model, dtype)
     if stream is not None:
         evaluation_record["condensed_ppl"] = perplexity(loaded, stream, evaluation_record["seq_len"])
         record["evaluation"] = evaluation_record
     if quantize:
         from .baselines import finish_quantized
 
-        loaded, record["quantization"] = finish_quantized(loaded, quantize, stored or checkpoint_dtype(model))
-    elif stored is not None:
-        loaded.to(stored)  # computed in fp32 on CPU; saved in the checkpoint's own dtype
+        loaded, record["quantization"] = finish_quantized(loaded, quantize, storage)
+    else:
+        cast_to_storage(loaded, storage)  # computed in fp32 on CPU; saved in the source's dtypes, tensor by tensor
     return record, lambda directory: loaded.save_pretrained(directory, max_shard_size="5GB")

@@ -237,7 +237,7 @@ def finetune(
         p.requires_grad_(False)
     model.eval()
 
-    stored = round_to_checkpoint_dtype(model, directory, options.dtype)  # evaluate what will be saved
+    storage = round_to_checkpoint_dtype(model, directory, options.dtype)  # evaluate what will be saved
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     entry = {
         "from": str(directory),
@@ -282,9 +282,7 @@ def finetune(
     if "finetune" in record:  # fine-tuning a fine-tuned directory: keep the earlier run's entry
         entry["previous"] = record["finetune"]
     new_record["finetune"] = entry
-    if stored is not None:
-        model.to(stored)  # computed in fp32 on CPU; saved in the checkpoint's own dtype
-    save_condensed(model, out, new_record, tokenizer=tokenizer, force=force)
+    save_condensed(model, out, new_record, tokenizer=tokenizer, force=force, storage=storage)
     if not keep_checkpoints:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return new_record

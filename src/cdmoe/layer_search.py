@@ -4,8 +4,8 @@ Step n adds the MoE layer whose condensation (with its Algorithm 1 experts) mini
 the divergence between the original and the condensed model's final output on the
 calibration tokens, given the n-1 layers already condensed. The final output is either
 the final normed hidden state (softmax over the hidden dimension, as the official code)
-or the vocabulary distribution (``logits``); ``ppl`` scores |NLL_condensed - NLL_orig|
-per token (the paper's PPL metric, Table 5).
+or the vocabulary distribution (``logits``); ``ppl`` scores the mean over calibration samples
+of |PPL_condensed - PPL_orig| of each sample (the paper's PPL metric, Sec. 4.3 / Table 5).
 
 Cost: layers before a candidate are unchanged by it, so each candidate re-runs only
 layers ``l..L-1`` from the cached input of layer ``l`` (:class:`~cdmoe.runner.LayerRunner`);
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .metrics import divergence_sum, nll_sum
+from .metrics import divergence_sum, sample_perplexity
 from .runner import LayerRunner
 
 __all__ = ["LayerSearchResult", "greedy_layers", "final_divergence"]
@@ -54,15 +54,17 @@ def passes_from(runner: LayerRunner, start: int) -> int:
 
 def score_outputs(runner: LayerRunner, reference: list[torch.Tensor], lasts: list[torch.Tensor], kind: str,
                   metric: str, vocab_chunk: int = 1024) -> float:
-    """Mean per-token divergence between ``reference`` and the final output of ``lasts`` (last-layer outputs)."""
+    """Mean per-token divergence between ``reference`` and the final output of ``lasts`` (last-layer
+    outputs); for ``ppl`` the mean per-sample |perplexity change| (:func:`~cdmoe.metrics.sample_perplexity`)."""
     total, tokens = 0.0, 0
     for b, ids in enumerate(runner.batches):
         last = lasts[b].to(runner.device)
         ids = ids.to(last.device)
         if metric == "ppl":
             logits = runner.final(last, "logits")
-            total += abs(float(nll_sum(logits, ids) - nll_sum(reference[b].to(logits.device), ids)))
-            tokens += ids[:, 1:].numel()
+            change = sample_perplexity(logits, ids) - sample_perplexity(reference[b].to(logits.device), ids)
+            total += float(change.abs().sum())
+            tokens += ids.shape[0]  # samples
             continue
         flat_ref = reference[b].to(last.device).reshape(-1, reference[b].shape[-1])
         flat_last = last.reshape(-1, last.shape[-1])

@@ -94,21 +94,29 @@ class SequentialStore:
     sequential = True
 
     def __init__(self, path: str | Path, *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = True):
+                 dtype: torch.dtype = torch.float32, trust_remote_code: bool | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from . import register  # noqa: F401  (condensed checkpoints as input)
         from .adapter import family_spec
 
+        from .remote_code import remote_code_error, trusted
+
+        trust_remote_code = trusted() if trust_remote_code is None else trust_remote_code
+        self.trust_remote_code = trust_remote_code
         self.path = Path(path)
         self._originals: dict[int, nn.Module] = {}  # original MoE blocks while a fused MLP stands in
         self.device = torch.device(device)
         self.dtype = dtype
         self.files = checkpoint_tensor_files(self.path)
-        config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        except ValueError as err:
+            raise remote_code_error(self.path, err) or CdmoeError(
+                f"cannot build the model of {self.path}: {str(err).splitlines()[0]}") from None
         model.config._name_or_path = str(self.path)
         self.model = model.eval()
         self.spec = family_spec(self.model)
@@ -130,18 +138,12 @@ class SequentialStore:
     # checkpoint keys ------------------------------------------------------------------------
     def _group_keys(self) -> tuple[dict[int, list[str]], list[str]]:
         """Checkpoint keys per decoder layer (by their name after transformers' renaming), and the rest."""
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from .storage_dtypes import checkpoint_model_keys
 
-        mapping = get_model_conversion_mapping(self.model)
-        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-        converters = [m for m in mapping if isinstance(m, WeightConverter)]
-        meta = self.model.state_dict()
         pattern = re.compile(re.escape(self._prefix) + r"(\d+)\.")
         by_layer: dict[int, list[str]] = {}
         rest = []
-        for key in self.files:
-            target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, meta)
+        for key, target in checkpoint_model_keys(self.model, self.files).items():
             found = pattern.match(target)
             if found is None:
                 rest.append(key)

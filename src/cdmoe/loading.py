@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import CdmoeError
+from .remote_code import remote_code_error, trusted
 
 __all__ = ["checkpoint_dtype", "compute_dtype", "load_model", "load_tokenizer", "resolve_dtype", "round_to_checkpoint_dtype"]
 
@@ -41,9 +42,12 @@ def compute_dtype(dtype: str | None, device: str) -> torch.dtype | str:
     return resolved
 
 
-def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str = "cpu", trust_remote_code: bool = True,
-               device_map: str | dict | None = None):
+def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str = "cpu",
+               trust_remote_code: bool | None = None, device_map: str | dict | None = None):
     """``AutoModelForCausalLM.from_pretrained`` in eval mode, with one-line errors.
+
+    ``trust_remote_code``: run Python code shipped in the checkpoint (default: the command's
+    decision, :func:`cdmoe.remote_code.trusted`, off unless ``--trust-remote-code``).
 
     The checkpoint's own dtype is kept in ``model.config.dtype`` whatever the compute dtype.
     ``device_map`` (e.g. ``"auto"`` for several GPUs) places the layers with accelerate instead of ``device``.
@@ -53,7 +57,8 @@ def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=compute_dtype(dtype, device), trust_remote_code=trust_remote_code,
+            str(name_or_path), dtype=compute_dtype(dtype, device),
+            trust_remote_code=trusted() if trust_remote_code is None else trust_remote_code,
             **({"device_map": device_map} if device_map is not None else {}),
         )
     except OSError as err:
@@ -61,7 +66,16 @@ def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str
             f"cannot load {name_or_path} ({str(err).splitlines()[0]}); if the hub is unreachable, pass a local directory"
         ) from None
     except ValueError as err:
-        raise CdmoeError(f"cannot load {name_or_path}: {str(err).splitlines()[0]}") from None
+        raise remote_code_error(name_or_path, err) or CdmoeError(
+            f"cannot load {name_or_path}: {str(err).splitlines()[0]}") from None
+    if not getattr(model, "is_quantized", False):
+        from .storage_dtypes import attach_storage_plan
+
+        attach_storage_plan(model, name_or_path, dtype)  # how it will be saved: per tensor, as the source stores it
+    if getattr(model, "is_quantized", False):
+        from .quantize import guard_cpu_packing
+
+        guard_cpu_packing(model)  # bitsandbytes' AVX512-BF16 repacking fails on some widths
     if getattr(model, "is_quantized", False) or device_map is not None:  # placed by from_pretrained
         return model.eval()
     return model.to(device).eval()
@@ -79,23 +93,22 @@ def checkpoint_dtype(name_or_path: str | Path) -> torch.dtype | None:
     return getattr(torch, name, None) if isinstance(name, str) else None
 
 
-def round_to_checkpoint_dtype(model, source: str | Path, dtype: str | None) -> torch.dtype | None:
-    """With ``dtype="auto"``, round ``model``'s weights (e.g. freshly fused fp32 ones) to the dtype
-    ``source`` stores, keeping the compute dtype, so that what is evaluated is what will be saved.
-    Returns the dtype to save in (None: keep the model's)."""
-    stored = checkpoint_dtype(source)
-    if stored is None or dtype != "auto":
-        return None
-    compute = model.dtype
-    if compute != stored:
-        model.to(stored)
-        model.to(compute)
-    return stored
+def round_to_checkpoint_dtype(model, source: str | Path | None, dtype: str | None):
+    """Round ``model``'s weights (e.g. freshly fused fp32 ones) to the dtypes they will be stored in,
+    tensor by tensor (:mod:`cdmoe.storage_dtypes`), keeping the compute dtype, so that what is
+    evaluated is what will be saved. Returns the :class:`~cdmoe.storage_dtypes.StoragePlan` to save with."""
+    from .storage_dtypes import plan_of, round_to_storage
+
+    plan = plan_of(model, source, dtype)
+    round_to_storage(model, plan)
+    return plan
 
 
-def load_tokenizer(name_or_path: str | Path):
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool | None = None):
+    """``AutoTokenizer.from_pretrained`` with one-line errors (``trust_remote_code`` as in :func:`load_model`)."""
     _check_path(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=True)
+        return AutoTokenizer.from_pretrained(
+            str(name_or_path), trust_remote_code=trusted() if trust_remote_code is None else trust_remote_code)
     except (OSError, ValueError) as err:
-        raise CdmoeError(f"cannot load a tokenizer from {name_or_path}: {str(err).splitlines()[0]}") from None
+        raise remote_code_error(name_or_path, err) or CdmoeError(f"cannot load a tokenizer from {name_or_path}: {str(err).splitlines()[0]}") from None

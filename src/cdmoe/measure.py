@@ -38,7 +38,7 @@ def status_kib(field):  # VmHWM: peak RSS, VmRSS: current RSS (Linux); ru_maxrss
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 def rss_kib():
     return status_kib("VmHWM")
-path, dtype, batch, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+path, dtype, batch, seq, trust = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 torch.set_num_threads(2)
 try:
     with open("/proc/self/clear_refs", "w") as f:
@@ -46,7 +46,7 @@ try:
 except OSError:
     pass
 base = status_kib("VmRSS")
-model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=True).eval()
+model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust).eval()
 loaded = rss_kib()
 with torch.no_grad():
     model(input_ids=torch.randint(0, model.config.vocab_size, (batch, seq)))
@@ -70,8 +70,12 @@ def peak_rss(directory: str | Path, dtype: str = "float32", batch: int = 1, seq_
     ``dtype`` is a torch dtype name or ``auto`` (the checkpoint's own).
     """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([sys.executable, "-c", _SCRIPT, str(directory), dtype, str(batch), str(seq_len)],
-                         capture_output=True, text=True, env=env)
+    from .remote_code import trusted
+
+    if not Path(directory).is_dir():
+        raise CdmoeError(f"{directory} does not exist or is not a directory; pass a local model directory")
+    run = subprocess.run([sys.executable, "-c", _SCRIPT, str(directory), dtype, str(batch), str(seq_len),
+                          "1" if trusted() else "0"], capture_output=True, text=True, env=env)
     if run.returncode != 0:
         raise CdmoeError(f"measuring {directory} failed: {run.stderr.strip().splitlines()[-1]}")
     data = json.loads(run.stdout.strip().splitlines()[-1])

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Metric", "divergence_sum", "nll_sum"]
+__all__ = ["Metric", "divergence_sum", "sample_perplexity"]
 
 Metric = Literal["js", "kl", "ppl"]
 
@@ -37,8 +37,13 @@ def divergence_sum(reference: torch.Tensor, candidate: torch.Tensor, metric: str
     return per_token.reshape(*per_token.shape[:extra], -1).sum(-1) if extra else per_token.sum()
 
 
-def nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token negative log-likelihood of ``input_ids`` (B, S) under ``logits`` (B, S, V)."""
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="sum"
-    )
+def sample_perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Perplexity of each sample, (B,): exp of the mean next-token NLL over its S - 1 predicted tokens.
+
+    The PPL metric of the layer search (Sec. 4.3, Table 5: "For each calibration sample, we
+    compute the change in PPL and select layers that minimize the average difference in PPL")
+    is mean_s |sample_perplexity(condensed)_s - sample_perplexity(original)_s|, which depends on
+    the samples only, never on how they are batched.
+    """
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")  # (B, S-1)
+    return nll.mean(dim=1).exp()

@@ -19,6 +19,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .budget import ModelParams, MoELayerParams, model_params
 from .errors import CdmoeError
+from .remote_code import remote_code_error, trusted
 from .families import spec_for_model_type, supported_model_types
 
 __all__ = ["load_config", "params_from_config", "plan", "DTYPE_BYTES"]
@@ -41,13 +42,16 @@ def load_config(model_or_config: str | Path) -> PretrainedConfig | dict:
         if model_type in CONFIG_MAPPING:
             data = {k: v for k, v in data.items() if k not in ("model_type", "auto_map")}
             return CONFIG_MAPPING[model_type].from_dict(data)
-        if path.is_dir() and "auto_map" in data:
+        if path.is_dir() and "auto_map" in data and trusted():  # else counted from the config dict alone
             return AutoConfig.from_pretrained(path, trust_remote_code=True)
         return data
     if str(model_or_config).startswith((".", "/")) or path.exists():
         raise CdmoeError(f"{model_or_config} does not exist; pass a config.json, a model directory or a hub model id")
     try:
-        return AutoConfig.from_pretrained(str(model_or_config), trust_remote_code=True)
+        return AutoConfig.from_pretrained(str(model_or_config), trust_remote_code=trusted())
+    except ValueError as err:
+        raise remote_code_error(model_or_config, err) or CdmoeError(
+            f"cannot load a config for {model_or_config!r}: {str(err).splitlines()[0]}") from None
     except OSError as err:
         raise CdmoeError(
             f"cannot load a config for {model_or_config!r} ({str(err).splitlines()[0]}); "
@@ -101,7 +105,7 @@ def params_from_config(config: PretrainedConfig | dict) -> tuple[ModelParams, st
         return _analytic(config), "analytic (LLaMA-style attention; no modelling code at hand)"
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trusted())
         except ValueError as err:
             raise CdmoeError(f"cannot build {config.model_type!r}: {str(err).splitlines()[0]}") from None
     return model_params(model), "meta-device model"
@@ -142,7 +146,7 @@ def plan(
                 raise CdmoeError(f"--experts {k} is out of range: layer {layer.layer} has {layer.num_experts} routed experts")
             per_layer[layer.layer] = k
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    dtype = dtype or str(get("torch_dtype", None) or get("dtype", None) or "bfloat16").replace("torch.", "")
+    dtype = dtype or str(get("dtype", None) or get("torch_dtype", None) or "bfloat16").replace("torch.", "")
     result = params.summary(per_layer, DTYPE_BYTES.get(dtype, 2))
     result.update(params.sequential(DTYPE_BYTES.get(dtype, 2), calib_tokens, DTYPE_BYTES.get(dtype, 2)))
     first = params.layers[0]

@@ -28,6 +28,7 @@ from .adapter import family_spec, moe_blocks
 from .condensed import to_cdmoe_format
 from .errors import CdmoeError
 from .hf.modeling_cdmoe import UnfusedExperts
+from .remote_code import trusted
 
 __all__ = ["BITS", "layers_quantized", "quantized_bytes", "quantize_model", "target_patterns", "unfuse_experts"]
 
@@ -100,32 +101,65 @@ def quantized_bytes(model: nn.Module, bits: str, dtype: torch.dtype | None = Non
     return total
 
 
-def quantize_model(model: nn.Module, bits: str, dtype: torch.dtype | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, bits: str, storage=None) -> nn.Module:
     """A bitsandbytes-quantised copy of ``model`` (experts and condensed MLPs), on CPU.
 
-    The model is saved to a temporary directory in ``dtype`` (default: its own) and loaded
-    back through transformers with a ``BitsAndBytesConfig``: the same path a user's
-    ``from_pretrained`` takes, so what is evaluated is what is saved.
+    The model is cast in place to its stored dtypes (``storage``, a
+    :class:`~cdmoe.storage_dtypes.StoragePlan`; default: all in the model's dtype), saved to a
+    temporary directory and loaded back through transformers with a ``BitsAndBytesConfig``:
+    the same path a user's ``from_pretrained`` takes, so what is evaluated is what is saved.
     """
     from transformers import AutoModelForCausalLM
 
     from . import register  # noqa: F401  (cdmoe-format checkpoints load natively)
+    from .storage_dtypes import StoragePlan, cast_to_storage
 
     unfuse_experts(model)
     skip = ["(?!" + "|".join(f"(?:{p})" for p in target_patterns(model)) + ").*"]
-    dtype = dtype or model.dtype
+    storage = storage if storage is not None else StoragePlan(default=model.dtype)
+    dtype = storage.default
     config = _bnb_config(bits, skip, dtype)
     with tempfile.TemporaryDirectory(prefix="cdmoe-quant-") as tmp:
-        original = model.dtype
-        model.to(dtype)
+        cast_to_storage(model, storage)
         model.save_pretrained(tmp)
-        model.to(original)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantized = AutoModelForCausalLM.from_pretrained(
-                tmp, quantization_config=config, device_map="cpu", dtype=dtype, trust_remote_code=True
+                tmp, quantization_config=config, device_map="cpu", dtype=dtype, trust_remote_code=trusted()
             )
+    guard_cpu_packing(quantized)
     return quantized.eval()
+
+
+CPU_PACK_BLOCK_N = 32  # bitsandbytes' CPU repacking works on blocks of 32 output rows
+
+
+def cpu_packing_supported(module: nn.Module) -> bool:
+    """Whether bitsandbytes' AVX512-BF16 CPU repacking of a 4-bit ``Linear4bit`` can handle its shape.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49, 0.50) repacks a 4-bit weight on its first
+    CPU forward (``functional._convert_weight_packed_for_cpu``), reshaping the absmax to
+    ``(out_features, in_features // blocksize)``: it fails (``shape '[64, 0]' is invalid``)
+    unless ``in_features`` is a multiple of the block size (64) and ``out_features`` of 32.
+    The demo model's hidden size (224) and most condensed widths are not.
+    """
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if state is None:
+        return True
+    out_f, in_f = module.out_features, module.in_features
+    return in_f % state.blocksize == 0 and out_f % CPU_PACK_BLOCK_N == 0
+
+
+def guard_cpu_packing(model: nn.Module) -> int:
+    """Turn bitsandbytes' CPU repacking off for the 4-bit modules whose shape it cannot handle
+    (:func:`cpu_packing_supported`); they then run bitsandbytes' generic 4-bit path, same values.
+    Returns how many modules were switched. A no-op on CPUs without AVX512-BF16."""
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False) and not cpu_packing_supported(module):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
 
 
 def layers_quantized(model: nn.Module) -> int:

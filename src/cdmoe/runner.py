@@ -40,6 +40,18 @@ from .layer_store import ResidentStore
 __all__ = ["LayerRunner"]
 
 
+CACHE_ARGUMENTS = ("cache", "past_key_values", "layer_past")  # the KV-cache argument's names across transformers releases
+
+
+def without_cache(kwargs: dict) -> dict:
+    """A decoder layer's keyword arguments with the KV cache off: whichever cache argument the
+    model passed (``cache`` in transformers >= 5.24, ``past_key_values`` before) set to None,
+    none added, so no deprecation warning fires."""
+    out = {k: (None if k in CACHE_ARGUMENTS else v) for k, v in kwargs.items()}
+    out["use_cache"] = False
+    return out
+
+
 class _Caught(Exception):
     """Raised by the layer-0 catcher to stop the model's forward pass."""
 
@@ -78,7 +90,7 @@ class LayerRunner:
             def hook(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                rest.update(past_key_values=None, use_cache=False)
+                rest = without_cache(rest)
                 if idx in self.cached_layers:
                     self.activations.put(("input", idx, current["b"]), hidden.detach())
                 self.kwargs[idx][current["b"]] = rest
@@ -115,8 +127,7 @@ class LayerRunner:
             pass
         finally:
             handle.remove()
-        kwargs = {**caught["kwargs"], "past_key_values": None, "use_cache": False}
-        return caught["hidden"].detach(), kwargs
+        return caught["hidden"].detach(), without_cache(caught["kwargs"])
 
     @torch.no_grad()
     def _record_layerwise(self) -> None:

@@ -14,7 +14,7 @@ How: a second meta-device skeleton is condensed with :func:`cdmoe.api.condense_l
 own ``save_pretrained`` writes config.json, generation_config.json, the modelling code and
 the non-layer tensors. Each decoder layer is then loaded by the
 :class:`~cdmoe.layer_store.SequentialStore` with the chosen layers' fused MLP swapped in
-(fused in the compute dtype, then cast to the saved dtype, as whole mode rounds), and its
+(fused in the compute dtype, then each tensor cast to its stored dtype, as whole mode rounds), and its
 tensors are written to its own shard.
 """
 
@@ -40,7 +40,7 @@ def condensed_skeleton(store: SequentialStore, choices: list[LayerChoice], base_
 
     config = store.model.config
     with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=store.dtype, trust_remote_code=True)
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=store.dtype, trust_remote_code=store.trust_remote_code)
     skeleton.tie_weights()  # meta parameters are not tied by from_config; parameter counts need it
     skeleton.config._name_or_path = config._name_or_path
     if (store.path / "generation_config.json").exists():  # what from_pretrained would have loaded
@@ -50,9 +50,9 @@ def condensed_skeleton(store: SequentialStore, choices: list[LayerChoice], base_
 
 
 @torch.no_grad()
-def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice], directory: Path,
-                   dtype: torch.dtype) -> None:
-    """Write the condensed checkpoint into ``directory``, layer by layer, tensors in ``dtype``."""
+def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice], directory: Path, storage) -> None:
+    """Write the condensed checkpoint into ``directory``, layer by layer, each tensor in the dtype
+    ``storage`` (a :class:`~cdmoe.storage_dtypes.StoragePlan`) gives its name."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers.core_model_loading import revert_weight_conversion
@@ -60,9 +60,9 @@ def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice],
     prefix = store.spec.layers_path
     n = len(store.layers)
     shard = "model-{:05d}-of-{:05d}.safetensors"
-    skeleton.to(dtype)
+    skeleton.to(storage.default)
     cast: dict[tuple, torch.Tensor] = {}  # tied tensors (embeddings / lm_head) must stay one tensor after the cast
-    rest = {k: cast.setdefault((v.data_ptr(), v.shape), _cast(v, dtype))
+    rest = {k: cast.setdefault((v.data_ptr(), v.shape), v.to(storage.dtype_for(k, v)))
             for k, v in store.model.state_dict().items() if not k.startswith(prefix + ".")}
     # save_pretrained writes config, generation config and code, and the non-layer tensors as model.safetensors
     skeleton.save_pretrained(directory, state_dict=rest, max_shard_size="10000GB")
@@ -77,7 +77,8 @@ def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice],
     try:
         for idx in range(n):
             with store.resident(idx) as layer:
-                tensors = {f"{prefix}.{idx}.{k}": _cast(v, dtype).contiguous() for k, v in layer.state_dict().items()}
+                tensors = {name: v.to(storage.dtype_for(name, v)).contiguous()
+                           for name, v in ((f"{prefix}.{idx}.{k}", v) for k, v in layer.state_dict().items())}
             if with_original_keys:
                 tensors = revert_weight_conversion(skeleton, tensors)
             save_file(tensors, directory / shard.format(idx + 1, n + 1), metadata={"format": "pt"})
@@ -96,7 +97,3 @@ def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice],
              "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Floating tensors to ``dtype`` (as ``Module.to(dtype)`` does); others unchanged."""
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor

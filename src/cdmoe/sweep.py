@@ -47,11 +47,9 @@ def sweep(model: str | Path, out: str | Path, layer_counts: list[int], search: S
                          "layer_step_scores": result.record["layer_step_scores"][:n],
                          "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())}, "sweep": counts}
         record = condense_layers(point, result.choices[:n], base_model=str(model), search=search_record)
-        stored = round_to_checkpoint_dtype(point, model, dtype)  # evaluate what will be saved
+        storage = round_to_checkpoint_dtype(point, model, dtype)  # evaluate what will be saved
         if stream is not None:
             record["evaluation"] = {"text": evaluation.text, "tokens": len(stream), "seq_len": seq_len,
                                     "original_ppl": original_ppl, "condensed_ppl": perplexity(point, stream, seq_len)}
-        if stored is not None:
-            point.to(stored)
-        dirs.append(save(point, out / f"layers-{n}", record, tokenizer=tokenizer, force=force))
+        dirs.append(save(point, out / f"layers-{n}", record, tokenizer=tokenizer, force=force, storage=storage))
     return build_report(dirs, out / "report")

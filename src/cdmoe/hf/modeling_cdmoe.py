@@ -236,7 +236,14 @@ def condensed_classes(base_config_cls: type, base_model_cls: type) -> tuple[type
     return cfg_cls, model_cls
 
 
-def _family_classes(config: PretrainedConfig) -> tuple[type, type]:
+_TRUSTED_CODE: set[str] = set()  # directories whose family code this process was allowed to run
+
+
+def _family_classes(config: PretrainedConfig, trust_remote_code: bool | None = None) -> tuple[type, type]:
+    """The family's config and CausalLM classes: transformers' own, or (remote-code families such as
+    DeepSeekMoE-16B) the family code shipped in the directory, which runs only if trusted: this file
+    itself loaded through the directory's ``auto_map`` (the user passed ``trust_remote_code=True``),
+    or ``trust_remote_code=True`` given to ``from_pretrained`` here."""
     spec = config.cdmoe
     base_type = spec["base_model_type"]
     if base_type in CONFIG_MAPPING and CONFIG_MAPPING[base_type] in MODEL_FOR_CAUSAL_LM_MAPPING:
@@ -246,17 +253,25 @@ def _family_classes(config: PretrainedConfig) -> tuple[type, type]:
     if "AutoConfig" not in auto_map or "AutoModelForCausalLM" not in auto_map:
         raise ValueError(f"cdmoe: base model type {base_type!r} is unknown to this transformers and has no code")
     where = config._name_or_path
+    loaded_as_remote_code = not __name__.startswith("cdmoe.")  # this file ran from the directory: already trusted
+    if trust_remote_code or loaded_as_remote_code:
+        _TRUSTED_CODE.add(str(where))
+    if str(where) not in _TRUSTED_CODE:
+        raise ValueError(
+            f"{where} is a condensed {base_type!r} model whose modelling code ships in the directory "
+            f"({auto_map['AutoModelForCausalLM']}); loading it runs that code: pass trust_remote_code=True "
+            "if you trust it")
     return (
         get_class_from_dynamic_module(auto_map["AutoConfig"], where),
         get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], where),
     )
 
 
-def to_family_config(config: PretrainedConfig) -> PretrainedConfig:
+def to_family_config(config: PretrainedConfig, trust_remote_code: bool | None = None) -> PretrainedConfig:
     """The condensed config as an instance of the family's (subclassed) config class."""
     if hasattr(config, "cdmoe") and not isinstance(config, CdmoeConfig):
         return config
-    cfg_cls, _ = condensed_classes(*_family_classes(config))
+    cfg_cls, _ = condensed_classes(*_family_classes(config, trust_remote_code))
     data = config.to_dict()
     data.pop("model_type", None)
     family_config = cfg_cls.from_dict(data)
@@ -273,22 +288,22 @@ class CdmoeForCausalLM(PreTrainedModel):
         raise TypeError("build condensed models with from_pretrained() or from_config()")
 
     @classmethod
-    def _model_class(cls, config: PretrainedConfig) -> tuple[PretrainedConfig, type]:
-        family_config = to_family_config(config)
-        _, model_cls = condensed_classes(*_family_classes(family_config))
+    def _model_class(cls, config: PretrainedConfig, trust_remote_code: bool | None = None):
+        family_config = to_family_config(config, trust_remote_code)
+        _, model_cls = condensed_classes(*_family_classes(family_config, trust_remote_code))
         return family_config, model_cls
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        trust = kwargs.pop("trust_remote_code", None)  # the Auto class passes the user's (resolved) decision
         if not isinstance(config, PretrainedConfig):
             config = CdmoeConfig.from_pretrained(config or pretrained_model_name_or_path)
-        family_config, model_cls = cls._model_class(config)
-        kwargs.pop("trust_remote_code", None)
+        family_config, model_cls = cls._model_class(config, trust)
         return model_cls.from_pretrained(pretrained_model_name_or_path, *model_args, config=family_config, **kwargs)
 
     @classmethod
     def _from_config(cls, config, **kwargs):
-        family_config, model_cls = cls._model_class(config)
+        family_config, model_cls = cls._model_class(config, kwargs.pop("trust_remote_code", None))
         return model_cls._from_config(family_config, **kwargs)
 
     @classmethod

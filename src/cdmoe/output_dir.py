@@ -1,0 +1,154 @@
+"""Output directories that never lose a user's data: checked, locked, written atomically.
+
+Every command that writes a directory goes through :func:`atomic_output_dir`:
+
+- **checked first** (:func:`check_output_dir`, also called before any heavy work): paths are
+  resolved; an output that is, contains or lies inside the model or any other input, or that
+  is or contains the current directory, is refused, ``--force`` or not; an existing output is
+  replaced only with ``--force`` and only if cdmoe wrote it (it holds one of
+  :data:`OUTPUT_MARKERS`); a file in the way or a parent that is a file is refused;
+- **locked**: the work happens in ``.OUT.partial/`` beside ``OUT`` (:func:`partial_dir`), on
+  which the run holds an exclusive ``flock`` with its pid in ``.OUT.partial/.lock``; a second
+  run into the same ``OUT`` stops with a one-line error naming that pid;
+- **atomic**: ``OUT`` appears (renamed from the partial directory) only when everything was
+  written; on failure the partial directory is removed, unless it holds resumable search
+  progress (``state/``), which a rerun of the same command continues. A full disk says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import CdmoeError
+
+__all__ = ["LOCK_NAME", "OUTPUT_MARKERS", "STATE_DIR", "atomic_output_dir", "check_output_dir", "partial_dir"]
+
+STATE_DIR = "state"  # resumable search progress inside the partial directory
+LOCK_NAME = ".lock"  # the pid of the run holding the partial directory
+OUTPUT_MARKERS = ("cdmoe.json", "compare.json", "sweep.json")  # a directory holding one was written by cdmoe
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """``a`` is ``b``, contains it or lies inside it."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Fail fast (before any heavy work) if writing ``out`` could destroy data; return ``out`` resolved.
+
+    ``inputs``: the paths the command reads (model, record, data files); hub ids and other
+    names that are not local paths are ignored.
+    """
+    target = _resolved(out)
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise CdmoeError(f"--out {out} is {'the current directory' if target == cwd else 'a parent of the current directory'}; "
+                         "choose a new directory for the output")
+    for item in inputs:
+        if item is None or not Path(str(item)).expanduser().exists():
+            continue
+        source = _resolved(item)
+        if _overlap(target, source):
+            where = "is" if target == source else ("lies inside" if source in target.parents else "contains")
+            raise CdmoeError(f"--out {out} {where} the input {item}; choose an output directory outside every input")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CdmoeError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+            break
+    if target.exists():
+        if not target.is_dir():
+            raise CdmoeError(f"output path {out} is a file; choose a directory path for --out")
+        if not force:
+            raise CdmoeError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
+        if not any((target / name).exists() for name in OUTPUT_MARKERS):
+            raise CdmoeError(f"--force replaces only directories cdmoe wrote, and {out} holds no "
+                             f"{' / '.join(OUTPUT_MARKERS)}; remove it yourself or choose another --out")
+    return target
+
+
+def partial_dir(out: str | Path) -> Path:
+    """The deterministic working directory of a run writing ``out`` (beside it, hidden)."""
+    out = _resolved(out)
+    return out.parent / f".{out.name}.partial"
+
+
+@contextlib.contextmanager
+def _locked(directory: Path, out) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (with this pid in its ``.lock``) for the block."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = (directory / LOCK_NAME).read_text().strip() if (directory / LOCK_NAME).exists() else "?"
+            raise CdmoeError(f"another cdmoe run (pid {holder}) is writing {out}; wait for it to finish or choose "
+                             "another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _clear(directory: Path) -> None:
+    for child in directory.iterdir():
+        if child.name != LOCK_NAME:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+def _disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, force: bool = False, resumable: bool = False,
+                      inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """Yield the locked partial directory of ``out``; move it to ``out`` only on success.
+
+    ``resumable``: a search state (``state/``) left by an interrupted run is kept for this run
+    (with ``force`` the directory starts empty), kept again if this run fails, and removed before
+    the directory becomes ``out``. Without it, the directory always starts empty.
+    """
+    inputs = list(inputs)
+    target = check_output_dir(out, force, inputs)
+    tmp = partial_dir(target)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CdmoeError(f"cannot create {tmp} for --out {out} ({err.strerror}); choose a writable location") from None
+    with _locked(tmp, out):
+        keep = resumable and not force and (tmp / STATE_DIR).exists()
+        if not keep:
+            _clear(tmp)  # --force, or leftovers without progress worth keeping
+        (tmp / LOCK_NAME).write_text(f"{os.getpid()}\n")
+        try:
+            yield tmp
+            if resumable:
+                shutil.rmtree(tmp / STATE_DIR, ignore_errors=True)
+            (tmp / LOCK_NAME).unlink()
+            if target.exists():  # appeared while this run worked, or --force
+                check_output_dir(out, force, inputs)
+                shutil.rmtree(target)
+            tmp.rename(target)
+        except BaseException as err:
+            kept = resumable and (tmp / STATE_DIR).exists()
+            if not kept:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                (tmp / LOCK_NAME).unlink(missing_ok=True)
+            if _disk_full(err):
+                hint = (f"the search progress is kept in {tmp}: free some space and rerun the same command to resume"
+                        if kept else "nothing was written; free some space and rerun")
+                raise CdmoeError(f"no space left on the device while writing {out}; {hint}") from None
+            if isinstance(err, PermissionError):
+                raise CdmoeError(f"cannot write {out} ({err.strerror}: {err.filename}); choose a writable --out") from None
+            raise
