@@ -68,7 +68,7 @@ def test_compare_task_scores_equal_cdmoe_eval(tiny_model_dir, tmp_path):
             tasks="demo", task_text=str(text), progress=lambda msg: None)
     saved = json.loads((out / "compare.json").read_text())
     for row, path in zip(saved["rows"], (tiny_model_dir, out / saved["rows"][1]["dir"]), strict=True):
-        direct = run_eval(path, "demo", str(text), batch_size="8", out=tmp_path / "eval.json")["summary"]
+        direct = run_eval(path, "demo", str(text), batch_size="8", out=tmp_path / "eval.json", force=True)["summary"]
         assert row["tasks"].keys() == direct.keys()
         for task, value in direct.items():
             assert row["tasks"][task] == pytest.approx(value, rel=1e-4)

@@ -34,9 +34,11 @@ def test_measure_cli_ratios(tiny_model_dir, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model_dir, copy)
-    result = CliRunner().invoke(app, ["measure", str(tiny_model_dir), str(copy), "--repeats", "1"])
+    result = CliRunner().invoke(app, ["measure", str(tiny_model_dir), str(copy), "--repeats", "1",
+                                      "--out", str(tmp_path / "memory.json")])
     assert result.exit_code == 0, result.output
-    saved = json.loads((copy / "memory.json").read_text())
+    assert not (copy / "memory.json").exists()  # nothing is written into an input
+    saved = json.loads((tmp_path / "memory.json").read_text())
     for key, ratio in saved["ratios"].items():
         assert ratio == saved["condensed"][key] / saved["original"][key]
     assert saved["ratios"]["disk_bytes"] == 1.0

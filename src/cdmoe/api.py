@@ -56,15 +56,16 @@ def condense_layers(model, choices: list[LayerChoice], *, base_model: str | None
 
 
 def save(model, out: str | Path, record: dict, *, tokenizer=None, source: str | Path | None = None,
-         force: bool = False, extra_files=None, storage=None) -> Path:
+         force: bool = False, extra_files=None, storage=None, inputs=()) -> Path:
     """Write the condensed model, tokenizer, record and model card to ``out`` (atomically).
 
     The model is first cast in place to the dtypes it is stored in: every tensor ``source`` (the
     checkpoint it was loaded from) has keeps that checkpoint's dtype, byte for byte; new tensors
     take ``model.config.dtype`` (:mod:`cdmoe.storage_dtypes`; ``storage`` overrides).
     """
+    source = source if source is not None else getattr(model.config, "_name_or_path", None) or None
     return save_condensed(model, out, record, tokenizer=tokenizer, source=source, force=force, extra_files=extra_files,
-                          storage=storage)
+                          storage=storage, inputs=(source, *inputs))
 
 
 def choices_from_record(record: dict) -> list[LayerChoice]:
@@ -79,7 +80,8 @@ def apply_record(model: str | Path, record: str | Path, out: str | Path, *, dtyp
     if not path.exists():
         raise CdmoeError(f"record {path} does not exist; pass a cdmoe.json or an output directory holding one")
     data = json.loads(path.read_text())
-    check_output_dir(out, force)
+    check_output_dir(out, force, (model, record))
     loaded = load_model(model, dtype=dtype)
     new_record = condense_layers(loaded, choices_from_record(data), base_model=str(model), search=data.get("search"))
-    return save(loaded, out, new_record, source=model, force=force, storage=plan_of(loaded, model, dtype))
+    return save(loaded, out, new_record, source=model, force=force, storage=plan_of(loaded, model, dtype),
+                inputs=(model, record))

@@ -140,7 +140,8 @@ def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, c
                  force: bool = False) -> dict:
     """Run one baseline end to end on ``model`` and save it to ``out``; return its record."""
     options.validate()
-    check_output_dir(out, force)
+    inputs = (model, calib.source, eval_text)
+    check_output_dir(out, force, inputs)
     started = time.perf_counter()
     tokenizer = load_tokenizer(model)
     loaded = load_model(model, dtype=dtype)
@@ -162,7 +163,7 @@ def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, c
         evaluation["ppl"] = perplexity(result, stream, calib.seq_len) if not options.quantize else None
         record["evaluation"] = evaluation
     record["timings"] = {"total_s": time.perf_counter() - started}
-    path = save(result, out, record, tokenizer=tokenizer, force=force, storage=storage)
+    path = save(result, out, record, tokenizer=tokenizer, force=force, storage=storage, inputs=inputs)
     if stream is not None and options.quantize:
         del result
         evaluation["ppl"] = perplexity(load_model(path), stream, calib.seq_len)

@@ -89,6 +89,7 @@ def save_condensed(
     max_shard_size: str = "5GB",
     extra_files=None,
     storage=None,
+    inputs=(),
 ) -> Path:
     """Save a condensed in-memory model with its tokenizer, record and model card.
 
@@ -102,7 +103,7 @@ def save_condensed(
 
     if not getattr(model, "is_quantized", False):
         cast_to_storage(model, storage if storage is not None else plan_of(model, source))
-    with atomic_output_dir(out, force=force) as tmp:
+    with atomic_output_dir(out, force=force, inputs=(source, *inputs)) as tmp:
         write_condensed(tmp, record, lambda d: model.save_pretrained(d, max_shard_size=max_shard_size),
                         tokenizer=tokenizer, source=source, extra_files=extra_files)
     return Path(out)

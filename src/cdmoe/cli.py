@@ -323,19 +323,20 @@ def eval_cmd(
     task_text: Annotated[Optional[str], typer.Option(help="held-out text for --tasks demo")] = None,
     limit: Annotated[Optional[int], typer.Option(help="examples per task (for quick checks)")] = None,
     batch_size: Annotated[str, typer.Option(help="lm-eval batch size, or auto")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="results JSON (default: MODEL/eval.json for a directory)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="results JSON (default: ./eval.json)")] = None,
     dtype: Dtype = "auto",
     ppl_text: Annotated[Optional[str], typer.Option(help="also: perplexity on this text (.txt/.jsonl/.parquet or HF name:config:split)")] = None,
     ppl_seq_len: Annotated[int, typer.Option(help="perplexity window, tokens")] = 512,
     ppl_stride: Annotated[Optional[int], typer.Option(help="perplexity stride (default: the window; non-overlapping)")] = None,
     ppl_tokens: Annotated[Optional[int], typer.Option(help="max tokens of --ppl-text")] = None,
+    force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
     trust_remote_code: TrustCode = False,
 ):
     """Zero-shot evaluation with lm-evaluation-harness (the paper's 8 tasks by default) and perplexity."""
     from .lmeval import run_eval
 
     result = run_eval(model, tasks, task_text, limit, batch_size, out, dtype, ppl_text, ppl_seq_len, ppl_stride,
-                      ppl_tokens)
+                      ppl_tokens, force=force)
     table = Table(title=f"cdmoe eval: {model}")
     table.add_column("task")
     table.add_column("score", justify="right")
@@ -388,15 +389,19 @@ def measure(
     condensed: Annotated[Path, typer.Argument(help="condensed output directory")],
     dtype: Annotated[str, typer.Option(help="dtype to load both in (or auto: the checkpoint's)")] = "float32",
     repeats: Annotated[int, typer.Option(help="fresh processes per model; the median peak is reported")] = 3,
+    out: Annotated[Path, typer.Option(help="results JSON")] = Path("memory.json"),
+    force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
     trust_remote_code: TrustCode = False,
 ):
     """Measured memory: bytes on disk and peak RSS loading + running each model (fresh process each)."""
     from .measure import measure_memory
+    from .output_dir import check_output_file, write_output_file
 
     if repeats < 1:
         raise CdmoeError(f"--repeats must be at least 1, got {repeats}")
+    check_output_file(out, force, inputs=(original, condensed))
     result = measure_memory(original, condensed, dtype, repeats)
-    (condensed / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_output_file(out, json.dumps(result, indent=2) + "\n")
     table = Table(title="cdmoe measure")
     for col in ("", "original", "condensed", "ratio"):
         table.add_column(col, justify="right")
@@ -405,7 +410,7 @@ def measure(
         table.add_row(label, f"{result['original'][key] / 2**20:.1f} MiB", f"{result['condensed'][key] / 2**20:.1f} MiB",
                       f"{result['ratios'][key]:.3f}")
     out_console.print(table)
-    out_console.print(f"wrote {condensed / 'memory.json'}")
+    out_console.print(f"wrote {out}")
 
 
 @app.command()

@@ -146,7 +146,8 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
     if not budgets or not all(0 < b <= 1 for b in budgets):
         raise CdmoeError("--budget takes memory ratios in (0, 1], e.g. 0.8,0.6")
     out = Path(out)
-    check_output_dir(out, force)
+    inputs = (model, calib.source, eval_text, task_text)
+    check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)
     base = load_model(model, dtype=dtype)
     params = model_params(base)
@@ -162,7 +163,7 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
                                                           "predicted_ratio": cands[knob]})
             point["budgets"].append(budget)
 
-    with atomic_output_dir(out, force) as work:  # nothing at ``out`` until every point is written and scored
+    with atomic_output_dir(out, force, inputs=inputs) as work:  # nothing at ``out`` until every point is written and scored
         _run_points(model, work, plan, calib_ids, tokenizer, stats, dtype, progress)
         scorer = _Scorer(tokenizer, token_stream(tokenizer, eval_text, eval_tokens) if eval_text else None,
                          calib.seq_len, tasks, task_text, task_batch_size, dtype if measure_rss else None)

@@ -82,7 +82,8 @@ def condense(
     (default: ``.OUT.partial/``), deleted when the search ends; same result, less memory, slower.
     """
     check_activations(activations, activations_dir)
-    check_output_dir(out, force)
+    inputs = (model, calib.source, evaluation.text)
+    check_output_dir(out, force, inputs)
     started = time.perf_counter()
     dev = resolve_device(device)
     compute = compute_dtype(dtype, str(dev))
@@ -111,7 +112,7 @@ def condense(
             tasks[stage] = progress.add_task(label, total=total)
         progress.update(tasks[stage], completed=done)
 
-    with atomic_output_dir(out, force=force, resumable=True) as tmp:
+    with atomic_output_dir(out, force=force, resumable=True, inputs=inputs) as tmp:
         state = SearchState(tmp / STATE_DIR, key)
         if state.resumed:  # printed even with --quiet: the user should know the run continues an old one
             progress_note(f"resuming the interrupted run in {tmp / STATE_DIR}: {state.resumed}")

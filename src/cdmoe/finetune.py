@@ -207,7 +207,8 @@ def finetune(
     from transformers import set_seed
 
     record = condensed_record(directory)
-    check_output_dir(out, force)
+    inputs = (directory, options.data)
+    check_output_dir(out, force, inputs)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else Path(f"{out}.checkpoints")
     tokenizer = load_tokenizer(directory)
     data = build_dataset(tokenizer, options.data, options.format, options.seq_len)
@@ -282,7 +283,7 @@ def finetune(
     if "finetune" in record:  # fine-tuning a fine-tuned directory: keep the earlier run's entry
         entry["previous"] = record["finetune"]
     new_record["finetune"] = entry
-    save_condensed(model, out, new_record, tokenizer=tokenizer, force=force, storage=storage)
+    save_condensed(model, out, new_record, tokenizer=tokenizer, force=force, storage=storage, inputs=inputs)
     if not keep_checkpoints:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return new_record

@@ -74,14 +74,17 @@ def summarize(results: dict) -> dict[str, float]:
 def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None = None, limit: int | None = None,
              batch_size: str = "auto", out: str | Path | None = None, dtype: str = "auto",
              ppl_text: str | None = None, ppl_seq_len: int = 512, ppl_stride: int | None = None,
-             ppl_tokens: int | None = None) -> dict:
-    """Load ``model_path`` and evaluate; write JSON to ``out`` (default: ``model_path/eval.json`` for a directory).
+             ppl_tokens: int | None = None, force: bool = False) -> dict:
+    """Load ``model_path`` and evaluate; write JSON to ``out`` (default: ``eval.json`` in the current
+    directory; never inside the model directory; an existing file only with ``force``).
 
     ``tasks="none"`` skips lm-eval; ``ppl_text`` adds held-out perplexity (see :mod:`cdmoe.perplexity`).
     """
     from .loading import load_model, load_tokenizer
+    from .output_dir import check_output_file, write_output_file
     from .perplexity import perplexity, token_stream
 
+    target = check_output_file(out or "eval.json", force, inputs=(model_path, task_text, ppl_text))
     model = load_model(model_path, dtype=dtype)
     tokenizer = load_tokenizer(model_path)
     result: dict = {"results": {}, "tasks": []}
@@ -97,9 +100,6 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
                                 "stride": ppl_stride or ppl_seq_len, "perplexity": value}
         result["summary"]["perplexity"] = value
     result["model"] = str(model_path)
-    target = Path(out) if out else (Path(model_path) / "eval.json" if Path(model_path).is_dir() else None)
-    if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        result["written_to"] = str(target)
+    write_output_file(target, json.dumps(result, indent=2, default=str) + "\n")
+    result["written_to"] = str(out or "eval.json")
     return result

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from .errors import CdmoeError
 
-__all__ = ["LOCK_NAME", "OUTPUT_MARKERS", "STATE_DIR", "atomic_output_dir", "check_output_dir", "partial_dir"]
+__all__ = ["LOCK_NAME", "OUTPUT_MARKERS", "STATE_DIR", "atomic_output_dir", "check_output_dir", "check_output_file",
+           "partial_dir", "write_output_file"]
 
 STATE_DIR = "state"  # resumable search progress inside the partial directory
 LOCK_NAME = ".lock"  # the pid of the run holding the partial directory
@@ -152,3 +153,41 @@ def atomic_output_dir(out: str | Path, force: bool = False, resumable: bool = Fa
             if isinstance(err, PermissionError):
                 raise CdmoeError(f"cannot write {out} ({err.strerror}: {err.filename}); choose a writable --out") from None
             raise
+
+
+def check_output_file(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Fail fast if writing the result file ``out`` would replace an input, or an existing file
+    without ``--force``; return ``out`` resolved. (Commands write result files where ``--out``
+    says, by default in the current directory: never into a model directory unasked.)"""
+    target = _resolved(out)
+    for item in inputs:
+        if item is not None and Path(str(item)).expanduser().exists() and target == _resolved(item):
+            raise CdmoeError(f"--out {out} is the input {item}; choose another --out")
+    if target.is_dir():
+        raise CdmoeError(f"--out {out} is a directory; pass a file path such as {Path(out) / 'result.json'}")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CdmoeError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+            break
+    if target.exists() and not force:
+        raise CdmoeError(f"{out} already exists; choose another --out or pass --force to replace it")
+    return target
+
+
+def write_output_file(out: str | Path, text: str) -> Path:
+    """Write ``text`` to ``out`` atomically (a temporary file beside it, renamed into place)."""
+    target = _resolved(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if _disk_full(err):
+            raise CdmoeError(f"no space left on the device while writing {out}; free some space and rerun") from None
+        if isinstance(err, PermissionError):
+            raise CdmoeError(f"cannot write {out} ({err.strerror}); choose a writable --out") from None
+        raise
+    return target

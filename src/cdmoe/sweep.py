@@ -7,12 +7,13 @@ layers of that order. Each point is written as its own output directory, then a 
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 from .api import condense_layers, save
 from .calibration import CalibSpec, load_calibration
-from .checkpoint import check_output_dir
+from .checkpoint import atomic_output_dir, check_output_dir
 from .condense_run import EvalOptions
 from .errors import CdmoeError
 from .loading import load_model, load_tokenizer, round_to_checkpoint_dtype
@@ -31,15 +32,30 @@ def sweep(model: str | Path, out: str | Path, layer_counts: list[int], search: S
     if not counts or counts[0] < 1:
         raise CdmoeError("--layers must list positive layer counts, e.g. 1,2,4")
     out = Path(out)
-    check_output_dir(out, force)
+    inputs = (model, calib.source, evaluation.text)
+    check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)
     base = load_model(model, dtype=dtype)
     calib_ids = load_calibration(tokenizer, calib)
     result = run_search(base, calib_ids, replace(search, layers=counts[-1]), progress)
     stream = token_stream(tokenizer, evaluation.text, evaluation.max_tokens) if evaluation.text else None
-    seq_len = evaluation.seq_len or calib.seq_len
-    original_ppl = perplexity(base, stream, seq_len) if stream is not None else None
+    original_ppl = perplexity(base, stream, evaluation.seq_len or calib.seq_len) if stream is not None else None
     del base
+    with atomic_output_dir(out, force, inputs=inputs) as work:  # nothing at ``out`` until every point and the report
+        report = _write_points(model, work, counts, result, calib, calib_ids, tokenizer, stream, evaluation,
+                               original_ppl, dtype)
+        for row in report["rows"]:  # name the points where they will be, not in the working directory
+            row["dir"] = str(out / Path(row["dir"]).name)
+        (work / "report" / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (work / "sweep.json").write_text(json.dumps({"model": str(model), "layers": counts,
+                                                      "points": [f"layers-{n}" for n in counts]}, indent=2) + "\n")
+    return report
+
+
+def _write_points(model, work: Path, counts, result, calib, calib_ids, tokenizer, stream, evaluation, original_ppl,
+                  dtype) -> dict:
+    """Write ``work/layers-N`` for every N and ``work/report``; return the report."""
+    seq_len = evaluation.seq_len or calib.seq_len
     dirs = []
     for n in counts:
         point = load_model(model, dtype=dtype)
@@ -51,5 +67,5 @@ def sweep(model: str | Path, out: str | Path, layer_counts: list[int], search: S
         if stream is not None:
             record["evaluation"] = {"text": evaluation.text, "tokens": len(stream), "seq_len": seq_len,
                                     "original_ppl": original_ppl, "condensed_ppl": perplexity(point, stream, seq_len)}
-        dirs.append(save(point, out / f"layers-{n}", record, tokenizer=tokenizer, force=force, storage=storage))
-    return build_report(dirs, out / "report")
+        dirs.append(save(point, work / f"layers-{n}", record, tokenizer=tokenizer, storage=storage))
+    return build_report(dirs, work / "report")

@@ -1,0 +1,163 @@
+"""No command destroys or replaces data it did not write (issues #15 point 8, #19 points 1-4).
+
+Each case runs the CLI as a user would and checks the one-line error (exit 2), that nothing
+the user had changed, and that no partial directory is left unless it holds search progress.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import DEMO_CALIB, DEMO_TEXT
+from typer.testing import CliRunner
+
+from cdmoe.checkpoint import partial_dir
+from cdmoe.cli import app
+
+runner = CliRunner()
+CALIB = ["--calib", str(DEMO_CALIB), "--samples", "4", "--seq-len", "16", "--quiet"]
+
+
+def tree_digest(path):
+    """sha256 over every file's relative name and bytes under ``path``."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def condense(model, out, *extra):
+    return runner.invoke(app, ["condense", str(model), "--out", str(out), "--layers", "1", *CALIB, *extra])
+
+
+def refused(result, message):
+    assert result.exit_code == 2, result.output
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def user_dir(tmp_path):
+    """A directory holding a user's files, as the current directory."""
+    path = tmp_path / "work"
+    path.mkdir()
+    (path / "notes.txt").write_text("mine")
+    (path / "data").mkdir()
+    (path / "data" / "x.bin").write_bytes(b"\x00\x01")
+    return path
+
+
+def test_out_dot_with_force_does_not_touch_the_current_directory(tiny_model_dir, user_dir, monkeypatch):
+    monkeypatch.chdir(user_dir)
+    before = tree_digest(user_dir)
+    refused(condense(tiny_model_dir, ".", "--force"), "is the current directory")
+    refused(condense(tiny_model_dir, "..", "--force"), "a parent of the current directory")
+    assert tree_digest(user_dir) == before and sorted(os.listdir(user_dir.parent)) == ["work"]
+
+
+@pytest.mark.parametrize("where", ["model", "inside", "calib", "eval"])
+def test_out_that_is_or_lies_in_an_input_is_refused_even_with_force(tiny_model_dir, tmp_path, where):
+    before = tree_digest(tiny_model_dir)
+    out = {"model": tiny_model_dir, "inside": tiny_model_dir / "condensed", "calib": DEMO_CALIB,
+           "eval": DEMO_TEXT}[where]
+    result = condense(tiny_model_dir, out, "--force", "--eval-text", str(DEMO_TEXT))
+    refused(result, "the input")
+    assert tree_digest(tiny_model_dir) == before
+    assert not (tiny_model_dir / "condensed").exists()
+
+
+def test_force_replaces_only_a_directory_cdmoe_wrote(tiny_model_dir, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    refused(condense(tiny_model_dir, mine, "--force"), "replaces only directories cdmoe wrote")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    out = tmp_path / "out"
+    assert condense(tiny_model_dir, out).exit_code == 0
+    assert condense(tiny_model_dir, out, "--force").exit_code == 0  # its own output: replaced
+
+
+def test_output_parent_that_is_a_file_and_output_that_is_a_file(tiny_model_dir, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    refused(condense(tiny_model_dir, tmp_path / "afile" / "out"), "is a file, not a directory")
+    refused(condense(tiny_model_dir, tmp_path / "afile"), "is a file")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_second_run_into_the_same_output_stops(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    lock = partial_dir(out) / ".lock"
+    first = subprocess.Popen([sys.executable, "-m", "cdmoe", "condense", str(tiny_model_dir), "--out", str(out),
+                              "--layers", "3", "--calib", str(DEMO_CALIB), "--samples", "16", "--seq-len", "64",
+                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lock.exists(), first.communicate()[1][-2000:]
+        second = condense(tiny_model_dir, out)
+        refused(second, f"another cdmoe run (pid {first.pid}) is writing")
+    finally:
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    record = json.loads((out / "cdmoe.json").read_text())
+    assert len(record["condensed"]) == 3  # the first run's output, whole
+    assert not partial_dir(out).exists()
+
+
+def test_eval_and_measure_write_where_out_says_never_into_the_model(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = tree_digest(tiny_model_dir)
+    args = ["eval", str(tiny_model_dir), "--tasks", "none", "--ppl-text", str(DEMO_TEXT), "--ppl-tokens", "200",
+            "--ppl-seq-len", "32"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["model"] == str(tiny_model_dir)
+    refused(runner.invoke(app, args), "already exists")  # never replaced silently
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0
+    result = runner.invoke(app, ["measure", str(tiny_model_dir), str(tiny_model_dir), "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "memory.json").exists()
+    assert tree_digest(tiny_model_dir) == before
+
+
+def test_a_full_disk_during_condense_says_the_run_can_be_resumed(tiny_model_dir, tmp_path, monkeypatch):
+    import cdmoe.condense_run as condense_run
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(condense_run, "write_condensed", full)
+    out = tmp_path / "out"
+    result = condense(tiny_model_dir, out)
+    refused(result, "no space left on the device")
+    assert "rerun the same command to resume" in result.output
+    assert not out.exists() and (partial_dir(out) / "state").exists()
+    monkeypatch.undo()
+    resumed = condense(tiny_model_dir, out)
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "cdmoe.json").exists() and not partial_dir(out).exists()
+
+
+def test_a_sweep_that_fails_midway_leaves_no_half_written_root(tiny_model_dir, tmp_path, monkeypatch):
+    import cdmoe.sweep as sweep_module
+
+    real_save, saved = sweep_module.save, []
+
+    def save_then_fill_the_disk(*args, **kwargs):
+        if saved:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(real_save(*args, **kwargs))
+        return saved[-1]
+
+    monkeypatch.setattr(sweep_module, "save", save_then_fill_the_disk)
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", str(tiny_model_dir), "--out", str(out), "--layers", "1,2", *CALIB[:-1]])
+    refused(result, "no space left on the device")
+    assert saved and not out.exists() and not partial_dir(out).exists()
