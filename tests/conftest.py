@@ -63,6 +63,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+def remote_code_checkpoint(path: Path) -> Path:
+    """A random checkpoint at ``path`` that only its own code loads: the DeepSeekMoE-16B stand-in
+    (``model_type: deepseek``, one module per expert) of ``fixtures/remote_deepseek``."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cdmoe.testing import randomize_
+
+    shutil.copytree(FIXTURES / "remote_deepseek", path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    randomize_(AutoModelForCausalLM.from_config(config, trust_remote_code=True), seed=0).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

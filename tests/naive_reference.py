@@ -74,22 +74,54 @@ def naive_experts(model, ids, layer: int, k: int, gates: torch.Tensor) -> list[i
 
 
 @torch.no_grad()
-def naive_layers(model, ids, condensed: dict, n: int, final: str = "hidden") -> list[int]:
-    """Algorithm 2: a full model pass per candidate layer set; compares the final output."""
+def kl_mean(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over tokens of KL(softmax(p) || softmax(q)), in float64."""
+    p = F.log_softmax(p_logits.double().reshape(-1, p_logits.shape[-1]), -1)
+    q = F.log_softmax(q_logits.double().reshape(-1, q_logits.shape[-1]), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def sample_ppl(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B,) perplexity of each sample over its own next-token predictions, in float64."""
+    logp = F.log_softmax(logits.double()[:, :-1], -1)
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return nll.mean(1).exp()
+
+
+def naive_layer_search(model, ids, condensed: dict, n: int, final: str = "hidden",
+                       metric: str = "js") -> tuple[list[int], list[float]]:
+    """Algorithm 2: a full model pass per candidate layer set; compares the final output.
+
+    ``metric``: js | kl on the final output (``final``: normed hidden state or logits), or ppl (the
+    mean over samples of |PPL change| on the logits, Sec. 4.4). Returns the order and each step's score."""
 
     def output():
-        if final == "hidden":
+        if final == "hidden" and metric != "ppl":
             return model.model(input_ids=ids).last_hidden_state
         return model(input_ids=ids).logits
 
-    ref = output()
-    chosen: list[int] = []
-    for _ in range(n):
-        losses = {}
-        for layer in condensed:
-            if layer in chosen:
-                continue
-            with swapped_blocks(model, {i: condensed[i] for i in chosen + [layer]}):
-                losses[layer] = js_mean(ref, output())
-        chosen.append(min(losses, key=losses.get))
-    return chosen
+    def loss(ref, out):
+        if metric == "ppl":
+            return float((sample_ppl(out, ids) - sample_ppl(ref, ids)).abs().mean())
+        return (kl_mean if metric == "kl" else js_mean)(ref, out)
+
+    with torch.no_grad():
+        ref = output()
+        chosen: list[int] = []
+        scores: list[float] = []
+        for _ in range(n):
+            losses = {}
+            for layer in condensed:
+                if layer in chosen:
+                    continue
+                with swapped_blocks(model, {i: condensed[i] for i in chosen + [layer]}):
+                    losses[layer] = loss(ref, output())
+            best = min(losses, key=losses.get)
+            chosen.append(best)
+            scores.append(losses[best])
+    return chosen, scores
+
+
+def naive_layers(model, ids, condensed: dict, n: int, final: str = "hidden") -> list[int]:
+    """Algorithm 2's order (JS), see :func:`naive_layer_search`."""
+    return naive_layer_search(model, ids, condensed, n, final)[0]

@@ -59,7 +59,7 @@ def test_empty_calibration_file_and_missing_model(tiny_model_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     result = runner.invoke(app, ["condense", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--layers", "1",
-                                 "--calib", str(empty), "--quiet"])
+                                 "--calib", str(empty), "--seq-len", "16", "--quiet"])
     assert result.exit_code == 2 and "is empty" in result.output
     result = runner.invoke(app, ["condense", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--layers", "1"])
     assert result.exit_code == 2 and "does not exist" in result.output

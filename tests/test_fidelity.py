@@ -19,6 +19,7 @@ import cdmoe
 from cdmoe.calibration import CalibSpec
 from cdmoe.condense_run import EvalOptions, condense
 from cdmoe.search import SearchOptions
+from cdmoe.sweep import sweep
 
 CALIB = CalibSpec(str(DEMO_CALIB), 4, 32, 0)
 DEMO_MODEL = ROOT / "demo" / "model"
@@ -139,7 +140,7 @@ def payload_bytes(directory):
 
 
 def test_every_entry_point_writes_the_planned_bytes_of_the_bf16_demo_model(tmp_path):
-    """condense (whole, sequential), apply and the Python API write the bf16 demo model's
+    """condense (whole, sequential), apply, sweep and the Python API write the bf16 demo model's
     condensed checkpoint in bf16: bytes within 1% of ``cdmoe plan`` (before: apply and the API
     wrote fp32, 1.86x), untouched tensors identical to the source."""
     search = SearchOptions(layers=2, experts=4)
@@ -149,6 +150,8 @@ def test_every_entry_point_writes_the_planned_bytes_of_the_bf16_demo_model(tmp_p
         outputs[mode] = tmp_path / mode
         condense(DEMO_MODEL, outputs[mode], search, CALIB, EvalOptions(), show_progress=False, mode=mode)
     outputs["apply"] = cdmoe.apply_record(DEMO_MODEL, outputs["whole"] / "cdmoe.json", tmp_path / "apply")
+    sweep(DEMO_MODEL, tmp_path / "sweep", [2], search, CALIB)
+    outputs["sweep"] = tmp_path / "sweep" / "layers-2"
     model = cdmoe.load_model(DEMO_MODEL)
     record = json.loads((outputs["whole"] / "cdmoe.json").read_text())
     api_record = cdmoe.condense_layers(model, cdmoe.api.choices_from_record(record))

@@ -2,11 +2,11 @@
 
 import json
 
+from conftest import make_tiny
 from typer.testing import CliRunner
 
 from cdmoe.cli import app
 from cdmoe.measure import disk_bytes, peak_rss
-from conftest import make_tiny
 
 
 def test_disk_bytes_counts_weight_files_only(tiny_model_dir):

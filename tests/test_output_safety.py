@@ -161,3 +161,20 @@ def test_a_sweep_that_fails_midway_leaves_no_half_written_root(tiny_model_dir, t
     result = runner.invoke(app, ["sweep", str(tiny_model_dir), "--out", str(out), "--layers", "1,2", *CALIB[:-1]])
     refused(result, "no space left on the device")
     assert saved and not out.exists() and not partial_dir(out).exists()
+
+
+def test_an_unwritable_output_location_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    """As root, permissions do not bite; a read-only location is simulated where cdmoe creates its directory."""
+    from pathlib import Path
+
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name.endswith(".partial"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    out = tmp_path / "ro" / "out"
+    refused(condense(tiny_model_dir, out), "choose a writable location")
+    assert not out.exists()

@@ -1,4 +1,4 @@
-"""``--metric ppl``: the mean over calibration samples of |PPL change| (Sec. 4.3, Table 5), batch-size free."""
+"""``--metric ppl``: the mean over calibration samples of |PPL change| (Sec. 4.4, Table 5), batch-size free."""
 
 import math
 

@@ -1,29 +1,23 @@
 """A remote-code MoE with one module per expert (DeepSeekMoE-16B's layout): handled structurally."""
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import FIXTURES
-from transformers import AutoConfig, AutoModelForCausalLM
+from conftest import remote_code_checkpoint
+from transformers import AutoModelForCausalLM
 
 import cdmoe
 import cdmoe.adapter as adapter
 from cdmoe.adapter import family_spec, moe_blocks
 from cdmoe.search import SearchOptions, run_search
-from cdmoe.testing import randomize_
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    src = tmp_path_factory.mktemp("remote") / "base"
-    shutil.copytree(FIXTURES / "remote_deepseek", src)
-    config = AutoConfig.from_pretrained(src, trust_remote_code=True)
-    randomize_(AutoModelForCausalLM.from_config(config, trust_remote_code=True), seed=0).save_pretrained(src)
-    return src
+    return remote_code_checkpoint(tmp_path_factory.mktemp("remote") / "base")
 
 
 def _load(path):

@@ -240,7 +240,7 @@ def test_sequential_refuses_eval_text_with_one_line(tiny_model_dir, tmp_path):
 
 
 def test_unknown_mode_and_device(tiny_model_dir, tmp_path):
-    base = ["condense", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--layers", "1", "--quiet"]
+    base = ["condense", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--layers", "1", "--seq-len", "16", "--quiet"]
     assert "unknown --mode" in cli.invoke(app, base + ["--mode", "lazy"]).output
     res = cli.invoke(app, base + ["--device", "tpu"])
     assert res.exit_code == 2 and "--device" in res.output

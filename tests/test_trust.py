@@ -9,13 +9,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import DEMO_CALIB, FIXTURES, DEMO_TEXT
-from transformers import AutoConfig, AutoModelForCausalLM
+from conftest import DEMO_CALIB, DEMO_TEXT, remote_code_checkpoint
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import cdmoe
 from cdmoe.cli import app
-from cdmoe.testing import randomize_
 
 runner = CliRunner()
 CALIB = ["--calib", str(DEMO_CALIB), "--samples", "4", "--seq-len", "16", "--quiet"]
@@ -89,11 +88,7 @@ def test_plan_eval_measure_and_apply_run_no_checkpoint_code(planted_dir, tmp_pat
 @pytest.fixture(scope="module")
 def remote_dir(tmp_path_factory):
     """A checkpoint that only its own code can load (model_type "deepseek", DeepSeekMoE-16B's layout)."""
-    src = tmp_path_factory.mktemp("remote") / "base"
-    shutil.copytree(FIXTURES / "remote_deepseek", src)
-    config = AutoConfig.from_pretrained(src, trust_remote_code=True)
-    randomize_(AutoModelForCausalLM.from_config(config, trust_remote_code=True), seed=0).save_pretrained(src)
-    return src
+    return remote_code_checkpoint(tmp_path_factory.mktemp("remote") / "base")
 
 
 def test_code_only_checkpoint_is_refused_with_the_flag_named(remote_dir, tmp_path):

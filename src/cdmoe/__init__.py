@@ -1,7 +1,8 @@
 """cdmoe: condense Mixture-of-Experts language models (CD-MoE, arXiv 2412.00069).
 
 Importing cdmoe registers condensed checkpoints with the transformers Auto API, so
-``AutoModelForCausalLM.from_pretrained(out_dir)`` works without ``trust_remote_code``.
+``AutoModelForCausalLM.from_pretrained(out_dir)`` loads them with cdmoe's own classes (a condensed
+remote-code family still needs ``trust_remote_code=True`` for the family code it ships).
 """
 
 __version__ = "0.1.0"
@@ -14,9 +15,10 @@ from .errors import CdmoeError  # noqa: E402
 from .finetune import FinetuneOptions, finetune  # noqa: E402
 from .loading import load_model, load_tokenizer  # noqa: E402
 from .plan import plan  # noqa: E402
+from .remote_code import trust_remote_code  # noqa: E402
 
 __all__ = [
     "CdmoeError", "FinetuneOptions", "LayerChoice", "MoEBlock", "Routing", "apply_record", "condense_layers",
     "condense_model",
-    "family_spec", "finetune", "load_model", "load_tokenizer", "moe_blocks", "plan", "save",
+    "family_spec", "finetune", "load_model", "load_tokenizer", "moe_blocks", "plan", "save", "trust_remote_code",
 ]

@@ -8,12 +8,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .adapter import family_spec
 from .budget import model_params
-from .checkpoint import RECORD_NAME, check_output_dir, save_condensed
+from .checkpoint import check_output_dir, read_record, save_condensed
 from .condensed import LayerChoice, condense_model
 from .errors import CdmoeError
 from .loading import load_model
@@ -73,15 +72,24 @@ def choices_from_record(record: dict) -> list[LayerChoice]:
             for c in record["condensed"]]
 
 
+def check_record_matches(record: dict, model, name) -> None:
+    """Refuse a record made for another model: other family or other parameter count (shapes)."""
+    family, total = record.get("family"), (record.get("params") or {}).get("total_params")
+    if family is not None and family != family_name(model):
+        raise CdmoeError(f"the record was made for a {family!r} model and {name} is {family_name(model)!r}; pass the "
+                         f"model the record was made from ({record.get('base_model', 'see its base_model')})")
+    if total is not None and total != model_params(model).total:
+        raise CdmoeError(f"the record was made for a model of {total:,} parameters and {name} has "
+                         f"{model_params(model).total:,}; pass the model the record was made from "
+                         f"({record.get('base_model', 'see its base_model')})")
+
+
 def apply_record(model: str | Path, record: str | Path, out: str | Path, *, dtype: str = "auto", force: bool = False) -> Path:
     """Replay the choices of an earlier ``cdmoe.json`` on ``model`` and save to ``out``."""
-    path = Path(record)
-    path = path / RECORD_NAME if path.is_dir() else path
-    if not path.exists():
-        raise CdmoeError(f"record {path} does not exist; pass a cdmoe.json or an output directory holding one")
-    data = json.loads(path.read_text())
+    data = read_record(record, condensed=True)
     check_output_dir(out, force, (model, record))
     loaded = load_model(model, dtype=dtype)
+    check_record_matches(data, loaded, model)
     new_record = condense_layers(loaded, choices_from_record(data), base_model=str(model), search=data.get("search"))
     return save(loaded, out, new_record, source=model, force=force, storage=plan_of(loaded, model, dtype),
                 inputs=(model, record))

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .adapter import decoder_layers, family_spec, moe_blocks
@@ -33,10 +32,11 @@ from .condensed import to_cdmoe_format
 from .errors import CdmoeError
 from .expert_reduce import expert_drop_plans, msmoe_plans, reduce_experts
 from .hf.modeling_cdmoe import DroppedMLP, remove_blocks
+from .input_checks import check_inputs
 from .loading import load_model, load_tokenizer, round_to_checkpoint_dtype
 from .measure import disk_bytes
 from .perplexity import perplexity, token_stream
-from .quantize import BITS, layers_quantized, quantize_model, quantized_bytes
+from .quantize import check_quantize, layers_quantized, quantize_model, quantized_bytes
 
 __all__ = ["METHODS", "BaselineOptions", "apply_baseline", "baseline_record", "finish_quantized", "most_similar_first",
            "run_baseline"]
@@ -61,8 +61,10 @@ class BaselineOptions:
             raise CdmoeError(f"{self.method} needs --keep-experts E' (routed experts kept per layer)")
         if self.method == "slim" and self.quantize is None:
             raise CdmoeError("slim needs --quantize int8 or int4")
-        if self.quantize is not None and self.quantize not in BITS:
-            raise CdmoeError(f"unknown --quantize {self.quantize!r}; use {' or '.join(BITS)}")
+        check_quantize(self.quantize)
+        for option, value in (("--layers", self.layers), ("--keep-experts", self.keep_experts)):
+            if value is not None and value < 1:
+                raise CdmoeError(f"{option} must be at least 1, got {value}")
 
 
 def most_similar_first(scores: dict[int, float]) -> list[int]:
@@ -140,6 +142,7 @@ def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, c
                  force: bool = False) -> dict:
     """Run one baseline end to end on ``model`` and save it to ``out``; return its record."""
     options.validate()
+    check_inputs(model, calib if options.method != "slim" else None, {"--eval-text": eval_text})
     inputs = (model, calib.source, eval_text)
     check_output_dir(out, force, inputs)
     started = time.perf_counter()

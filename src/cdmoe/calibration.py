@@ -14,7 +14,6 @@ Sources (the ``--calib`` spec):
 
 from __future__ import annotations
 
-import gzip
 import json
 import warnings
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import CdmoeError
+from .input_checks import check_text_file, decode_text, gunzip
 
 __all__ = ["CalibSpec", "load_calibration", "read_documents"]
 
@@ -40,18 +40,17 @@ class CalibSpec:
         return asdict(self)
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """Documents of a local text, JSON-lines or parquet file."""
+def read_documents(path: str | Path, option: str = "--calib") -> list[str]:
+    """Documents of a local text, JSON-lines or parquet file (``option``: the flag that named it, for errors)."""
     path = Path(path)
-    if not path.exists():
-        raise CdmoeError(f"calibration file {path} does not exist; pass an existing .txt/.jsonl/.parquet file")
+    check_text_file(path, option)
     name = path.name
     if name.endswith((".txt", ".txt.gz")):
-        raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
-        docs = [d.strip() for d in raw.decode("utf-8").split("\n\n")]
+        raw = gunzip(path, option) if name.endswith(".gz") else path.read_bytes()
+        docs = [d.strip() for d in decode_text(raw, path, option).split("\n\n")]
     elif name.endswith((".jsonl", ".json")):
         docs = []
-        for i, line in enumerate(path.read_text("utf-8").splitlines()):
+        for i, line in enumerate(decode_text(path.read_bytes(), path, option).splitlines()):
             if line.strip():
                 try:
                     docs.append(json.loads(line)["text"])
@@ -60,15 +59,16 @@ def read_documents(path: str | Path) -> list[str]:
     elif name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow's errors for a file that is not parquet
+            raise CdmoeError(f"{option} {path} is not a readable parquet file ({type(err).__name__}); re-create it") from None
         if "text" not in table.column_names:
             raise CdmoeError(f"{path} has no 'text' column (columns: {table.column_names})")
         docs = [str(t) for t in table.column("text").to_pylist()]
-    else:
-        raise CdmoeError(f"unsupported calibration file {path}; use .txt, .txt.gz, .jsonl or .parquet")
     docs = [d for d in docs if d and d.strip()]
     if not docs:
-        raise CdmoeError(f"calibration file {path} is empty")
+        raise CdmoeError(f"{option} {path} is empty")
     return docs
 
 

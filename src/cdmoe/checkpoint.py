@@ -116,8 +116,33 @@ def write_record(directory: str | Path, record: dict) -> None:
     path.write_text(json.dumps({**record, "versions": previous.get("versions", versions())}, indent=2) + "\n")
 
 
-def read_record(directory: str | Path) -> dict:
-    path = Path(directory) / RECORD_NAME
+def read_record(directory: str | Path, condensed: bool = False) -> dict:
+    """The ``cdmoe.json`` of an output directory (or that file itself), checked: a JSON object and,
+    with ``condensed``, a ``condensed`` list of {layer, experts, gates} with finite gates."""
+    import math
+
+    path = Path(directory)
+    path = path / RECORD_NAME if path.is_dir() or not path.suffix else path
     if not path.exists():
-        raise CdmoeError(f"{directory} has no {RECORD_NAME}; is it a cdmoe output directory?")
-    return json.loads(path.read_text())
+        raise CdmoeError(f"{path.parent if path.name == RECORD_NAME else path} has no {RECORD_NAME}; pass a cdmoe "
+                         "output directory or its cdmoe.json")
+    from .input_checks import read_json_object
+
+    record = read_json_object(path, "pass the cdmoe.json a cdmoe run wrote")
+    if not condensed:
+        return record
+    entries = record.get("condensed")
+    if not isinstance(entries, list) or not entries:
+        raise CdmoeError(f"{path} has no 'condensed' list of layers; it is not the record of a CD-MoE output")
+    for entry in entries:
+        ok = (isinstance(entry, dict) and isinstance(entry.get("layer"), int) and isinstance(entry.get("experts"), list)
+              and isinstance(entry.get("gates"), list) and len(entry["experts"]) == len(entry["gates"])
+              and all(isinstance(e, int) for e in entry["experts"]))
+        if not ok:
+            raise CdmoeError(f"{path}: condensed entry {entry!r:.80} needs an integer 'layer' and equally long "
+                             "'experts' (integers) and 'gates' lists")
+        bad = [g for g in entry["gates"] if not isinstance(g, (int, float)) or not math.isfinite(g)]
+        if bad:
+            raise CdmoeError(f"{path}: layer {entry['layer']} has gate {bad[0]!r}; gates must be finite numbers "
+                             "(rerun the search that wrote this record)")
+    return record

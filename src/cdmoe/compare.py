@@ -36,6 +36,7 @@ from .calib_stats import calibration_stats
 from .calibration import CalibSpec, load_calibration
 from .checkpoint import atomic_output_dir, check_output_dir
 from .errors import CdmoeError
+from .input_checks import check_inputs
 from .loading import load_model, load_tokenizer, round_to_checkpoint_dtype
 from .measure import disk_bytes, peak_rss
 from .perplexity import perplexity, token_stream
@@ -146,6 +147,7 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
     if not budgets or not all(0 < b <= 1 for b in budgets):
         raise CdmoeError("--budget takes memory ratios in (0, 1], e.g. 0.8,0.6")
     out = Path(out)
+    check_inputs(model, calib, {"--eval-text": eval_text, "--task-text": task_text})
     inputs = (model, calib.source, eval_text, task_text)
     check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)

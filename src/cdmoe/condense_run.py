@@ -17,10 +17,12 @@ from .calibration import CalibSpec, load_calibration
 from .checkpoint import STATE_DIR, atomic_output_dir, check_output_dir, write_condensed, write_record
 from .devices import choose_mode, resolve_device
 from .errors import CdmoeError
+from .input_checks import check_inputs
 from .layer_store import SequentialStore
 from .loading import checkpoint_dtype, compute_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
 from .perplexity import perplexity, token_stream
 from .plots import plot_single_layer_scores
+from .quantize import check_quantize
 from .resume import SearchState, run_key
 from .search import SearchOptions, run_search
 from .storage_dtypes import cast_to_storage, plan_of
@@ -82,6 +84,11 @@ def condense(
     (default: ``.OUT.partial/``), deleted when the search ends; same result, less memory, slower.
     """
     check_activations(activations, activations_dir)
+    search.check()
+    check_quantize(quantize)
+    check_inputs(model, calib, {"--eval-text": evaluation.text})
+    if evaluation.max_tokens < 2:
+        raise CdmoeError(f"--eval-tokens must be at least 2, got {evaluation.max_tokens}")
     inputs = (model, calib.source, evaluation.text)
     check_output_dir(out, force, inputs)
     started = time.perf_counter()

@@ -127,11 +127,14 @@ def condense_model(model: nn.Module, choices: list[LayerChoice], *, prefer_nativ
         block = blocks[choice.layer]
         if len(set(choice.experts)) != len(choice.experts):
             raise CdmoeError(f"layer {choice.layer}: expert ids repeat in {list(choice.experts)}")
+        if len(choice.experts) > block.num_experts:
+            raise CdmoeError(f"layer {choice.layer}: asked for {len(choice.experts)} experts but it has "
+                             f"{block.num_experts} routed experts; choose K <= {block.num_experts}")
         bad = [e for e in choice.experts if not 0 <= e < block.num_experts]
-        if bad or len(choice.experts) > block.num_experts:
+        if bad:
             raise CdmoeError(
                 f"layer {choice.layer}: asked for experts {list(choice.experts)} but it has {block.num_experts} routed "
-                f"experts (ids 0..{block.num_experts - 1}); choose K <= {block.num_experts}"
+                f"experts, ids 0..{block.num_experts - 1} (a record made for another model?)"
             )
     if len({c.layer for c in choices}) != len(choices):
         raise CdmoeError("a layer appears twice in the condense choices")

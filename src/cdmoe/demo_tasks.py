@@ -87,7 +87,7 @@ def build_demo_tasks(text: str | Path, dest: str | Path, n_items: int = 400, n_d
     """Write the two tasks' YAML and data files for ``text`` into ``dest``; return ``dest``."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    docs = read_documents(text)
+    docs = read_documents(text, "--task-text")
     cloze = dest / f"{CLOZE_TASK}.jsonl"
     cloze.write_text("".join(json.dumps(item) + "\n" for item in cloze_items(docs, n_items, seed=seed)))
     ppl = dest / f"{PPL_TASK}.jsonl"

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from .adapter import attr_path, family_spec
-from .checkpoint import RECORD_NAME, check_output_dir, save_condensed
+from .checkpoint import RECORD_NAME, check_output_dir, read_record, save_condensed
 from .condense_run import EvalOptions
 from .errors import CdmoeError
 from .finetune_data import build_dataset, collate
+from .input_checks import check_text_file
 from .loading import load_model, load_tokenizer, round_to_checkpoint_dtype
 from .perplexity import perplexity, token_stream
 
@@ -57,13 +58,31 @@ class FinetuneOptions:
     logging_steps: int = 10
     dtype: str = "auto"
 
+    def check(self) -> None:
+        """One-line errors for values Trainer would misread (``--steps -3`` meant a full epoch)."""
+        from .loading import resolve_dtype
+
+        positive = {"--steps": self.steps, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--save-steps": self.save_steps, "--logging-steps": self.logging_steps, "--lora-r": self.lora_r}
+        for option, value in positive.items():
+            if value is not None and value < 1:
+                raise CdmoeError(f"{option} must be at least 1, got {value}")
+        if self.steps is None and not self.epochs > 0:
+            raise CdmoeError(f"--epochs must be positive, got {self.epochs}")
+        if not self.lr > 0:
+            raise CdmoeError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise CdmoeError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.seq_len < 2:
+            raise CdmoeError(f"--seq-len must be at least 2, got {self.seq_len}")
+        resolve_dtype(self.dtype)
+
 
 def condensed_record(directory: str | Path) -> dict:
-    path = Path(directory) / RECORD_NAME
-    if not path.exists():
+    if not (Path(directory) / RECORD_NAME).exists():
         raise CdmoeError(f"{directory} is not a condensed directory (no {RECORD_NAME}); run `cdmoe condense` first "
                          "and fine-tune its output")
-    return json.loads(path.read_text())
+    return read_record(directory, condensed=True)
 
 
 def condensed_mlps(model: nn.Module, record: dict) -> dict[str, nn.Module]:
@@ -127,7 +146,13 @@ def _prepare_checkpoint_dir(directory: Path, options: FinetuneOptions, resume: b
     if resume:
         if not _checkpoints(directory):
             raise CdmoeError(f"nothing to resume: {directory} holds no Trainer checkpoint (checkpoint-N)")
-        theirs = json.loads(saved.read_text()) if saved.exists() else mine
+        try:
+            theirs = json.loads(saved.read_text()) if saved.exists() else mine
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            theirs = None
+        if not isinstance(theirs, dict):
+            raise CdmoeError(f"{saved} is corrupt, so the checkpointed run's options are unknown; pass --force to "
+                             "start over (its checkpoints are discarded)")
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
         if diff:
             raise CdmoeError(f"--resume with other options than the checkpointed run ({', '.join(diff)}); "
@@ -206,6 +231,8 @@ def finetune(
     """
     from transformers import set_seed
 
+    options.check()
+    check_text_file(options.data, "--data")
     record = condensed_record(directory)
     inputs = (directory, options.data)
     check_output_dir(out, force, inputs)

@@ -59,7 +59,7 @@ def load_records(spec: str) -> list[dict]:
     if local and not path.exists():
         raise CdmoeError(f"training data {path} does not exist; pass an existing .txt/.jsonl/.json/.parquet file")
     if path.name.endswith((".txt", ".txt.gz")):
-        return [{"text": d} for d in read_documents(path)]
+        return [{"text": d} for d in read_documents(path, "--data")]
     if local:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq

@@ -5,7 +5,7 @@ the divergence between the original and the condensed model's final output on th
 calibration tokens, given the n-1 layers already condensed. The final output is either
 the final normed hidden state (softmax over the hidden dimension, as the official code)
 or the vocabulary distribution (``logits``); ``ppl`` scores the mean over calibration samples
-of |PPL_condensed - PPL_orig| of each sample (the paper's PPL metric, Sec. 4.3 / Table 5).
+of |PPL_condensed - PPL_orig| of each sample (the paper's PPL metric, Sec. 4.4 / Table 5).
 
 Cost: layers before a candidate are unchanged by it, so each candidate re-runs only
 layers ``l..L-1`` from the cached input of layer ``l`` (:class:`~cdmoe.runner.LayerRunner`);

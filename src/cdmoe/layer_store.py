@@ -100,7 +100,6 @@ class SequentialStore:
 
         from . import register  # noqa: F401  (condensed checkpoints as input)
         from .adapter import family_spec
-
         from .remote_code import remote_code_error, trusted
 
         trust_remote_code = trusted() if trust_remote_code is None else trust_remote_code

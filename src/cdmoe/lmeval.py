@@ -80,10 +80,20 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
 
     ``tasks="none"`` skips lm-eval; ``ppl_text`` adds held-out perplexity (see :mod:`cdmoe.perplexity`).
     """
+    from .input_checks import check_inputs
     from .loading import load_model, load_tokenizer
     from .output_dir import check_output_file, write_output_file
     from .perplexity import perplexity, token_stream
 
+    if batch_size != "auto" and not (str(batch_size).isdigit() and int(batch_size) >= 1):
+        raise CdmoeError(f"--batch-size takes a positive integer or auto, got {batch_size!r}")
+    for option, value, least in (("--ppl-seq-len", ppl_seq_len, 2), ("--ppl-stride", ppl_stride, 1),
+                                 ("--ppl-tokens", ppl_tokens, 2), ("--limit", limit, 1)):
+        if value is not None and value < least:
+            raise CdmoeError(f"{option} must be at least {least}, got {value}")
+    if ppl_stride is not None and ppl_stride > ppl_seq_len:
+        raise CdmoeError(f"--ppl-stride {ppl_stride} is larger than --ppl-seq-len {ppl_seq_len}; tokens would be skipped")
+    check_inputs(model_path, texts={"--ppl-text": ppl_text, "--task-text": task_text})
     target = check_output_file(out or "eval.json", force, inputs=(model_path, task_text, ppl_text))
     model = load_model(model_path, dtype=dtype)
     tokenizer = load_tokenizer(model_path)
@@ -94,7 +104,7 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
             result = evaluate(model, tokenizer, names, include, limit, batch_size)
     result["summary"] = summarize(result)
     if ppl_text:
-        stream = token_stream(tokenizer, ppl_text, ppl_tokens)
+        stream = token_stream(tokenizer, ppl_text, ppl_tokens, option="--ppl-text")
         value = perplexity(model, stream, ppl_seq_len, ppl_stride)
         result["perplexity"] = {"text": ppl_text, "tokens": len(stream), "seq_len": ppl_seq_len,
                                 "stride": ppl_stride or ppl_seq_len, "perplexity": value}

@@ -24,13 +24,10 @@ def resolve_dtype(name: str | None) -> torch.dtype | str:
     return _DTYPES[name]
 
 
-def _check_path(name_or_path: str | Path) -> None:
-    text = str(name_or_path)
-    looks_local = text.startswith((".", "/", "~")) or Path(text).exists() or text.count("/") > 1
-    if looks_local and not Path(text).expanduser().exists():
-        raise CdmoeError(f"model path {text} does not exist; pass a local model directory or a hub model id")
-    if looks_local and Path(text).is_dir() and not (Path(text) / "config.json").exists():
-        raise CdmoeError(f"{text} has no config.json; pass a Hugging Face model directory")
+def _check_path(name_or_path: str | Path, weights: bool = False) -> None:
+    from .input_checks import check_model_dir
+
+    check_model_dir(name_or_path, weights=weights)
 
 
 def compute_dtype(dtype: str | None, device: str) -> torch.dtype | str:
@@ -52,22 +49,25 @@ def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str
     The checkpoint's own dtype is kept in ``model.config.dtype`` whatever the compute dtype.
     ``device_map`` (e.g. ``"auto"`` for several GPUs) places the layers with accelerate instead of ``device``.
     """
-    _check_path(name_or_path)
+    _check_path(name_or_path, weights=True)
     from . import register  # noqa: F401  (condensed checkpoints load natively)
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             str(name_or_path), dtype=compute_dtype(dtype, device),
             trust_remote_code=trusted() if trust_remote_code is None else trust_remote_code,
+            output_loading_info=True, ignore_mismatched_sizes=True,  # mismatches are refused below, by name
             **({"device_map": device_map} if device_map is not None else {}),
         )
     except OSError as err:
         raise CdmoeError(
             f"cannot load {name_or_path} ({str(err).splitlines()[0]}); if the hub is unreachable, pass a local directory"
         ) from None
-    except ValueError as err:
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:  # a config or checkpoint the family cannot build
         raise remote_code_error(name_or_path, err) or CdmoeError(
-            f"cannot load {name_or_path}: {str(err).splitlines()[0]}") from None
+            f"cannot load {name_or_path}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        ) from None
+    _check_loading_info(name_or_path, info)
     if not getattr(model, "is_quantized", False):
         from .storage_dtypes import attach_storage_plan
 
@@ -81,14 +81,29 @@ def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str
     return model.to(device).eval()
 
 
+def _check_loading_info(name_or_path, info: dict) -> None:
+    """Refuse a checkpoint with tensors missing (transformers would initialise them at random) or of
+    the wrong shape: a condensed model of garbage must never be written."""
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
+    if mismatched:
+        name, got, want = (list(mismatched[0]) + [None, None])[:3]
+        raise CdmoeError(f"{name_or_path}: tensor {name} has shape {tuple(got or ())} on disk, the config expects "
+                         f"{tuple(want or ())} (and {len(mismatched) - 1} more); the checkpoint does not match its "
+                         "config.json")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise CdmoeError(f"{name_or_path} has no tensor for {missing[0]} (and {len(missing) - 1} more); the checkpoint "
+                         "is incomplete or not of this config's family")
+
+
 def checkpoint_dtype(name_or_path: str | Path) -> torch.dtype | None:
     """The dtype a checkpoint stores its weights in, from its config.json (None if unknown)."""
-    import json
 
-    path = Path(str(name_or_path)) / "config.json"
-    if not path.exists():
+    from .input_checks import read_config
+
+    if not (Path(str(name_or_path)) / "config.json").exists():
         return None
-    data = json.loads(path.read_text())
+    data = read_config(Path(str(name_or_path)))
     name = data.get("dtype") or data.get("torch_dtype")
     return getattr(torch, name, None) if isinstance(name, str) else None
 

@@ -40,8 +40,9 @@ def divergence_sum(reference: torch.Tensor, candidate: torch.Tensor, metric: str
 def sample_perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Perplexity of each sample, (B,): exp of the mean next-token NLL over its S - 1 predicted tokens.
 
-    The PPL metric of the layer search (Sec. 4.3, Table 5: "For each calibration sample, we
-    compute the change in PPL and select layers that minimize the average difference in PPL")
+    The PPL metric of the layer search (Sec. 4.4, Table 5: "For each calibration sample, we
+    compute the change in PPL and select layers that minimize the average difference in PPL between
+    the original and condensed models")
     is mean_s |sample_perplexity(condensed)_s - sample_perplexity(original)_s|, which depends on
     the samples only, never on how they are batched.
     """

@@ -62,11 +62,7 @@ def check_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str 
         if _overlap(target, source):
             where = "is" if target == source else ("lies inside" if source in target.parents else "contains")
             raise CdmoeError(f"--out {out} {where} the input {item}; choose an output directory outside every input")
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CdmoeError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
-            break
+    _check_parents(target, out)
     if target.exists():
         if not target.is_dir():
             raise CdmoeError(f"output path {out} is a file; choose a directory path for --out")
@@ -76,6 +72,15 @@ def check_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str 
             raise CdmoeError(f"--force replaces only directories cdmoe wrote, and {out} holds no "
                              f"{' / '.join(OUTPUT_MARKERS)}; remove it yourself or choose another --out")
     return target
+
+
+def _check_parents(target: Path, out) -> None:
+    """Fail if the nearest existing parent of ``target`` is a file."""
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CdmoeError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+            return
 
 
 def partial_dir(out: str | Path) -> Path:
@@ -165,11 +170,7 @@ def check_output_file(out: str | Path, force: bool = False, inputs: Iterable[str
             raise CdmoeError(f"--out {out} is the input {item}; choose another --out")
     if target.is_dir():
         raise CdmoeError(f"--out {out} is a directory; pass a file path such as {Path(out) / 'result.json'}")
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CdmoeError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
-            break
+    _check_parents(target, out)
     if target.exists() and not force:
         raise CdmoeError(f"{out} already exists; choose another --out or pass --force to replace it")
     return target

@@ -22,11 +22,11 @@ from .errors import CdmoeError
 __all__ = ["token_stream", "perplexity"]
 
 
-def token_stream(tokenizer, source: str | Path, max_tokens: int | None = None) -> torch.Tensor:
-    """One long (N,) stream of token ids from a text source."""
+def token_stream(tokenizer, source: str | Path, max_tokens: int | None = None, option: str = "--eval-text") -> torch.Tensor:
+    """One long (N,) stream of token ids from a text source (``option``: the flag that named it, for errors)."""
     path = Path(source)
     if path.exists() or path.suffix:
-        docs = read_documents(path)
+        docs = read_documents(path, option)
     else:
         from datasets import load_dataset
 

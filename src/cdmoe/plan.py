@@ -10,7 +10,6 @@ output says which way was used.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,8 +18,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .budget import ModelParams, MoELayerParams, model_params
 from .errors import CdmoeError
-from .remote_code import remote_code_error, trusted
 from .families import spec_for_model_type, supported_model_types
+from .input_checks import check_family_keys, read_config, read_json_object
+from .loading import resolve_dtype
+from .remote_code import remote_code_error, trusted
 
 __all__ = ["load_config", "params_from_config", "plan", "DTYPE_BYTES"]
 
@@ -37,7 +38,8 @@ def load_config(model_or_config: str | Path) -> PretrainedConfig | dict:
         file = path / "config.json" if path.is_dir() else path
         if not file.exists():
             raise CdmoeError(f"{file} does not exist; pass a config.json, a model directory or a hub model id")
-        data = json.loads(file.read_text())
+        data = read_config(file.parent) if file.name == "config.json" else read_json_object(file, "pass a model's config.json")
+        check_family_keys(data, file)
         model_type = data.get("model_type")
         if model_type in CONFIG_MAPPING:
             data = {k: v for k, v in data.items() if k not in ("model_type", "auto_map")}
@@ -132,8 +134,8 @@ def plan(
     moe_ids = params.moe_layer_ids
     if layer_ids is None:
         n = len(moe_ids) if layers is None else layers
-        if not 0 <= n <= len(moe_ids):
-            raise CdmoeError(f"--layers {n} is out of range: the model has {len(moe_ids)} MoE layers")
+        if not 1 <= n <= len(moe_ids):
+            raise CdmoeError(f"--layers {n} is out of range: the model has {len(moe_ids)} MoE layers (1..{len(moe_ids)})")
         layer_ids = moe_ids[len(moe_ids) - n :]
     bad = [i for i in layer_ids if i not in moe_ids]
     if bad:
@@ -146,7 +148,11 @@ def plan(
                 raise CdmoeError(f"--experts {k} is out of range: layer {layer.layer} has {layer.num_experts} routed experts")
             per_layer[layer.layer] = k
     get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    dtype = dtype or str(get("dtype", None) or get("torch_dtype", None) or "bfloat16").replace("torch.", "")
+    if dtype not in (None, "auto"):
+        resolved = resolve_dtype(dtype)  # a one-line error for an unknown name
+        dtype = str(resolved).replace("torch.", "")
+    else:
+        dtype = str(get("dtype", None) or get("torch_dtype", None) or "bfloat16").replace("torch.", "")
     result = params.summary(per_layer, DTYPE_BYTES.get(dtype, 2))
     result.update(params.sequential(DTYPE_BYTES.get(dtype, 2), calib_tokens, DTYPE_BYTES.get(dtype, 2)))
     first = params.layers[0]

@@ -30,7 +30,7 @@ from .errors import CdmoeError
 from .hf.modeling_cdmoe import UnfusedExperts
 from .remote_code import trusted
 
-__all__ = ["BITS", "layers_quantized", "quantized_bytes", "quantize_model", "target_patterns", "unfuse_experts"]
+__all__ = ["BITS", "check_quantize", "layers_quantized", "quantized_bytes", "quantize_model", "target_patterns", "unfuse_experts"]
 
 BITS = ("int8", "int4")
 NF4_BLOCK = 64
@@ -49,6 +49,12 @@ def _bnb_config(bits: str, skip: list[str], compute_dtype: torch.dtype):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
                                   llm_int8_skip_modules=skip)
     raise CdmoeError(f"unknown --quantize {bits!r}; use {' or '.join(BITS)}")
+
+
+def check_quantize(bits: str | None) -> None:
+    """A one-line error for an unknown ``--quantize`` (before anything is loaded)."""
+    if bits is not None and bits not in BITS:
+        raise CdmoeError(f"unknown --quantize {bits!r}; use {' or '.join(BITS)}")
 
 
 def unfuse_experts(model: nn.Module) -> nn.Module:

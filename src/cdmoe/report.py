@@ -13,23 +13,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import RECORD_NAME
+from .checkpoint import read_record
 from .errors import CdmoeError
+from .input_checks import read_json_object
 from .plots import _pyplot, plot_single_layer_scores
 
 __all__ = ["collect", "build_report"]
 
 
 def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json_object(path, "rerun the command that wrote it") if path.exists() else None
 
 
 def collect(directory: str | Path) -> dict:
     """One report row from an output directory."""
     directory = Path(directory)
-    record = _read(directory / RECORD_NAME)
-    if record is None:
-        raise CdmoeError(f"{directory} has no {RECORD_NAME}; pass cdmoe output directories")
+    if not directory.is_dir():
+        raise CdmoeError(f"{directory} is not a directory; pass cdmoe output directories")
+    record = read_record(directory, condensed=True)
     evaluation = _read(directory / "eval.json") or {}
     speed = _read(directory / "speed.json") or {}
     memory = _read(directory / "memory.json") or {}
@@ -114,6 +115,11 @@ def build_report(directories: list[str | Path], out: str | Path) -> dict:
         raise CdmoeError("pass at least one cdmoe output directory")
     rows = sorted((collect(d) for d in directories), key=lambda r: -r["memory_ratio"])
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CdmoeError(f"--out {out} is a file; pass a directory for report.json and the plots")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise CdmoeError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     plots = {}
     made = _plot_quality(rows, "memory_ratio", "memory ratio (condensed / original parameters)",

@@ -75,7 +75,7 @@ class SearchState:
         self.data = {"key": key, "key_hash": _hash(key), "expert_layers": {}, "layer_search": None}
         self.resumed: dict | None = None
         if self.path.exists():
-            stored = json.loads(self.path.read_text())
+            stored = self._read()
             if stored.get("key_hash") != self.data["key_hash"]:
                 differ = [part for part in key if stored.get("key", {}).get(part) != key[part]] or ["format"]
                 raise CdmoeError(
@@ -86,6 +86,20 @@ class SearchState:
             layers = stored["layer_search"] or {}
             self.resumed = {"expert_layers": len(stored["expert_layers"]), "layer_steps": len(layers.get("order", [])),
                             "pending_candidates": len(layers.get("pending", {}))}
+
+    def _read(self) -> dict:
+        """The stored state, or a one-line error if it is not one (a damaged or foreign file)."""
+        corrupt = CdmoeError(f"{self.path} is corrupt (not a cdmoe search state); pass --force to start the search over")
+        try:
+            stored = json.loads(self.path.read_text("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise corrupt from None
+        if not (isinstance(stored, dict) and isinstance(stored.get("key_hash"), str)
+                and isinstance(stored.get("expert_layers"), dict)
+                and (stored.get("layer_search") is None or isinstance(stored["layer_search"], dict))
+                and all(isinstance(v, dict) for v in stored["expert_layers"].values())):
+            raise corrupt
+        return stored
 
     # Algorithm 1 ------------------------------------------------------------------------
     def expert_layer(self, layer: int) -> tuple[ExpertSearchResult, torch.Tensor, torch.Tensor] | None:

@@ -43,7 +43,14 @@ class SearchOptions:
     layer_selector: str = "greedy"  # greedy | layer-rank | global-layer-rank
     seed: int = 0  # for the random expert selector
 
-    def validate(self, num_moe_layers: int) -> None:
+    def check(self) -> None:
+        """The checks that need no model (run before anything is loaded)."""
+        if self.batch_size < 1:
+            raise CdmoeError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.layers < 1:
+            raise CdmoeError(f"--layers must be at least 1, got {self.layers}")
+        if self.experts is not None and self.experts < 0:
+            raise CdmoeError(f"--experts must be 0 (shared experts only) or more, got {self.experts}")
         if self.expert_selector not in EXPERT_SELECTORS:
             raise CdmoeError(f"unknown --expert-selector {self.expert_selector!r}; use {', '.join(EXPERT_SELECTORS)}")
         if self.layer_selector not in LAYER_SELECTORS:
@@ -52,6 +59,9 @@ class SearchOptions:
             raise CdmoeError(f"unknown --metric {self.metric!r}; use js, kl or ppl")
         if self.final not in ("hidden", "logits"):
             raise CdmoeError(f"unknown --final {self.final!r}; use hidden or logits")
+
+    def validate(self, num_moe_layers: int) -> None:
+        self.check()
         if not 1 <= self.layers <= num_moe_layers:
             raise CdmoeError(f"--layers {self.layers} is out of range: the model has {num_moe_layers} MoE layers")
 

@@ -16,6 +16,7 @@ from .calibration import CalibSpec, load_calibration
 from .checkpoint import atomic_output_dir, check_output_dir
 from .condense_run import EvalOptions
 from .errors import CdmoeError
+from .input_checks import check_inputs
 from .loading import load_model, load_tokenizer, round_to_checkpoint_dtype
 from .perplexity import perplexity, token_stream
 from .report import build_report
@@ -32,6 +33,8 @@ def sweep(model: str | Path, out: str | Path, layer_counts: list[int], search: S
     if not counts or counts[0] < 1:
         raise CdmoeError("--layers must list positive layer counts, e.g. 1,2,4")
     out = Path(out)
+    search.check()
+    check_inputs(model, calib, {"--eval-text": evaluation.text})
     inputs = (model, calib.source, evaluation.text)
     check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)
