@@ -8,7 +8,9 @@ from conftest import DEMO_CALIB, DEMO_TEXT
 from cdmoe.calibration import CalibSpec
 from cdmoe.compare import compare, parse_methods
 from cdmoe.errors import CdmoeError
+from cdmoe.loading import load_model, load_tokenizer
 from cdmoe.measure import disk_bytes
+from cdmoe.perplexity import perplexity, token_stream
 
 
 def test_parse_methods():
@@ -38,7 +40,9 @@ def test_compare_writes_matched_points(tiny_model_dir, tmp_path):
     for name in ("cd-moe", "layer-drop", "expert-drop"):
         row = rows[name]
         assert row["memory_ratio"] == pytest.approx(disk_bytes(out / row["dir"]) / original)
-        assert row["ppl"] > 0 and row["budgets"] == [0.8]
+        assert row["budgets"] == [0.8]
+        stream = token_stream(load_tokenizer(tiny_model_dir), str(DEMO_TEXT), 2000)  # scored from disk, as a user loads it
+        assert row["ppl"] == pytest.approx(perplexity(load_model(out / row["dir"]), stream, 32), rel=1e-5)
         assert abs(row["predicted_ratio"] - row["memory_ratio"]) < 0.02  # the plan predicts the real bytes
     assert result["rows"][0]["memory_ratio"] == 1.0
 

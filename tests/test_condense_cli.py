@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from cdmoe.calibration import CalibSpec, load_calibration
+from cdmoe.adapter import moe_blocks
+from cdmoe.api import choices_from_record, condense_layers
 from cdmoe.cli import app
 from cdmoe.loading import load_model, load_tokenizer
 from cdmoe.search import SearchOptions, run_search
@@ -28,9 +30,13 @@ def test_condense_cli_writes_a_loadable_directory(tiny_model_dir, tmp_path):
     ev = record["evaluation"]
     assert {"original_ppl", "condensed_ppl", "random_experts_ppl", "dropped_layers_ppl"} <= set(ev)
     assert (out / "plots" / "single_layer_js.png").stat().st_size > 1000
+    # the saved model is the original with the recorded choices condensed in (Eq. 3), nothing else
     model = AutoModelForCausalLM.from_pretrained(out)
+    expected = load_model(tiny_model_dir)
+    condense_layers(expected, choices_from_record(record))
     ids = torch.randint(0, 300, (1, 8))
-    assert torch.isfinite(model(input_ids=ids).logits).all()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     # the existing output directory is refused without --force
     again = runner.invoke(app, ["condense", str(tiny_model_dir), "--out", str(out), "--layers", "1", *CALIB])
     assert again.exit_code == 2 and "already exists" in again.output
@@ -80,7 +86,18 @@ def test_condense_cli_with_ablation_selectors(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     search = json.loads((out / "cdmoe.json").read_text())["search"]
     assert search["expert_selector"] == "l1" and search["layer_selector"] == "layer-rank"
-    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    # Layer Rank: the 2 layers whose own output moved least; L1: each layer's lowest-L1-norm experts (the
+    # paper's baseline), from the fused expert tensors of the original directly
+    own = {int(layer): found["step_scores"][-1] for layer, found in search["expert_search"].items()}
+    assert search["layer_order"] == sorted(own, key=lambda i: (own[i], i))[:2]
+    original = load_model(tiny_model_dir)
+    for block in moe_blocks(original):
+        experts = block.module.experts
+        norms = experts.gate_up_proj.abs().sum((1, 2)) + experts.down_proj.abs().sum((1, 2))
+        k = len(search["expert_search"][str(block.layer_idx)]["experts"])
+        assert sorted(search["expert_search"][str(block.layer_idx)]["experts"]) == sorted(norms.argsort()[:k].tolist())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sorted(model.config.cdmoe["condensed_layers"]) == sorted(str(i) for i in search["layer_order"])
 
 
 def test_sweep_order_for_n_is_a_prefix_of_the_order_for_n_plus_one(tiny_model_dir):
