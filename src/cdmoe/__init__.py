@@ -16,9 +16,18 @@ from .finetune import FinetuneOptions, finetune  # noqa: E402
 from .loading import load_model, load_tokenizer  # noqa: E402
 from .plan import plan  # noqa: E402
 from .remote_code import trust_remote_code  # noqa: E402
+from .oneshot import baseline, compare, condense, evaluate, sweep  # noqa: E402
+from .baselines import BaselineOptions  # noqa: E402
+from .calibration import CalibSpec  # noqa: E402
+from .condense_run import EvalOptions  # noqa: E402
+from .search import SearchOptions  # noqa: E402
 
 __all__ = [
-    "CdmoeError", "FinetuneOptions", "LayerChoice", "MoEBlock", "Routing", "apply_record", "condense_layers",
-    "condense_model",
-    "family_spec", "finetune", "load_model", "load_tokenizer", "moe_blocks", "plan", "save", "trust_remote_code",
+    # one call per job (mirroring the CLI)
+    "condense", "evaluate", "compare", "sweep", "baseline", "finetune", "plan", "apply_record",
+    # their option types
+    "BaselineOptions", "CalibSpec", "EvalOptions", "FinetuneOptions", "SearchOptions",
+    # step by step
+    "CdmoeError", "LayerChoice", "MoEBlock", "Routing", "condense_layers", "condense_model", "family_spec",
+    "load_model", "load_tokenizer", "moe_blocks", "save", "trust_remote_code",
 ]

@@ -16,7 +16,7 @@ from .checkpoint import check_output_dir, read_record, save_condensed
 from .condensed import LayerChoice, condense_model
 from .errors import CdmoeError
 from .loading import load_model
-from .storage_dtypes import plan_of
+from .storage_dtypes import PLAN_ATTR, attach_storage_plan, plan_of
 
 __all__ = ["family_name", "condense_layers", "save", "apply_record", "choices_from_record"]
 
@@ -35,8 +35,10 @@ def condense_layers(model, choices: list[LayerChoice], *, base_model: str | None
     params = model_params(model)
     if getattr(model.config, "cdmoe", None):
         raise CdmoeError("this model is already condensed; condense the original model instead")
-    condense_model(model, choices)
+    if getattr(model, PLAN_ATTR, None) is None:  # how it will be saved, fixed while its names are the source's
+        attach_storage_plan(model, None)
     itemsize = plan_of(model).default.itemsize  # bytes as stored (the checkpoint's dtype), not as computed
+    condense_model(model, choices)
     summary = params.summary({c.layer: len(c.experts) for c in choices}, bytes_per_param=itemsize)
     return {
         "format_version": RECORD_FORMAT,

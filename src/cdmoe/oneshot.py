@@ -1,0 +1,137 @@
+"""One call per job, as the CLI's commands: ``cdmoe.condense``, ``cdmoe.evaluate``, ``cdmoe.compare``,
+``cdmoe.sweep``, ``cdmoe.baseline`` (and ``cdmoe.plan``, ``cdmoe.finetune``), in the spirit of
+``llmcompressor.oneshot(...)`` and ``torchao.quantize_(model, config)``::
+
+    import cdmoe
+    record = cdmoe.condense("path/to/moe", out="out/", layers=9, experts=6, calib="c4")
+    scores = cdmoe.evaluate("out/", tasks="paper")
+
+Every keyword is the CLI option of the same name; each function returns the record or result
+the command writes. ``trust_remote_code=True`` is ``--trust-remote-code`` for that call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .remote_code import trust_remote_code as _trust
+
+__all__ = ["baseline", "compare", "condense", "evaluate", "sweep"]
+
+
+def condense(model: str | Path | nn.Module, out: str | Path, *, layers: int, experts: int | None = None,
+             shared_only: bool = False, calib: str = "c4", samples: int = 100, seq_len: int = 512, seed: int = 0,
+             metric: str = "js", final: str = "hidden", expert_selector: str = "greedy", layer_selector: str = "greedy",
+             batch_size: int = 8, eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto",
+             mode: str = "auto", device: str = "cpu", quantize: str | None = None, activations: str = "memory",
+             force: bool = False, tokenizer=None, trust_remote_code: bool = False, progress: bool = False) -> dict:
+    """Condense ``layers`` MoE layers of ``model`` with CD-MoE (Eq. 2, Algorithms 1 and 2) and save to
+    ``out``; return the record (``cdmoe.json``).
+
+    ``model``: a checkpoint path or hub id (``cdmoe condense``: resumable, whole or sequential), or a model
+    already loaded (``cdmoe.load_model``; searched and condensed in place, in memory, then saved, its
+    tokenizer from ``tokenizer`` or the directory it was loaded from). ``shared_only`` is CD-MoE-S (K = 0).
+    """
+    from .calibration import CalibSpec
+    from .condense_run import EvalOptions
+    from .condense_run import condense as run_condense
+    from .search import SearchOptions
+
+    if shared_only and experts not in (None, 0):
+        from .errors import CdmoeError
+
+        raise CdmoeError("shared_only and experts contradict each other; pass one of them")
+    search = SearchOptions(layers=layers, experts=0 if shared_only else experts, metric=metric, final=final,
+                           batch_size=batch_size, expert_selector=expert_selector, layer_selector=layer_selector,
+                           seed=seed)
+    spec = CalibSpec(calib, samples, seq_len, seed)
+    with _trust(trust_remote_code):
+        if isinstance(model, nn.Module):
+            return _condense_loaded(model, out, search, spec, tokenizer, force)
+        return run_condense(model, out, search, spec, EvalOptions(text=eval_text, max_tokens=eval_tokens), dtype=dtype,
+                            force=force, show_progress=progress, mode=mode, device=device, quantize=quantize,
+                            activations=activations)
+
+
+def _condense_loaded(model: nn.Module, out, search, calib, tokenizer, force: bool) -> dict:
+    """The in-memory path of :func:`condense` for a model the caller has loaded."""
+    from .api import condense_layers, save
+    from .calibration import load_calibration
+    from .checkpoint import check_output_dir
+    from .errors import CdmoeError
+    from .loading import load_tokenizer
+    from .search import run_search
+
+    source = getattr(model.config, "_name_or_path", None) or None
+    if tokenizer is None:
+        if not source:
+            raise CdmoeError("pass tokenizer=... : the model does not say which directory it was loaded from")
+        tokenizer = load_tokenizer(source)
+    search.check()
+    check_output_dir(out, force, (source, calib.source))
+    calib_ids = load_calibration(tokenizer, calib)
+    result = run_search(model, calib_ids, search)
+    searched = {**result.record, "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())}, "mode": "in memory"}
+    record = condense_layers(model, result.choices, base_model=source, search=searched)
+    save(model, out, record, tokenizer=tokenizer, source=source, force=force, inputs=(calib.source,))
+    return record
+
+
+def evaluate(model: str | Path, *, tasks: str = "paper", task_text: str | None = None, limit: int | None = None,
+             batch_size: str = "auto", out: str | Path | None = None, dtype: str = "auto", ppl_text: str | None = None,
+             ppl_seq_len: int = 512, ppl_stride: int | None = None, ppl_tokens: int | None = None, force: bool = False,
+             trust_remote_code: bool = False) -> dict:
+    """``cdmoe eval``: lm-evaluation-harness tasks (the paper's 8 by default; ``tasks="none"`` skips them)
+    and held-out perplexity on ``ppl_text``; writes ``out`` (default ``./eval.json``) and returns the result."""
+    from .lmeval import run_eval
+
+    with _trust(trust_remote_code):
+        return run_eval(model, tasks, task_text, limit, str(batch_size), out, dtype, ppl_text, ppl_seq_len, ppl_stride,
+                        ppl_tokens, force=force)
+
+
+def compare(model: str | Path, out: str | Path, *, budgets: list[float], methods: str = "default", calib: str = "c4",
+            samples: int = 100, seq_len: int = 512, seed: int = 0, eval_text: str | None = None,
+            eval_tokens: int = 50_000, tasks: str | None = None, task_text: str | None = None, dtype: str = "auto",
+            peak_rss: bool = False, force: bool = False, trust_remote_code: bool = False) -> dict:
+    """``cdmoe compare``: every method at matched memory ``budgets``, each point saved and scored from disk."""
+    from .calibration import CalibSpec
+    from .compare import compare as run_compare
+    from .compare import parse_methods
+
+    with _trust(trust_remote_code):
+        return run_compare(model, out, list(budgets), parse_methods(methods), CalibSpec(calib, samples, seq_len, seed),
+                           eval_text=eval_text, eval_tokens=eval_tokens, tasks=tasks, task_text=task_text, dtype=dtype,
+                           force=force, measure_rss=peak_rss, progress=lambda message: None)
+
+
+def sweep(model: str | Path, out: str | Path, *, layers: list[int], experts: int | None = None, calib: str = "c4",
+          samples: int = 100, seq_len: int = 512, seed: int = 0, metric: str = "js", final: str = "hidden",
+          eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto", force: bool = False,
+          trust_remote_code: bool = False) -> dict:
+    """``cdmoe sweep``: one search, a condensed output per N in ``layers`` and a report; returns the report."""
+    from .calibration import CalibSpec
+    from .condense_run import EvalOptions
+    from .search import SearchOptions
+    from .sweep import sweep as run_sweep
+
+    options = SearchOptions(layers=max(layers, default=1), experts=experts, metric=metric, final=final)
+    with _trust(trust_remote_code):
+        return run_sweep(model, out, list(layers), options, CalibSpec(calib, samples, seq_len, seed),
+                         EvalOptions(text=eval_text, max_tokens=eval_tokens), dtype=dtype, force=force)
+
+
+def baseline(method: str, model: str | Path, out: str | Path, *, layers: int | None = None,
+             keep_experts: int | None = None, quantize: str | None = None, calib: str = "c4", samples: int = 100,
+             seq_len: int = 512, seed: int = 0, eval_text: str | None = None, eval_tokens: int = 50_000,
+             dtype: str = "auto", force: bool = False, trust_remote_code: bool = False) -> dict:
+    """``cdmoe baseline``: ``layer-drop``, ``block-drop``, ``expert-drop``, ``msmoe`` or ``slim`` as an output directory."""
+    from .baselines import BaselineOptions, run_baseline
+    from .calibration import CalibSpec
+
+    with _trust(trust_remote_code):
+        return run_baseline(model, out, BaselineOptions(method, layers=layers, keep_experts=keep_experts,
+                                                        quantize=quantize), CalibSpec(calib, samples, seq_len, seed),
+                            eval_text=eval_text, eval_tokens=eval_tokens, dtype=dtype, force=force)
