@@ -59,7 +59,8 @@ def main() -> None:
 
     def decode(model):
         with torch.no_grad():
-            model.generate(prompts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+            model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
+                           min_new_tokens=args.new_tokens,
                            do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
 
     times = {name: {"prefill": [], "generate": []} for name in models}
@@ -89,8 +90,17 @@ def main() -> None:
           f"-> speed-up {result['speedup']['prefill']:.2f}x")
     print(f"decode:  original {o['decode_tokens_per_s']:.0f} tok/s, condensed {c['decode_tokens_per_s']:.0f} tok/s "
           f"-> speed-up {result['speedup']['decode']:.2f}x")
+    per_repeat = {  # the spread: each repeat's ratio (the two models alternate within a repeat)
+        "prefill": [o_t / c_t for o_t, c_t in zip(times["original"]["prefill"], times["condensed"]["prefill"])],
+        "decode": [max(og - op, 1e-9) / max(cg - cp, 1e-9) for og, op, cg, cp in
+                   zip(times["original"]["generate"], times["original"]["prefill"],
+                       times["condensed"]["generate"], times["condensed"]["prefill"])],
+    }
+    result["speedup_per_repeat"] = per_repeat
     print(f"(median of {args.repeats} after {args.warmup} warm-up runs; batch {args.batch}, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, {args.threads} threads)")
+          f"{args.new_tokens} new tokens, {args.threads} threads; per-repeat speed-ups: prefill "
+          f"{min(per_repeat['prefill']):.2f}-{max(per_repeat['prefill']):.2f}x, decode "
+          f"{min(per_repeat['decode']):.2f}-{max(per_repeat['decode']):.2f}x)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -178,3 +178,13 @@ def test_an_unwritable_output_location_is_one_line(tiny_model_dir, tmp_path, mon
     out = tmp_path / "ro" / "out"
     refused(condense(tiny_model_dir, out), "choose a writable location")
     assert not out.exists()
+
+
+def test_output_files_get_the_umask_modes(tiny_model_dir, tmp_path):
+    """transformers writes safetensors shards through a 0600 temporary file; the output is readable as any new file."""
+    out = tmp_path / "out"
+    assert condense(tiny_model_dir, out).exit_code == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~mask}

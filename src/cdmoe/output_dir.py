@@ -111,6 +111,16 @@ def _clear(directory: Path) -> None:
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
+def _usual_modes(directory: Path) -> None:
+    """Give the output's files the modes the user's umask gives new files: writers that save through a
+    temporary file (transformers' safetensors shards) leave them 0600, unreadable to a team."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~mask)
+
+
 def _disk_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -141,6 +151,7 @@ def atomic_output_dir(out: str | Path, force: bool = False, resumable: bool = Fa
             if resumable:
                 shutil.rmtree(tmp / STATE_DIR, ignore_errors=True)
             (tmp / LOCK_NAME).unlink()
+            _usual_modes(tmp)
             if target.exists():  # appeared while this run worked, or --force
                 check_output_dir(out, force, inputs)
                 shutil.rmtree(target)
