@@ -95,13 +95,13 @@ def save_condensed(
 
     Each tensor is first cast, in place, to the dtype it is stored in: ``storage`` (a
     :class:`~cdmoe.storage_dtypes.StoragePlan`), by default the plan of ``source`` (every tensor
-    the source has in the source's dtype, new ones in ``config.dtype``). Quantised models are
-    written as they are. ``extra_files(tmp_dir)`` may write more files into the directory before
+    the source has in the source's dtype, new ones in ``config.dtype``). A quantised model is
+    written as it is (see :func:`cdmoe.quantize.quantize_model`). ``extra_files(tmp_dir)`` may write more files into the directory before
     it is moved into place.
     """
     from .storage_dtypes import cast_to_storage, plan_of
 
-    if not getattr(model, "is_quantized", False):
+    if not getattr(model, "is_quantized", False):  # a quantised model is written as transformers loaded it
         cast_to_storage(model, storage if storage is not None else plan_of(model, source))
     with atomic_output_dir(out, force=force, inputs=(source, *inputs)) as tmp:
         write_condensed(tmp, record, lambda d: model.save_pretrained(d, max_shard_size=max_shard_size),

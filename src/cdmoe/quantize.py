@@ -113,7 +113,11 @@ def quantize_model(model: nn.Module, bits: str, storage=None) -> nn.Module:
     The model is cast in place to its stored dtypes (``storage``, a
     :class:`~cdmoe.storage_dtypes.StoragePlan`; default: all in the model's dtype), saved to a
     temporary directory and loaded back through transformers with a ``BitsAndBytesConfig``:
-    the same path a user's ``from_pretrained`` takes, so what is evaluated is what is saved.
+    the same path a user's ``from_pretrained`` takes, so what is evaluated is what is saved. The
+    reloaded model holds its unquantised tensors as transformers loads them for bitsandbytes: in
+    ``storage.default``, except what the family keeps in fp32 (routers); a tensor the source stores
+    in fp32 by no family rule (an fp32 norm) is therefore saved in the checkpoint's dtype here, since
+    bitsandbytes' model runs in one compute dtype.
     """
     from transformers import AutoModelForCausalLM
 

@@ -168,9 +168,12 @@ def plan_of(model: nn.Module, source: str | Path | None = None, dtype: str | tor
 
 
 def _tensors(model: nn.Module):
-    """(state-dict name, owner module, leaf name, tensor) of every parameter and persistent buffer, each once."""
+    """(state-dict name, owner module, leaf name, tensor) of every parameter and persistent buffer, each once
+    (not those of bitsandbytes' quantised modules)."""
     seen = set()
     for mod_name, mod in model.named_modules():
+        if type(mod).__module__.startswith("bitsandbytes"):  # quantised weights and their scales keep their own format
+            continue
         entries = list(mod._parameters.items()) + [(n, b) for n, b in mod._buffers.items()
                                                    if n not in mod._non_persistent_buffers_set]
         for leaf, tensor in entries:
