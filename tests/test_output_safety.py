@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import DEMO_CALIB, DEMO_TEXT
@@ -90,25 +89,28 @@ def test_output_parent_that_is_a_file_and_output_that_is_a_file(tiny_model_dir, 
     assert (tmp_path / "afile").read_text() == "x"
 
 
+HOLDER = """
+import sys
+from cdmoe.output_dir import atomic_output_dir
+with atomic_output_dir(sys.argv[1]) as work:  # what every writing command holds while it works
+    (work / "cdmoe.json").write_text('{"first": true}')
+    print("holding", flush=True)
+    sys.stdin.readline()  # until the test lets it finish
+"""
+
+
 def test_a_second_run_into_the_same_output_stops(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
-    lock = partial_dir(out) / ".lock"
-    first = subprocess.Popen([sys.executable, "-m", "cdmoe", "condense", str(tiny_model_dir), "--out", str(out),
-                              "--layers", "3", "--calib", str(DEMO_CALIB), "--samples", "16", "--seq-len", "64",
-                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert lock.exists(), first.communicate()[1][-2000:]
-        second = condense(tiny_model_dir, out)
-        refused(second, f"another cdmoe run (pid {first.pid}) is writing")
+        assert first.stdout.readline().strip() == "holding", first.stderr.read()[-2000:]
+        refused(condense(tiny_model_dir, out), f"another cdmoe run (pid {first.pid}) is writing")
+        refused(condense(tiny_model_dir, out, "--force"), f"another cdmoe run (pid {first.pid}) is writing")
     finally:
-        _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-2000:]
-    record = json.loads((out / "cdmoe.json").read_text())
-    assert len(record["condensed"]) == 3  # the first run's output, whole
+        first.communicate("\n", timeout=60)
+    assert first.returncode == 0
+    assert json.loads((out / "cdmoe.json").read_text()) == {"first": True}  # the first run's output, untouched
     assert not partial_dir(out).exists()
 
 
