@@ -8,9 +8,9 @@ from conftest import DEMO_CALIB, DEMO_TEXT
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from cdmoe.calibration import CalibSpec, load_calibration
 from cdmoe.adapter import moe_blocks
 from cdmoe.api import choices_from_record, condense_layers
+from cdmoe.calibration import CalibSpec, load_calibration
 from cdmoe.cli import app
 from cdmoe.loading import load_model, load_tokenizer
 from cdmoe.search import SearchOptions, run_search

@@ -2,7 +2,6 @@
 
 import json
 
-import torch
 from conftest import ROOT
 from safetensors import safe_open
 

@@ -10,16 +10,16 @@ __version__ = "0.1.0"
 from . import register  # noqa: E402,F401
 from .adapter import MoEBlock, Routing, family_spec, moe_blocks  # noqa: E402
 from .api import apply_record, condense_layers, save  # noqa: E402
+from .baselines import BaselineOptions  # noqa: E402
+from .calibration import CalibSpec  # noqa: E402
+from .condense_run import EvalOptions  # noqa: E402
 from .condensed import LayerChoice, condense_model  # noqa: E402
 from .errors import CdmoeError  # noqa: E402
 from .finetune import FinetuneOptions, finetune  # noqa: E402
 from .loading import load_model, load_tokenizer  # noqa: E402
+from .oneshot import baseline, compare, condense, evaluate, sweep  # noqa: E402
 from .plan import plan  # noqa: E402
 from .remote_code import trust_remote_code  # noqa: E402
-from .oneshot import baseline, compare, condense, evaluate, sweep  # noqa: E402
-from .baselines import BaselineOptions  # noqa: E402
-from .calibration import CalibSpec  # noqa: E402
-from .condense_run import EvalOptions  # noqa: E402
 from .search import SearchOptions  # noqa: E402
 
 __all__ = [

@@ -80,9 +80,10 @@ def check_record_matches(record: dict, model, name) -> None:
     if family is not None and family != family_name(model):
         raise CdmoeError(f"the record was made for a {family!r} model and {name} is {family_name(model)!r}; pass the "
                          f"model the record was made from ({record.get('base_model', 'see its base_model')})")
-    if total is not None and total != model_params(model).total:
+    has = model_params(model).total if total is not None else None
+    if total is not None and total != has:
         raise CdmoeError(f"the record was made for a model of {total:,} parameters and {name} has "
-                         f"{model_params(model).total:,}; pass the model the record was made from "
+                         f"{has:,}; pass the model the record was made from "
                          f"({record.get('base_model', 'see its base_model')})")
 
 

@@ -39,9 +39,9 @@ Quantize = Annotated[Optional[str], typer.Option(help="then quantise experts / c
 
 
 def _experts(experts: int | None, shared_only: bool) -> int | None:
-    if shared_only and experts not in (None, 0):
-        raise CdmoeError("--shared-only and --experts contradict each other; pass one of them")
-    return 0 if shared_only else experts
+    from .search import experts_option  # imported here: `cdmoe --help` stays light
+
+    return experts_option(experts, shared_only)
 
 
 def _friendly(fn):

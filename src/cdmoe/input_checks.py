@@ -22,8 +22,8 @@ from pathlib import Path
 
 from .errors import CdmoeError
 
-__all__ = ["TEXT_SUFFIXES", "check_inputs", "check_model_dir", "check_safetensors", "check_text_file", "looks_local",
-           "read_config", "read_json_object"]
+__all__ = ["TEXT_SUFFIXES", "check_inputs", "check_model_dir", "check_text_file", "looks_local", "read_config",
+           "read_json_object", "safetensors_header", "shard_files"]
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".json", ".parquet")
 _SAMPLE = 1 << 16  # bytes of a text file checked up front
@@ -79,8 +79,9 @@ def check_family_keys(data: dict, where) -> None:
                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; restore the model's config.json")
 
 
-def check_safetensors(path: Path) -> None:
-    """Fail if ``path`` is empty, truncated or has a corrupt header (checked without reading the tensors)."""
+def safetensors_header(path: Path) -> dict:
+    """The header of a safetensors file (tensor name -> dtype, shape, data_offsets), read without the
+    tensors, checked against the file's size: an empty, truncated or corrupt file is a one-line error."""
     size = path.stat().st_size
     hint = "re-download or re-convert the checkpoint"
     if size < 8:
@@ -103,39 +104,47 @@ def check_safetensors(path: Path) -> None:
     if ends and 8 + length + max(ends) > size:
         raise CdmoeError(f"{path} is truncated: its header describes {8 + length + max(ends):,} bytes, the file has "
                          f"{size:,}; {hint}")
+    return header
 
 
-def check_model_dir(name_or_path: str | Path, weights: bool = True) -> None:
-    """Check a local model directory (hub ids pass); ``weights``: also its safetensors files."""
+def shard_files(directory: Path) -> list[str]:
+    """The safetensors files of a checkpoint directory: those its index names, else ``*.safetensors``."""
+    index = directory / "model.safetensors.index.json"
+    if not index.exists():
+        return sorted(p.name for p in directory.glob("*.safetensors"))
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise CdmoeError(f"{index} is not a valid safetensors index; re-download the checkpoint") from None
+
+
+def check_model_dir(name_or_path: str | Path, weights: bool = True) -> dict | None:
+    """Check a local model directory (hub ids pass); ``weights``: also its safetensors files.
+    Returns its config.json (None for a hub id)."""
     if not looks_local(name_or_path):
-        return
+        return None
     path = Path(str(name_or_path)).expanduser()
     if not path.exists():
         raise CdmoeError(f"model path {name_or_path} does not exist; pass a local model directory or a hub model id")
     if not path.is_dir():
         raise CdmoeError(f"model path {name_or_path} is a file; pass the model directory that holds config.json")
-    check_family_keys(read_config(path), path / "config.json")
+    config = read_config(path)
+    check_family_keys(config, path / "config.json")
     if not weights:
-        return
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise CdmoeError(f"{index} is not a valid safetensors index; re-download the checkpoint") from None
-        missing = [f for f in files if not (path / f).exists()]
-        if missing:
-            raise CdmoeError(f"{path} lacks {missing[0]} (and {len(missing) - 1} more shards) that its index names; "
-                             "is the download complete?")
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
+        return config
+    files = shard_files(path)
+    missing = [f for f in files if not (path / f).exists()]
+    if missing:
+        raise CdmoeError(f"{path} lacks {missing[0]} (and {len(missing) - 1} more shards) that its index names; "
+                         "is the download complete?")
     if not files:
         if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
             raise CdmoeError(f"{path} has only pickle weights (.bin), which cdmoe never loads (torch.load can run "
                              "code); convert them to safetensors first, e.g. model.save_pretrained(dir) in transformers")
         raise CdmoeError(f"{path} has no weights (no *.safetensors); is the download complete?")
     for name in files:
-        check_safetensors(path / name)
+        safetensors_header(path / name)
+    return config
 
 
 def check_text_file(source: str | Path | None, option: str) -> None:
@@ -200,15 +209,14 @@ def check_inputs(model: str | Path, calib=None, texts: dict[str, str | Path | No
     """Every check a command can make before loading anything: the model directory, the
     calibration spec (``calib``: a :class:`~cdmoe.calibration.CalibSpec`) and text files
     (``texts``: {option: path})."""
-    check_model_dir(model, weights)
+    config = check_model_dir(model, weights)
     if calib is not None:
         if calib.samples < 1:
             raise CdmoeError(f"--samples must be at least 1, got {calib.samples}")
         if calib.seq_len < 2:
             raise CdmoeError(f"--seq-len must be at least 2, got {calib.seq_len}")
         check_text_file(calib.source, "--calib")
-        if looks_local(model):
-            config = read_config(Path(str(model)).expanduser())
+        if config is not None:
             config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
             positions = config.get("max_position_embeddings")
             if isinstance(positions, int) and calib.seq_len > positions:

@@ -68,15 +68,15 @@ def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str
             f"cannot load {name_or_path}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
         ) from None
     _check_loading_info(name_or_path, info)
-    if not getattr(model, "is_quantized", False):
-        from .storage_dtypes import attach_storage_plan
-
-        attach_storage_plan(model, name_or_path, dtype)  # how it will be saved: per tensor, as the source stores it
     if getattr(model, "is_quantized", False):
         from .quantize import guard_cpu_packing
 
         guard_cpu_packing(model)  # bitsandbytes' AVX512-BF16 repacking fails on some widths
-    if getattr(model, "is_quantized", False) or device_map is not None:  # placed by from_pretrained
+        return model.eval()  # placed by from_pretrained
+    from .storage_dtypes import attach_storage_plan
+
+    attach_storage_plan(model, name_or_path, dtype)  # how it will be saved: per tensor, as the source stores it
+    if device_map is not None:  # placed by from_pretrained
         return model.eval()
     return model.to(device).eval()
 

@@ -37,13 +37,9 @@ def condense(model: str | Path | nn.Module, out: str | Path, *, layers: int, exp
     from .calibration import CalibSpec
     from .condense_run import EvalOptions
     from .condense_run import condense as run_condense
-    from .search import SearchOptions
+    from .search import SearchOptions, experts_option
 
-    if shared_only and experts not in (None, 0):
-        from .errors import CdmoeError
-
-        raise CdmoeError("shared_only and experts contradict each other; pass one of them")
-    search = SearchOptions(layers=layers, experts=0 if shared_only else experts, metric=metric, final=final,
+    search = SearchOptions(layers=layers, experts=experts_option(experts, shared_only), metric=metric, final=final,
                            batch_size=batch_size, expert_selector=expert_selector, layer_selector=layer_selector,
                            seed=seed)
     spec = CalibSpec(calib, samples, seq_len, seed)

@@ -28,7 +28,7 @@ from pathlib import Path
 from .errors import CdmoeError
 
 __all__ = ["LOCK_NAME", "OUTPUT_MARKERS", "STATE_DIR", "atomic_output_dir", "check_output_dir", "check_output_file",
-           "partial_dir", "write_output_file"]
+           "check_parents", "partial_dir", "write_output_file"]
 
 STATE_DIR = "state"  # resumable search progress inside the partial directory
 LOCK_NAME = ".lock"  # the pid of the run holding the partial directory
@@ -62,7 +62,7 @@ def check_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str 
         if _overlap(target, source):
             where = "is" if target == source else ("lies inside" if source in target.parents else "contains")
             raise CdmoeError(f"--out {out} {where} the input {item}; choose an output directory outside every input")
-    _check_parents(target, out)
+    check_parents(target, out)
     if target.exists():
         if not target.is_dir():
             raise CdmoeError(f"output path {out} is a file; choose a directory path for --out")
@@ -74,7 +74,7 @@ def check_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str 
     return target
 
 
-def _check_parents(target: Path, out) -> None:
+def check_parents(target: Path, out) -> None:
     """Fail if the nearest existing parent of ``target`` is a file."""
     for parent in target.parents:
         if parent.exists():
@@ -121,8 +121,13 @@ def _usual_modes(directory: Path) -> None:
             os.chmod(path, 0o666 & ~mask)
 
 
-def _disk_full(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+def _write_error(err: BaseException, out, full_disk_hint: str) -> CdmoeError | None:
+    """The one-line error for a write into ``out`` that the disk or the permissions stopped (None: another error)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CdmoeError(f"no space left on the device while writing {out}; {full_disk_hint}")
+    if isinstance(err, PermissionError):
+        return CdmoeError(f"cannot write {out} ({err.strerror}: {err.filename}); choose a writable --out")
+    return None
 
 
 @contextlib.contextmanager
@@ -162,12 +167,11 @@ def atomic_output_dir(out: str | Path, force: bool = False, resumable: bool = Fa
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 (tmp / LOCK_NAME).unlink(missing_ok=True)
-            if _disk_full(err):
-                hint = (f"the search progress is kept in {tmp}: free some space and rerun the same command to resume"
-                        if kept else "nothing was written; free some space and rerun")
-                raise CdmoeError(f"no space left on the device while writing {out}; {hint}") from None
-            if isinstance(err, PermissionError):
-                raise CdmoeError(f"cannot write {out} ({err.strerror}: {err.filename}); choose a writable --out") from None
+            hint = (f"the search progress is kept in {tmp}: free some space and rerun the same command to resume"
+                    if kept else "nothing was written; free some space and rerun")
+            friendly = _write_error(err, out, hint)
+            if friendly is not None:
+                raise friendly from None
             raise
 
 
@@ -181,7 +185,7 @@ def check_output_file(out: str | Path, force: bool = False, inputs: Iterable[str
             raise CdmoeError(f"--out {out} is the input {item}; choose another --out")
     if target.is_dir():
         raise CdmoeError(f"--out {out} is a directory; pass a file path such as {Path(out) / 'result.json'}")
-    _check_parents(target, out)
+    check_parents(target, out)
     if target.exists() and not force:
         raise CdmoeError(f"{out} already exists; choose another --out or pass --force to replace it")
     return target
@@ -197,9 +201,8 @@ def write_output_file(out: str | Path, text: str) -> Path:
         os.replace(tmp, target)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if _disk_full(err):
-            raise CdmoeError(f"no space left on the device while writing {out}; free some space and rerun") from None
-        if isinstance(err, PermissionError):
-            raise CdmoeError(f"cannot write {out} ({err.strerror}); choose a writable --out") from None
+        friendly = _write_error(err, out, "free some space and rerun")
+        if friendly is not None:
+            raise friendly from None
         raise
     return target

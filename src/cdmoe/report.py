@@ -16,6 +16,7 @@ from pathlib import Path
 from .checkpoint import read_record
 from .errors import CdmoeError
 from .input_checks import read_json_object
+from .output_dir import check_parents
 from .plots import _pyplot, plot_single_layer_scores
 
 __all__ = ["collect", "build_report"]
@@ -117,9 +118,7 @@ def build_report(directories: list[str | Path], out: str | Path) -> dict:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CdmoeError(f"--out {out} is a file; pass a directory for report.json and the plots")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise CdmoeError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+    check_parents(out.resolve(), out)
     out.mkdir(parents=True, exist_ok=True)
     plots = {}
     made = _plot_quality(rows, "memory_ratio", "memory ratio (condensed / original parameters)",

@@ -28,7 +28,7 @@ from .resume import SearchState
 from .runner import LayerRunner
 from .selectors import EXPERT_SELECTORS, LAYER_SELECTORS, rank_layers, select_experts
 
-__all__ = ["SearchOptions", "SearchResult", "layer_activations", "run_search"]
+__all__ = ["SearchOptions", "SearchResult", "experts_option", "layer_activations", "run_search"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,13 @@ class SearchOptions:
         self.check()
         if not 1 <= self.layers <= num_moe_layers:
             raise CdmoeError(f"--layers {self.layers} is out of range: the model has {num_moe_layers} MoE layers")
+
+
+def experts_option(experts: int | None, shared_only: bool) -> int | None:
+    """K from ``--experts`` and ``--shared-only`` (CD-MoE-S is K = 0)."""
+    if shared_only and experts not in (None, 0):
+        raise CdmoeError("--shared-only and --experts contradict each other; pass one of them")
+    return 0 if shared_only else experts
 
 
 @dataclass

@@ -23,7 +23,6 @@ dtype, casting a loaded tensor back to its source dtype gives the source's bytes
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,28 +89,18 @@ def _local_checkpoint(source: str | Path) -> Path | None:
         return None
 
 
-def _header(path: Path) -> dict:
-    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets), read without the data."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(size))
-
-
 def source_dtypes(source: str | Path) -> dict[str, torch.dtype]:
     """{checkpoint tensor name: stored dtype} from the safetensors headers of ``source`` ({} if unknown)."""
+    from .input_checks import safetensors_header, shard_files
+
     directory = _local_checkpoint(source)
     if directory is None:
         return {}
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
     dtypes: dict[str, torch.dtype] = {}
-    for name in files:
+    for name in shard_files(directory):
         if not (directory / name).exists():
             return {}
-        for key, info in _header(directory / name).items():
+        for key, info in safetensors_header(directory / name).items():
             if key != "__metadata__" and _SAFETENSORS_DTYPES.get(info["dtype"]) is not None:
                 dtypes[key] = _SAFETENSORS_DTYPES[info["dtype"]]
     return dtypes
