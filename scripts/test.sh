@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the test suite, on two workers (pytest-xdist; a file's tests stay on one worker,
-# so its module-scoped fixtures are built once).
+# Set up (if needed) and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m pytest -n 2 --dist loadfile "$@"
+python -m pytest "$@"
