@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-from cdmoe.loading import load_model, load_tokenizer  # noqa: E402
-from cdmoe.perplexity import token_stream  # noqa: E402
+from cdmoe.evaluation.perplexity import token_stream  # noqa: E402
+from cdmoe.models.loading import load_model, load_tokenizer  # noqa: E402
 
 
 def timed(fn) -> float:

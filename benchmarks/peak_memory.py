@@ -3,7 +3,7 @@
     python benchmarks/peak_memory.py                     # ~0.9 GB fp32 random deepseek_v2, 10 layers
     python benchmarks/peak_memory.py --layers 12 --experts 48
 
-Builds a random DeepSeek-V2-style MoE (``cdmoe.testing.tiny_model`` at larger sizes, fp32,
+Builds a random DeepSeek-V2-style MoE (``cdmoe.models.testing.tiny_model`` at larger sizes, fp32,
 saved by transformers with per-expert keys in shards smaller than one decoder layer), then
 condenses it three times, each in a fresh Python process (``--mode whole``, ``--mode sequential``
 and ``--mode sequential --activations disk``, same calibration and options), and prints for each
@@ -39,9 +39,9 @@ import json, resource, sys, warnings
 warnings.filterwarnings("ignore")
 import torch, transformers
 import cdmoe
-from cdmoe.calibration import CalibSpec
-from cdmoe.condense_run import condense
-from cdmoe.search import SearchOptions
+from cdmoe.search.calibration import CalibSpec
+from cdmoe.methods.condense import condense
+from cdmoe.search.run import SearchOptions
 torch.set_num_threads(1)
 import psutil
 model, out, mode, activations, calib, samples, seq_len, layers = sys.argv[1:9]
@@ -57,7 +57,7 @@ print(json.dumps({"baseline_kib": base, "peak_kib": peak, "condensed": record["c
 
 def build(path: Path, layers: int, experts: int, hidden: int, inter: int) -> None:
     """A random deepseek_v2 checkpoint with the demo model's tokenizer, in 32 MB shards."""
-    from cdmoe.testing import tiny_model
+    from cdmoe.models.testing import tiny_model
 
     model = tiny_model(ROOT / "tests/fixtures/configs/deepseek-ai__DeepSeek-V2-Lite.json", seed=0,
                        num_hidden_layers=layers, hidden_size=hidden, n_routed_experts=experts, moe_intermediate_size=inter,

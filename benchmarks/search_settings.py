@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from cdmoe.ablations import fused_modules, swapped_blocks
-from cdmoe.calibration import CalibSpec, load_calibration
-from cdmoe.loading import load_model, load_tokenizer
-from cdmoe.perplexity import perplexity, token_stream
-from cdmoe.search import SearchOptions, run_search
+from cdmoe.evaluation.perplexity import perplexity, token_stream
+from cdmoe.methods.ablations import fused_modules, swapped_blocks
+from cdmoe.models.loading import load_model, load_tokenizer
+from cdmoe.search.calibration import CalibSpec, load_calibration
+from cdmoe.search.run import SearchOptions, run_search
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"js / hidden": ("js", "hidden"), "js / logits": ("js", "logits"), "kl / hidden": ("kl", "hidden"),

@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from naive_reference import naive_experts, naive_layers  # noqa: E402
 
-from cdmoe.adapter import moe_blocks  # noqa: E402
-from cdmoe.calibration import CalibSpec, load_calibration  # noqa: E402
-from cdmoe.condensed import fuse_condensed_mlp  # noqa: E402
-from cdmoe.loading import load_model, load_tokenizer  # noqa: E402
-from cdmoe.search import SearchOptions, run_search  # noqa: E402
+from cdmoe.models.adapter import moe_blocks  # noqa: E402
+from cdmoe.models.condensed import fuse_condensed_mlp  # noqa: E402
+from cdmoe.models.loading import load_model, load_tokenizer  # noqa: E402
+from cdmoe.search.calibration import CalibSpec, load_calibration  # noqa: E402
+from cdmoe.search.run import SearchOptions, run_search  # noqa: E402
 
 
 def main() -> None:

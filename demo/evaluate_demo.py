@@ -22,10 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cdmoe.calibration import read_documents  # noqa: E402
-from cdmoe.demo_tasks import cloze_items  # noqa: E402
-from cdmoe.loading import load_model, load_tokenizer  # noqa: E402
-from cdmoe.perplexity import perplexity, token_stream  # noqa: E402
+from cdmoe.evaluation.demo_tasks import cloze_items  # noqa: E402
+from cdmoe.evaluation.perplexity import perplexity, token_stream  # noqa: E402
+from cdmoe.models.loading import load_model, load_tokenizer  # noqa: E402
+from cdmoe.search.calibration import read_documents  # noqa: E402
 
 
 @torch.no_grad()

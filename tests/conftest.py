@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdmoe.testing import EXTRA_FAMILY_CONFIGS, tiny_model
+from cdmoe.models.testing import EXTRA_FAMILY_CONFIGS, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -43,7 +43,7 @@ def tiny_tokenizer():
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from cdmoe.calibration import read_documents
+    from cdmoe.search.calibration import read_documents
 
     docs = read_documents(DEMO_TEXT)[:300]
     bpe = ByteLevelBPETokenizer()
@@ -70,7 +70,7 @@ def remote_code_checkpoint(path: Path) -> Path:
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from cdmoe.testing import randomize_
+    from cdmoe.models.testing import randomize_
 
     shutil.copytree(FIXTURES / "remote_deepseek", path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=True)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cdmoe.ablations import swapped_blocks
-from cdmoe.adapter import decoder_layers, family_spec, moe_blocks
-from cdmoe.condensed import fuse_condensed_mlp
+from cdmoe.methods.ablations import swapped_blocks
+from cdmoe.models.adapter import decoder_layers, family_spec, moe_blocks
+from cdmoe.models.condensed import fuse_condensed_mlp
 
 
 def js_mean(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """Mean over tokens of JS(softmax(p), softmax(q)), written independently of cdmoe.metrics."""
+    """Mean over tokens of JS(softmax(p), softmax(q)), written independently of cdmoe.search.metrics."""
     p = F.softmax(p_logits.double().reshape(-1, p_logits.shape[-1]), -1)
     q = F.softmax(q_logits.double().reshape(-1, q_logits.shape[-1]), -1)
     m = 0.5 * (p + q)

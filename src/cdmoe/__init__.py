@@ -5,22 +5,23 @@ Importing cdmoe registers condensed checkpoints with the transformers Auto API, 
 remote-code family still needs ``trust_remote_code=True`` for the family code it ships).
 """
 
-__version__ = "0.1.0"
-
-from . import register  # noqa: E402,F401
-from .adapter import MoEBlock, Routing, family_spec, moe_blocks  # noqa: E402
-from .api import apply_record, condense_layers, save  # noqa: E402
-from .baselines import BaselineOptions  # noqa: E402
-from .calibration import CalibSpec  # noqa: E402
-from .condense_run import EvalOptions  # noqa: E402
-from .condensed import LayerChoice, condense_model  # noqa: E402
+from ._version import __version__  # noqa: E402,F401
+from .checkpoint.record import condense_layers  # noqa: E402
+from .checkpoint.writer import save  # noqa: E402
 from .errors import CdmoeError  # noqa: E402
-from .finetune import FinetuneOptions, finetune  # noqa: E402
-from .loading import load_model, load_tokenizer  # noqa: E402
+from .io.remote_code import trust_remote_code  # noqa: E402
+from .methods.apply import apply_record  # noqa: E402
+from .methods.baselines import BaselineOptions  # noqa: E402
+from .methods.condense import EvalOptions  # noqa: E402
+from .methods.finetune import FinetuneOptions, finetune  # noqa: E402
+from .models import register  # noqa: E402,F401
+from .models.adapter import MoEBlock, Routing, family_spec, moe_blocks  # noqa: E402
+from .models.condensed import LayerChoice, condense_model  # noqa: E402
+from .models.loading import load_model, load_tokenizer  # noqa: E402
+from .models.plan import plan  # noqa: E402
 from .oneshot import baseline, compare, condense, evaluate, sweep  # noqa: E402
-from .plan import plan  # noqa: E402
-from .remote_code import trust_remote_code  # noqa: E402
-from .search import SearchOptions  # noqa: E402
+from .search.calibration import CalibSpec  # noqa: E402
+from .search.run import SearchOptions  # noqa: E402
 
 __all__ = [
     # one call per job (mirroring the CLI)

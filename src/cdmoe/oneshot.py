@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .remote_code import trust_remote_code as _trust
+from .io.remote_code import trust_remote_code as _trust
 
 __all__ = ["baseline", "compare", "condense", "evaluate", "sweep"]
 
@@ -34,10 +34,10 @@ def condense(model: str | Path | nn.Module, out: str | Path, *, layers: int, exp
     already loaded (``cdmoe.load_model``; searched and condensed in place, in memory, then saved, its
     tokenizer from ``tokenizer`` or the directory it was loaded from). ``shared_only`` is CD-MoE-S (K = 0).
     """
-    from .calibration import CalibSpec
-    from .condense_run import EvalOptions
-    from .condense_run import condense as run_condense
-    from .search import SearchOptions, experts_option
+    from .methods.condense import EvalOptions
+    from .methods.condense import condense as run_condense
+    from .search.calibration import CalibSpec
+    from .search.run import SearchOptions, experts_option
 
     search = SearchOptions(layers=layers, experts=experts_option(experts, shared_only), metric=metric, final=final,
                            batch_size=batch_size, expert_selector=expert_selector, layer_selector=layer_selector,
@@ -53,12 +53,12 @@ def condense(model: str | Path | nn.Module, out: str | Path, *, layers: int, exp
 
 def _condense_loaded(model: nn.Module, out, search, calib, tokenizer, force: bool) -> dict:
     """The in-memory path of :func:`condense` for a model the caller has loaded."""
-    from .api import condense_layers, save
-    from .calibration import load_calibration
-    from .checkpoint import check_output_dir
+    from .checkpoint.record import condense_layers
+    from .checkpoint.writer import check_output_dir, save
     from .errors import CdmoeError
-    from .loading import load_tokenizer
-    from .search import run_search
+    from .models.loading import load_tokenizer
+    from .search.calibration import load_calibration
+    from .search.run import run_search
 
     source = getattr(model.config, "_name_or_path", None) or None
     if tokenizer is None:
@@ -81,7 +81,7 @@ def evaluate(model: str | Path, *, tasks: str = "paper", task_text: str | None =
              trust_remote_code: bool = False) -> dict:
     """``cdmoe eval``: lm-evaluation-harness tasks (the paper's 8 by default; ``tasks="none"`` skips them)
     and held-out perplexity on ``ppl_text``; writes ``out`` (default ``./eval.json``) and returns the result."""
-    from .lmeval import run_eval
+    from .evaluation.lmeval import run_eval
 
     with _trust(trust_remote_code):
         return run_eval(model, tasks, task_text, limit, str(batch_size), out, dtype, ppl_text, ppl_seq_len, ppl_stride,
@@ -93,9 +93,9 @@ def compare(model: str | Path, out: str | Path, *, budgets: list[float], methods
             eval_tokens: int = 50_000, tasks: str | None = None, task_text: str | None = None, dtype: str = "auto",
             peak_rss: bool = False, force: bool = False, trust_remote_code: bool = False) -> dict:
     """``cdmoe compare``: every method at matched memory ``budgets``, each point saved and scored from disk."""
-    from .calibration import CalibSpec
-    from .compare import compare as run_compare
-    from .compare import parse_methods
+    from .comparison.compare import compare as run_compare
+    from .comparison.compare import parse_methods
+    from .search.calibration import CalibSpec
 
     with _trust(trust_remote_code):
         return run_compare(model, out, list(budgets), parse_methods(methods), CalibSpec(calib, samples, seq_len, seed),
@@ -108,10 +108,10 @@ def sweep(model: str | Path, out: str | Path, *, layers: list[int], experts: int
           eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto", force: bool = False,
           trust_remote_code: bool = False) -> dict:
     """``cdmoe sweep``: one search, a condensed output per N in ``layers`` and a report; returns the report."""
-    from .calibration import CalibSpec
-    from .condense_run import EvalOptions
-    from .search import SearchOptions
-    from .sweep import sweep as run_sweep
+    from .comparison.sweep import sweep as run_sweep
+    from .methods.condense import EvalOptions
+    from .search.calibration import CalibSpec
+    from .search.run import SearchOptions
 
     options = SearchOptions(layers=max(layers, default=1), experts=experts, metric=metric, final=final)
     with _trust(trust_remote_code):
@@ -124,8 +124,8 @@ def baseline(method: str, model: str | Path, out: str | Path, *, layers: int | N
              seq_len: int = 512, seed: int = 0, eval_text: str | None = None, eval_tokens: int = 50_000,
              dtype: str = "auto", force: bool = False, trust_remote_code: bool = False) -> dict:
     """``cdmoe baseline``: ``layer-drop``, ``block-drop``, ``expert-drop``, ``msmoe`` or ``slim`` as an output directory."""
-    from .baselines import BaselineOptions, run_baseline
-    from .calibration import CalibSpec
+    from .methods.baselines import BaselineOptions, run_baseline
+    from .search.calibration import CalibSpec
 
     with _trust(trust_remote_code):
         return run_baseline(model, out, BaselineOptions(method, layers=layers, keep_experts=keep_experts,

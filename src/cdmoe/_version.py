@@ -1,0 +1,3 @@
+"""The version of cdmoe (recorded in every output's ``cdmoe.json``)."""
+
+__version__ = "0.1.0"

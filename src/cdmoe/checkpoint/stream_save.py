@@ -1,0 +1,99 @@
+"""Writing a condensed checkpoint one decoder layer at a time (sequential mode).
+
+The whole condensed model is never in memory. The output has the same tensors, names,
+config and code files as :func:`cdmoe.checkpoint.writer.save_condensed` writes for the same
+choices, only split into shards: one per decoder layer, plus one for the rest, with a
+``model.safetensors.index.json``::
+
+    model-00001-of-000{L+1}.safetensors   decoder layer 0 (condensed if chosen)
+    ...
+    model-000{L+1}-of-000{L+1}.safetensors   embeddings, final norm, lm_head (tied ones once)
+
+How: a second meta-device skeleton is condensed with :func:`cdmoe.checkpoint.record.condense_layers`
+(record, parameter counts, the condensed class and config, exactly as whole mode), and its
+own ``save_pretrained`` writes config.json, generation_config.json, the modelling code and
+the non-layer tensors. Each decoder layer is then loaded by the
+:class:`~cdmoe.memory.layer_store.SequentialStore` with the chosen layers' fused MLP swapped in
+(fused in the compute dtype, then each tensor cast to its stored dtype, as whole mode rounds), and its
+tensors are written to its own shard.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..memory.layer_store import INDEX_NAME, SINGLE_NAME, SequentialStore
+from ..models.condensed import LayerChoice
+
+__all__ = ["condensed_skeleton", "write_streamed"]
+
+
+def condensed_skeleton(store: SequentialStore, choices: list[LayerChoice], base_model: str, search: dict):
+    """A meta-device copy of ``store``'s model with ``choices`` condensed, and its record."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from .record import condense_layers
+
+    config = store.model.config
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=store.dtype, trust_remote_code=store.trust_remote_code)
+    skeleton.tie_weights()  # meta parameters are not tied by from_config; parameter counts need it
+    skeleton.config._name_or_path = config._name_or_path
+    if (store.path / "generation_config.json").exists():  # what from_pretrained would have loaded
+        skeleton.generation_config = GenerationConfig.from_pretrained(store.path)
+    record = condense_layers(skeleton, choices, base_model=base_model, search=search)
+    return skeleton, record
+
+
+@torch.no_grad()
+def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice], directory: Path, storage) -> None:
+    """Write the condensed checkpoint into ``directory``, layer by layer, each tensor in the dtype
+    ``storage`` (a :class:`~cdmoe.models.storage_dtypes.StoragePlan`) gives its name."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers.core_model_loading import revert_weight_conversion
+
+    prefix = store.spec.layers_path
+    n = len(store.layers)
+    shard = "model-{:05d}-of-{:05d}.safetensors"
+    skeleton.to(storage.default)
+    cast: dict[tuple, torch.Tensor] = {}  # tied tensors (embeddings / lm_head) must stay one tensor after the cast
+    rest = {k: cast.setdefault((v.data_ptr(), v.shape), v.to(storage.dtype_for(k, v)))
+            for k, v in store.model.state_dict().items() if not k.startswith(prefix + ".")}
+    # save_pretrained writes config, generation config and code, and the non-layer tensors as model.safetensors
+    skeleton.save_pretrained(directory, state_dict=rest, max_shard_size="10000GB")
+    rest_file = shard.format(n + 1, n + 1)
+    (directory / SINGLE_NAME).rename(directory / rest_file)
+    with_original_keys = getattr(skeleton.config, "cdmoe", None) is None  # native format: per-expert keys, as saved whole
+    weight_map, total = {}, 0
+    for idx in range(n):
+        store.set_condensed(idx, None)
+    for choice in choices:
+        store.set_condensed(choice.layer, (choice.experts, choice.gates))
+    try:
+        for idx in range(n):
+            with store.resident(idx) as layer:
+                tensors = {name: v.to(storage.dtype_for(name, v)).contiguous()
+                           for name, v in ((f"{prefix}.{idx}.{k}", v) for k, v in layer.state_dict().items())}
+            if with_original_keys:
+                tensors = revert_weight_conversion(skeleton, tensors)
+            save_file(tensors, directory / shard.format(idx + 1, n + 1), metadata={"format": "pt"})
+            weight_map.update({k: shard.format(idx + 1, n + 1) for k in tensors})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors
+    finally:
+        for choice in choices:
+            store.set_condensed(choice.layer, None)
+    with safe_open(directory / rest_file, "pt") as f:
+        for key in f.keys():
+            weight_map[key] = rest_file
+            tensor = rest[key] if key in rest else f.get_tensor(key)
+            total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_parameters": skeleton.num_parameters(), "total_size": total},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+

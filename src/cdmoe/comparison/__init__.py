@@ -1,0 +1,2 @@
+"""Methods side by side: ``cdmoe compare`` at matched budgets, ``cdmoe sweep`` over N, ``cdmoe report``.
+"""

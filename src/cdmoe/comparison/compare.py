@@ -1,0 +1,340 @@
+"""``cdmoe compare``: CD-MoE, its ablations and the baselines at matched memory budgets.
+
+For every memory budget (weights on disk / original's) each method gets the setting of
+its knob (N condensed or dropped layers, E' experts per layer) whose *predicted* ratio is
+closest; quantisation-only methods have one setting. Every point is written as a normal
+output directory, reloaded from disk as a user would, and scored the same way: held-out
+perplexity, optional lm-eval tasks, prefill speed relative to the original (timed in the
+same run, interleaved), the measured ratio of weight bytes and, optionally, peak resident
+memory loading and running it (a fresh process per point, :func:`cdmoe.evaluation.measure.peak_rss`). One calibration set and one
+statistics pass serve all methods; CD-MoE variants run one search each (the greedy order
+for N layers is a prefix of the order for more).
+
+Method names: ``cd-moe`` (greedy experts K = top-k and layers), ``cd-moe-s`` (shared
+experts only), ``cd-moe:VARIANT`` with VARIANT an expert selector (random, l1,
+pl-alpha-hill, frequency), a layer selector (layer-rank, global-layer-rank) or a metric
+(kl, ppl); ``layer-drop``, ``block-drop``, ``expert-drop``, ``msmoe``; ``slim-int8`` and
+``slim-int4``; any structural method with ``+int8`` / ``+int4`` appended (condense or drop,
+then quantise).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.record import condense_layers
+from ..checkpoint.writer import atomic_output_dir, check_output_dir, save
+from ..errors import CdmoeError
+from ..evaluation.measure import disk_bytes, peak_rss
+from ..evaluation.perplexity import perplexity, token_stream
+from ..methods.baselines import BaselineOptions, apply_baseline, baseline_record, finish_quantized, most_similar_first
+from ..methods.calib_stats import calibration_stats
+from ..models.budget import ModelParams, model_params
+from ..models.input_checks import check_inputs
+from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
+from ..search.calibration import CalibSpec, load_calibration
+from ..search.run import SearchOptions, run_search
+from ..search.selectors import EXPERT_SELECTORS, LAYER_SELECTORS
+
+__all__ = ["DEFAULT_METHODS", "ABLATION_METHODS", "Method", "parse_methods", "compare"]
+
+DEFAULT_METHODS = ("cd-moe", "cd-moe-s", "layer-drop", "block-drop", "expert-drop", "msmoe", "slim-int8",
+                   "slim-int4", "cd-moe+int4", "layer-drop+int4")
+ABLATION_METHODS = ("cd-moe:random", "cd-moe:l1", "cd-moe:pl-alpha-hill", "cd-moe:frequency", "cd-moe:layer-rank",
+                    "cd-moe:global-layer-rank", "cd-moe:kl", "cd-moe:ppl")
+INT4_BYTES, INT8_BYTES = 0.5 + 4 / 64, 1.0  # bytes per quantised weight (codes + scales)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    base: str  # cd-moe | layer-drop | block-drop | expert-drop | msmoe | slim
+    search: dict  # SearchOptions overrides of a cd-moe variant
+    quantize: str | None = None
+
+    @property
+    def knob(self) -> str:
+        return {"cd-moe": "layers", "layer-drop": "layers", "block-drop": "layers", "expert-drop": "keep_experts",
+                "msmoe": "keep_experts"}.get(self.base, "none")
+
+
+def parse_methods(text: str) -> list[Method]:
+    names = {"default": DEFAULT_METHODS, "ablations": ABLATION_METHODS, "all": DEFAULT_METHODS + ABLATION_METHODS}
+    out = []
+    for item in [m.strip() for m in text.split(",") if m.strip()]:
+        for name in names.get(item, (item,)):
+            structural, _, bits = name.partition("+")
+            if structural.startswith("slim-"):
+                structural, bits = "slim", structural.removeprefix("slim-")
+            base, _, variant = structural.partition(":")
+            search: dict = {}
+            if base == "cd-moe-s":
+                base, search = "cd-moe", {"experts": 0}
+            if variant and base == "cd-moe":
+                if variant in EXPERT_SELECTORS:
+                    search = {**search, "expert_selector": variant}
+                elif variant in LAYER_SELECTORS:
+                    search = {**search, "layer_selector": variant}
+                elif variant in ("js", "kl", "ppl"):
+                    search = {**search, "metric": variant}
+                else:
+                    raise CdmoeError(f"unknown CD-MoE variant {variant!r} in --methods {name!r}")
+            if base not in ("cd-moe", "layer-drop", "block-drop", "expert-drop", "msmoe", "slim") or (variant and base != "cd-moe"):
+                raise CdmoeError(f"unknown method {name!r}; see `cdmoe compare --help` for the names")
+            if bits and bits not in ("int8", "int4"):
+                raise CdmoeError(f"unknown quantisation {bits!r} in {name!r}; use +int8 or +int4")
+            out.append(Method(name, base, search, bits or None))
+    return out
+
+
+def _bytes_ratio(params: ModelParams, total_after: int, targets: int, quantize: str | None) -> float:
+    if quantize is None:
+        return total_after / params.total
+    per = INT4_BYTES if quantize == "int4" else INT8_BYTES
+    return ((total_after - targets) * 2 + targets * per) / (params.total * 2)
+
+
+def _candidates(method: Method, params: ModelParams, stats, top_k: int, num_experts: int) -> dict[int, float]:
+    """Predicted memory ratio of every knob value of ``method``."""
+    moe = params.moe_layer_ids
+    experts_all = params.routed_total()
+    if method.base == "cd-moe":
+        k = method.search.get("experts", top_k)
+        out = {}
+        for n in range(1, len(moe) + 1):
+            chosen = {i: k for i in moe[:n]}
+            targets = experts_all - params.routed_total(moe[:n]) + sum(layer.condensed(k) for layer in params.layers[:n])
+            out[n] = _bytes_ratio(params, params.condensed_total(chosen), targets, method.quantize)
+        return out
+    if method.base == "layer-drop":
+        return {n: _bytes_ratio(params, params.layer_dropped_total(moe[:n]), experts_all - params.routed_total(moe[:n]),
+                                method.quantize) for n in range(1, len(moe) + 1)}
+    if method.base == "block-drop":
+        ranked = most_similar_first(stats.block_cosine)
+        return {n: _bytes_ratio(params, params.block_dropped_total(ranked[:n]), 0, None)
+                for n in range(1, len(ranked))}
+    if method.base in ("expert-drop", "msmoe"):
+        return {e: _bytes_ratio(params, params.experts_reduced_total(e),
+                                sum(e * layer.expert for layer in params.layers), method.quantize)
+                for e in range(top_k, num_experts)}
+    return {0: _bytes_ratio(params, params.total, experts_all, method.quantize)}
+
+
+def _prefill_seconds(models: dict[str, torch.nn.Module], prompts: torch.Tensor, repeats: int = 3) -> dict[str, float]:
+    """Median prefill time of each model, the models interleaved in every repeat."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(input_ids=prompts, use_cache=False)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def compare(model: str | Path, out: str | Path, budgets: list[float], methods: list[Method],
+            calib: CalibSpec = CalibSpec(), eval_text: str | None = None, eval_tokens: int = 50_000,
+            tasks: str | None = None, task_text: str | None = None, dtype: str = "auto", force: bool = False,
+            measure_rss: bool = False, task_batch_size: int = 32, progress=print) -> dict:
+    """Run ``methods`` at each budget on ``model``; write ``out/compare.{json,md,png}`` and the points."""
+    if not budgets or not all(0 < b <= 1 for b in budgets):
+        raise CdmoeError("--budget takes memory ratios in (0, 1], e.g. 0.8,0.6")
+    out = Path(out)
+    check_inputs(model, calib, {"--eval-text": eval_text, "--task-text": task_text})
+    inputs = (model, calib.source, eval_text, task_text)
+    check_output_dir(out, force, inputs)
+    tokenizer = load_tokenizer(model)
+    base = load_model(model, dtype=dtype)
+    params = model_params(base)
+    calib_ids = load_calibration(tokenizer, calib)
+    stats = calibration_stats(base, calib_ids)
+    first = params.layers[0]
+    plan: dict[tuple[str, int], dict] = {}
+    for method in methods:
+        cands = _candidates(method, params, stats, first.top_k, first.num_experts)
+        for budget in budgets:
+            knob = min(cands, key=lambda v: (abs(cands[v] - budget), v))
+            point = plan.setdefault((method.name, knob), {"method": method, "knob": knob, "budgets": [],
+                                                          "predicted_ratio": cands[knob]})
+            point["budgets"].append(budget)
+
+    with atomic_output_dir(out, force, inputs=inputs) as work:  # nothing at ``out`` until every point is written and scored
+        _run_points(model, work, plan, calib_ids, tokenizer, stats, dtype, progress)
+        scorer = _Scorer(tokenizer, token_stream(tokenizer, eval_text, eval_tokens) if eval_text else None,
+                         calib.seq_len, tasks, task_text, task_batch_size, dtype if measure_rss else None)
+        rows = _evaluate(model, work, plan, scorer, dtype, progress)
+        result = {"model": str(model), "budgets": budgets, "calibration": calib.to_dict(), "eval_text": eval_text,
+                  "eval_tokens": eval_tokens, "tasks": tasks, "task_batch_size": task_batch_size,
+                  "peak_rss_dtype": dtype if measure_rss else None, "rows": rows}
+        (work / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (work / "compare.md").write_text(markdown_table(result))
+        plot_compare(result, work / "compare.png")
+    result["plot"] = str(out / "compare.png")
+    return result
+
+
+def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtype, progress) -> None:
+    """Write every planned point to ``work/points/...`` (its ``dir`` is relative to ``work``)."""
+    searches: dict[str, object] = {}
+    for (name, knob), point in plan.items():
+        method: Method = point["method"]
+        budgets = ", ".join(f"{100 * b:.0f}%" for b in point["budgets"])
+        setting = f" ({method.knob}={knob})" if method.knob != "none" else ""
+        progress(f"[compare] {name}{setting}: predicted memory {100 * point['predicted_ratio']:.1f}% for budget {budgets}")
+        point["dir"] = f"points/{name.replace(':', '_').replace('+', '_')}-{knob}"
+        path = work / point["dir"]
+        loaded = load_model(model, dtype=dtype)
+        if method.base == "cd-moe":
+            largest = max(k for (n, k) in plan if n == name)
+            if name not in searches:
+                searches[name] = run_search(loaded, calib_ids, SearchOptions(layers=largest, **method.search))
+            result = searches[name]
+            record = condense_layers(loaded, result.choices[:knob], base_model=str(model),
+                                     search={**result.record, "layer_order": result.record["layer_order"][:knob]})
+            record["variant"] = name
+        else:
+            options = BaselineOptions(method.base, layers=knob if method.knob == "layers" else None,
+                                      keep_experts=knob if method.knob == "keep_experts" else None,
+                                      quantize=method.quantize if method.base == "slim" else None)
+            loaded, details = apply_baseline(loaded, stats, options)
+            record = {**baseline_record(loaded, model, method.base, details), "variant": name}
+        storage = round_to_checkpoint_dtype(loaded, model, dtype)
+        if method.quantize:
+            loaded, record["quantization"] = finish_quantized(loaded, method.quantize, storage)
+        save(loaded, path, record, tokenizer=tokenizer, force=True, storage=storage)
+        del loaded
+
+
+@dataclass
+class _Scorer:
+    """How every point (and the original) is scored: the same text, tasks and settings for all."""
+
+    tokenizer: object
+    stream: torch.Tensor | None  # held-out token ids (T,) for perplexity, or None
+    seq_len: int
+    tasks: str | None
+    task_text: str | None
+    task_batch_size: int
+    rss_dtype: str | None  # dtype to measure peak RSS in, or None to skip
+
+    def prompts(self) -> torch.Tensor:
+        """(4, seq_len) token ids the prefill speed is timed on."""
+        ids = self.stream if self.stream is not None else torch.arange(4 * self.seq_len) % self.tokenizer.vocab_size
+        return ids[: 4 * self.seq_len].reshape(-1, self.seq_len)[:4]
+
+    def __call__(self, model, path) -> dict:
+        from ..evaluation.lmeval import evaluate, resolve_tasks, summarize
+
+        scores: dict = {}
+        if self.stream is not None:
+            scores["ppl"] = perplexity(model, self.stream, self.seq_len)
+        if self.tasks:
+            with tempfile.TemporaryDirectory(prefix="cdmoe-tasks-") as work:
+                names, include = resolve_tasks(self.tasks, self.task_text, Path(work))
+                scores["tasks"] = summarize(evaluate(model, self.tokenizer, names, include,
+                                                     batch_size=self.task_batch_size))
+        if self.rss_dtype:
+            scores["peak_rss_bytes"] = peak_rss(path, self.rss_dtype)["load_and_run_bytes"]
+        return scores
+
+
+def _evaluate(model, work: Path, plan, scorer: _Scorer, dtype, progress) -> list[dict]:
+    original = load_model(model, dtype=dtype)
+    prompts = scorer.prompts()
+    orig_bytes = disk_bytes(model)
+    rows = [{"method": "original", "knob": None, "budgets": [], "dir": str(model), "memory_ratio": 1.0,
+             "predicted_ratio": 1.0, "speedup": 1.0, "active_params": model_params(original).active,
+             **scorer(original, model)}]
+    for point in plan.values():
+        progress(f"[compare] evaluating {point['dir'].removeprefix('points/')}")
+        path = work / point["dir"]
+        loaded = load_model(path, dtype=dtype)
+        times = _prefill_seconds({"original": original, "point": loaded}, prompts)
+        record = json.loads((path / "cdmoe.json").read_text())
+        rows.append({"method": point["method"].name, "knob": point["knob"], "knob_name": point["method"].knob,
+                     "budgets": point["budgets"], "dir": point["dir"], "predicted_ratio": point["predicted_ratio"],
+                     "memory_ratio": disk_bytes(path) / orig_bytes, "speedup": times["original"] / times["point"],
+                     "active_params": record["params"]["condensed_active_params"], **scorer(loaded, path)})
+        del loaded
+    if scorer.rss_dtype:
+        for row in rows:
+            row["peak_rss_ratio"] = row["peak_rss_bytes"] / rows[0]["peak_rss_bytes"]
+    return rows
+
+
+def _task_label(task: str) -> str:
+    """Column header: the task and its unit (accuracy in %, or word perplexity for rolling tasks)."""
+    return f"{task} (word ppl)" if "ppl" in task else f"{task} (%)"
+
+
+def _average(row: dict) -> float | None:
+    acc = [v for k, v in (row.get("tasks") or {}).items() if "ppl" not in k]
+    return sum(acc) / len(acc) if acc else None
+
+
+def markdown_table(result: dict) -> str:
+    rows = result["rows"]
+    task_names = sorted({t for r in rows for t in (r.get("tasks") or {})})
+    rss = all("peak_rss_ratio" in r for r in rows)
+    lines = [f"# cdmoe compare: {result['model']}", ""]
+    if task_names:
+        lines += ["average: mean of the accuracy tasks (not the perplexities)", ""]
+    for budget in result["budgets"]:
+        lines += [f"## Budget {100 * budget:.0f}% of the original weight bytes", "",
+                  "| method | setting | activated params | memory (measured) |" + (" peak RSS |" if rss else "")
+                  + " speed-up | perplexity |" + "".join(f" {_task_label(t)} |" for t in task_names)
+                  + (" average |" if task_names else ""),
+                  "|---|---|---|---|" + ("---|" if rss else "") + "---|---|" + "---|" * len(task_names)
+                  + ("---|" if task_names else "")]
+        for row in [rows[0]] + [r for r in rows[1:] if budget in r["budgets"]]:
+            setting = "-" if row["knob"] is None else (
+                f"N={row['knob']}" if row.get("knob_name") == "layers" else
+                f"E'={row['knob']}" if row.get("knob_name") == "keep_experts" else "-")
+            cells = [row["method"], setting, f"{row['active_params'] / 1e6:.2f}M", f"{100 * row['memory_ratio']:.1f}%"]
+            cells += [f"{100 * row['peak_rss_ratio']:.0f}% ({row['peak_rss_bytes'] / 2**20:.0f} MiB)"] if rss else []
+            cells += [f"{row['speedup']:.2f}x", f"{row['ppl']:.2f}" if row.get("ppl") else "-"]
+            cells += [f"{row['tasks'][t]:.2f}" if t in (row.get("tasks") or {}) else "-" for t in task_names]
+            if task_names:
+                avg = _average(row)
+                cells.append(f"{avg:.2f}" if avg is not None else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_compare(result: dict, path: Path) -> Path:
+    """Every method's points against measured memory: perplexity, and average accuracy when tasks ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method: dict[str, list[dict]] = {}
+    for row in result["rows"]:
+        by_method.setdefault(row["method"], []).append(row)
+    panels = [(lambda r: r.get("ppl"), "held-out perplexity (lower is better)"),
+              (_average, "average accuracy (%, higher is better)")]
+    panels = [(value, label) for value, label in panels if any(value(r) is not None for r in result["rows"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    markers = "os^vD<>pPX*hH+x"
+    for ax, (value, label) in zip(axes[0], panels):
+        for i, (name, rows) in enumerate(by_method.items()):
+            rows = sorted((r for r in rows if value(r) is not None), key=lambda r: r["memory_ratio"])
+            ax.plot([100 * r["memory_ratio"] for r in rows], [value(r) for r in rows],
+                    marker=markers[i % len(markers)], label=name)
+        ax.set_xlabel("memory (% of original weight bytes, measured)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

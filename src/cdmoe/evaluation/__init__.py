@@ -1,0 +1,2 @@
+"""Measuring a model: held-out perplexity, lm-evaluation-harness, measured memory, plots.
+"""

@@ -1,0 +1,181 @@
+"""The paper's baselines as methods that write loadable output directories, like condense.
+
+- ``layer-drop``: remove the N sparse MoE sub-layers whose residual stream changes least
+  (highest cosine similarity before/after the MoE add on calibration tokens; He et al.,
+  2406.02500). The output is a cdmoe-format checkpoint with those blocks gone.
+- ``block-drop``: remove the N whole decoder layers whose output is most similar to their
+  input (same paper); the remaining layers are renumbered.
+- ``expert-drop``: keep the E' experts with the highest routing scores in every MoE layer,
+  router restricted to them (native checkpoint, see :mod:`cdmoe.methods.expert_reduce`).
+- ``msmoe``: M-SMoE merging into E' experts per layer (native checkpoint).
+- ``slim``: Expert Slimming, weight-only quantisation of the experts (``--quantize``).
+
+Any of the structural methods can be followed by ``--quantize int8|int4`` (the experts and
+condensed MLPs that remain are quantised; see :mod:`cdmoe.methods.quantize`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..checkpoint.record import RECORD_FORMAT, family_name
+from ..checkpoint.writer import check_output_dir, save, write_record
+from ..errors import CdmoeError
+from ..evaluation.measure import disk_bytes
+from ..evaluation.perplexity import perplexity, token_stream
+from ..models.adapter import decoder_layers, family_spec, moe_blocks
+from ..models.budget import model_params
+from ..models.condensed import to_cdmoe_format
+from ..models.input_checks import check_inputs
+from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
+from ..models.modeling_cdmoe import DroppedMLP, remove_blocks
+from ..search.calibration import CalibSpec, load_calibration
+from .calib_stats import CalibStats, calibration_stats
+from .expert_reduce import expert_drop_plans, msmoe_plans, reduce_experts
+from .quantize import check_quantize, layers_quantized, quantize_model, quantized_bytes
+
+__all__ = ["METHODS", "BaselineOptions", "apply_baseline", "baseline_record", "finish_quantized", "most_similar_first",
+           "run_baseline"]
+
+METHODS = ("layer-drop", "block-drop", "expert-drop", "msmoe", "slim")
+
+
+@dataclass(frozen=True)
+class BaselineOptions:
+    method: str
+    layers: int | None = None  # N for layer-drop / block-drop
+    keep_experts: int | None = None  # E' for expert-drop / msmoe
+    quantize: str | None = None  # int8 | int4 (required by slim, optional after the others)
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise CdmoeError(f"unknown baseline {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.method in ("layer-drop", "block-drop") and not self.layers:
+            raise CdmoeError(f"{self.method} needs --layers N (how many to drop)")
+        if self.method in ("expert-drop", "msmoe") and not self.keep_experts:
+            raise CdmoeError(f"{self.method} needs --keep-experts E' (routed experts kept per layer)")
+        if self.method == "slim" and self.quantize is None:
+            raise CdmoeError("slim needs --quantize int8 or int4")
+        check_quantize(self.quantize)
+        for option, value in (("--layers", self.layers), ("--keep-experts", self.keep_experts)):
+            if value is not None and value < 1:
+                raise CdmoeError(f"{option} must be at least 1, got {value}")
+
+
+def most_similar_first(scores: dict[int, float]) -> list[int]:
+    """Layers by decreasing cosine similarity (ties: lower index): the order Layer/Block Drop drop them in."""
+    return sorted(scores, key=lambda i: (-scores[i], i))
+
+
+def _top(scores: dict[int, float], n: int, what: str) -> list[int]:
+    if not 1 <= n <= len(scores):
+        raise CdmoeError(f"--layers {n} is out of range: the model has {len(scores)} {what}")
+    return sorted(most_similar_first(scores)[:n])
+
+
+def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
+    """Layer Drop: the MoE sub-layers of ``layers`` add nothing (in place; cdmoe format)."""
+    spec = family_spec(model)
+    stack = decoder_layers(model, spec)
+    for i in layers:
+        setattr(stack[i], spec.block_attr, DroppedMLP())
+    previous = (getattr(model.config, "cdmoe", None) or {}).get("dropped_layers", [])
+    return to_cdmoe_format(model, {"dropped_layers": sorted(set(previous) | set(layers))})
+
+
+def drop_blocks(model: nn.Module, blocks: list[int]) -> nn.Module:
+    """Block Drop: decoder layers ``blocks`` removed (in place; cdmoe format)."""
+    spec = family_spec(model)
+    remove_blocks(model, spec.layers_path, blocks)
+    return to_cdmoe_format(model, {"dropped_blocks": sorted(blocks)})
+
+
+def apply_baseline(model: nn.Module, stats: CalibStats | None, options: BaselineOptions) -> tuple[nn.Module, dict]:
+    """Apply the structural part of ``options`` to ``model``; return (model, method details)."""
+    options.validate()
+    params = model_params(model)
+    if options.method == "layer-drop":
+        layers = _top(stats.moe_cosine, options.layers, "MoE layers")
+        details = {"layers": layers, "scores": {str(i): stats.moe_cosine[i] for i in sorted(stats.moe_cosine)},
+                   "predicted_params": params.layer_dropped_total(layers)}
+        model = drop_layers(model, layers)
+    elif options.method == "block-drop":
+        blocks = _top(stats.block_cosine, options.layers, "decoder layers")
+        details = {"blocks": blocks, "scores": {str(i): stats.block_cosine[i] for i in sorted(stats.block_cosine)},
+                   "predicted_params": params.block_dropped_total(blocks)}
+        model = drop_blocks(model, blocks)
+    elif options.method in ("expert-drop", "msmoe"):
+        make = expert_drop_plans if options.method == "expert-drop" else msmoe_plans
+        plans = make(model, stats, options.keep_experts)
+        details = {"keep_experts": options.keep_experts, "plans": [p.to_dict() for p in plans],
+                   "predicted_params": params.experts_reduced_total(options.keep_experts)}
+        model = reduce_experts(model, plans)
+    else:
+        details = {"predicted_params": params.total}
+    after = model_params(model)
+    details["params"] = {"total_params": params.total, "condensed_params": after.total,
+                         "memory_ratio": after.total / params.total, "active_params": params.active,
+                         "condensed_active_params": after.active}
+    return model, details
+
+
+def finish_quantized(model: nn.Module, bits: str, storage) -> tuple[nn.Module, dict]:
+    """Quantise ``model``'s experts / condensed MLPs (the other tensors stored as ``storage``, a
+    :class:`~cdmoe.models.storage_dtypes.StoragePlan`, says); return the quantised model and its record entry."""
+    dtype = storage.default
+    moe_layers = len(moe_blocks(model))
+    quantized = quantize_model(model, bits, storage=storage)
+    predicted = quantized_bytes(model, bits, dtype)  # ``model`` now holds the unfused layout that was quantised
+    return quantized, {"library": "bitsandbytes", "bits": bits, "format": "LLM.int8" if bits == "int8" else "NF4",
+                       "targets": "routed experts and condensed MLPs", "moe_layers": moe_layers,
+                       "linear_modules": layers_quantized(quantized), "predicted_payload_bytes": predicted,
+                       "stored_dtype": str(dtype).removeprefix("torch.")}
+
+
+def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, calib: CalibSpec = CalibSpec(),
+                 eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto",
+                 force: bool = False) -> dict:
+    """Run one baseline end to end on ``model`` and save it to ``out``; return its record."""
+    options.validate()
+    check_inputs(model, calib if options.method != "slim" else None, {"--eval-text": eval_text})
+    inputs = (model, calib.source, eval_text)
+    check_output_dir(out, force, inputs)
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(model)
+    loaded = load_model(model, dtype=dtype)
+    stats = None
+    if options.method != "slim":
+        stats = calibration_stats(loaded, load_calibration(tokenizer, calib), options.batch_size)
+    stream = token_stream(tokenizer, eval_text, eval_tokens) if eval_text else None
+    evaluation = {}
+    if stream is not None:
+        evaluation = {"text": eval_text, "tokens": len(stream), "seq_len": calib.seq_len,
+                      "original_ppl": perplexity(loaded, stream, calib.seq_len)}
+    result, details = apply_baseline(loaded, stats, options)
+    storage = round_to_checkpoint_dtype(result, model, dtype)
+    record = baseline_record(result, model, options.method, details)
+    record["calibration"] = calib.to_dict() if stats is not None else None
+    if options.quantize:
+        result, record["quantization"] = finish_quantized(result, options.quantize, storage)
+    if stream is not None:  # measured on the weights as saved (quantised models: as a user loads them)
+        evaluation["ppl"] = perplexity(result, stream, calib.seq_len) if not options.quantize else None
+        record["evaluation"] = evaluation
+    record["timings"] = {"total_s": time.perf_counter() - started}
+    path = save(result, out, record, tokenizer=tokenizer, force=force, storage=storage, inputs=inputs)
+    if stream is not None and options.quantize:
+        del result
+        evaluation["ppl"] = perplexity(load_model(path), stream, calib.seq_len)
+        write_record(path, record)
+    record["weight_bytes"] = disk_bytes(path)
+    return record
+
+
+def baseline_record(model: nn.Module, source: str | Path, method: str, details: dict) -> dict:
+    """The ``cdmoe.json`` record of a baseline output, from :func:`apply_baseline`'s details (consumed)."""
+    return {"format_version": RECORD_FORMAT, "method": method, "base_model": str(source), "family": family_name(model),
+            "params": details.pop("params"), "baseline": details}

@@ -1,0 +1,202 @@
+"""``cdmoe condense``: load, calibrate, search, (evaluate), condense and save, end to end."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.record import condense_layers
+from ..checkpoint.stream_save import condensed_skeleton, write_streamed
+from ..checkpoint.writer import STATE_DIR, atomic_output_dir, check_output_dir, write_condensed, write_record
+from ..errors import CdmoeError
+from ..evaluation.perplexity import perplexity, token_stream
+from ..evaluation.plots import plot_single_layer_scores
+from ..memory.activation_cache import DIR_PREFIX, activation_cache, check_activations
+from ..memory.devices import choose_mode, resolve_device
+from ..memory.layer_store import SequentialStore
+from ..models.input_checks import check_inputs
+from ..models.loading import checkpoint_dtype, compute_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
+from ..models.storage_dtypes import cast_to_storage, plan_of
+from ..search.calibration import CalibSpec, load_calibration
+from ..search.resume import SearchState, run_key
+from ..search.run import SearchOptions, run_search
+from .ablations import DroppedBlock, fused_modules, random_choices, swapped_blocks
+from .quantize import check_quantize
+
+__all__ = ["EvalOptions", "condense"]
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Held-out perplexity printed around a condense run (optional)."""
+
+    text: str | None = None
+    max_tokens: int = 50_000
+    seq_len: int | None = None  # default: the calibration sequence length
+    baselines: bool = True  # also: same layers with random experts, same layers dropped
+
+
+def _rich_progress():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+
+
+def condense(
+    model: str | Path,
+    out: str | Path,
+    search: SearchOptions,
+    calib: CalibSpec = CalibSpec(),
+    evaluation: EvalOptions = EvalOptions(),
+    dtype: str = "auto",
+    force: bool = False,
+    show_progress: bool = True,
+    mode: str = "auto",
+    device: str = "cpu",
+    quantize: str | None = None,
+    activations: str = "memory",
+    activations_dir: str | Path | None = None,
+) -> dict:
+    """Condense ``search.layers`` MoE layers of ``model`` with CD-MoE and save to ``out``; return the record.
+
+    ``mode``: ``whole`` loads the model, ``sequential`` keeps one decoder layer in memory at a
+    time (reading it from the safetensors shards when needed and writing the output layer by
+    layer), ``auto`` picks sequential when the weights do not fit ``device``'s free memory.
+    The search progress is kept in ``.OUT.partial/state/``: rerunning the same command after
+    an interruption resumes it (a different command there is refused unless ``force``).
+    With ``quantize`` (int8 | int4; whole mode), the condensed MLPs and remaining experts are then
+    quantised (:mod:`cdmoe.methods.quantize`) and the quantised model's perplexity is measured from disk.
+    ``activations``: ``memory`` keeps the calibration hidden states in CPU memory, ``disk`` in
+    safetensors files (:mod:`cdmoe.memory.activation_cache`) in a directory inside ``activations_dir``
+    (default: ``.OUT.partial/``), deleted when the search ends; same result, less memory, slower.
+    """
+    check_activations(activations, activations_dir)
+    search.check()
+    check_quantize(quantize)
+    check_inputs(model, calib, {"--eval-text": evaluation.text})
+    if evaluation.max_tokens < 2:
+        raise CdmoeError(f"--eval-tokens must be at least 2, got {evaluation.max_tokens}")
+    inputs = (model, calib.source, evaluation.text)
+    check_output_dir(out, force, inputs)
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    compute = compute_dtype(dtype, str(dev))
+    stored = checkpoint_dtype(model)
+    if compute == "auto":  # GPU: compute in the checkpoint's dtype
+        compute = stored or torch.float32
+    mode, why = choose_mode(mode, model, dev, compute, stored)
+    if mode == "sequential" and evaluation.text:
+        raise CdmoeError("--eval-text needs the whole model in memory; drop it (evaluate the output with "
+                         "cdmoe eval) or use --mode whole")
+    if mode == "sequential" and quantize:
+        raise CdmoeError("--quantize needs the whole model in memory for now; use --mode whole, or quantise the "
+                         "condensed output with cdmoe baseline slim")
+    tokenizer = load_tokenizer(model)
+    calib_ids = load_calibration(tokenizer, calib)
+    key = run_key(model, calib.to_dict(), calib_ids, search, {"dtype": str(compute), "device": dev.type})
+
+    progress = _rich_progress() if show_progress else None
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if progress is None:
+            return
+        if stage not in tasks:
+            label = "Algorithm 1: experts per layer" if stage == "experts" else "Algorithm 2: layer candidates"
+            tasks[stage] = progress.add_task(label, total=total)
+        progress.update(tasks[stage], completed=done)
+
+    with atomic_output_dir(out, force=force, resumable=True, inputs=inputs) as tmp:
+        state = SearchState(tmp / STATE_DIR, key)
+        if state.resumed:  # printed even with --quiet: the user should know the run continues an old one
+            progress_note(f"resuming the interrupted run in {tmp / STATE_DIR}: {state.resumed}")
+        for stale in tmp.glob(f"{DIR_PREFIX}*"):  # a killed run's activation cache, never part of the output
+            shutil.rmtree(stale, ignore_errors=True)
+        if mode == "whole":
+            multi_gpu = device == "auto" and torch.cuda.device_count() > 1
+            loaded = load_model(model, dtype=dtype, device=str(dev), device_map="auto" if multi_gpu else None)
+            store = None
+        else:
+            store = SequentialStore(model, device=dev, dtype=compute)
+            loaded = store.model
+        with progress or nullcontext(), activation_cache(activations, activations_dir or tmp) as cache:
+            result = run_search(loaded, calib_ids, search, report, store=store, state=state, activations=cache)
+        search_record = {**result.record, "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())},
+                         "mode": mode, "mode_reason": why, "device": str(dev), "activations": activations}
+        if store is not None:
+            search_record["cost"]["decoder_layer_loads"] = store.loads
+        if mode == "whole":
+            record, write_weights = _whole(loaded, model, result, search_record, evaluation, calib, tokenizer, dtype,
+                                           quantize)
+        else:
+            skeleton, record = condensed_skeleton(store, result.choices, str(model), search_record)
+
+            def write_weights(directory: Path) -> None:
+                write_streamed(store, skeleton, result.choices, directory, plan_of(store.model, model, dtype))
+
+        record["search"]["timings"]["total_s"] = time.perf_counter() - started
+
+        def write_plots(directory: Path) -> None:
+            if not record["search"]["single_layer_scores"]:  # layer-rank computes no single-layer final scores
+                return
+            plot_single_layer_scores(record["search"], directory / "plots" / "single_layer_js.png",
+                                     title=f"{model}: single-layer condensing")
+
+        write_condensed(tmp, record, write_weights, tokenizer=tokenizer, extra_files=write_plots)
+    if quantize and "evaluation" in record:  # as a user loads it
+        ev = record["evaluation"]
+        ev["quantized_ppl"] = perplexity(load_model(out), token_stream(tokenizer, ev["text"], evaluation.max_tokens),
+                                         ev["seq_len"])
+        write_record(out, record)
+    return record
+
+
+def progress_note(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False)
+
+
+def _whole(loaded, model, result, search_record: dict, evaluation: EvalOptions, calib: CalibSpec, tokenizer,
+           dtype: str, quantize: str | None = None):
+    """Whole mode after the search: optional perplexity, condense in memory; (record, weight writer)."""
+    evaluation_record = {}
+    stream = None
+    if evaluation.text:
+        seq_len = evaluation.seq_len or calib.seq_len
+        stream = token_stream(tokenizer, evaluation.text, evaluation.max_tokens)
+        layers = [c.layer for c in result.choices]
+        evaluation_record = {"text": evaluation.text, "tokens": len(stream), "seq_len": seq_len,
+                             "original_ppl": perplexity(loaded, stream, seq_len)}
+        if evaluation.baselines:
+            k = len(result.choices[0].experts)
+            with swapped_blocks(loaded, fused_modules(loaded, random_choices(result.record["expert_search"], layers, k, calib.seed))):
+                evaluation_record["random_experts_ppl"] = perplexity(loaded, stream, seq_len)
+            with swapped_blocks(loaded, {layer: DroppedBlock() for layer in layers}):
+                evaluation_record["dropped_layers_ppl"] = perplexity(loaded, stream, seq_len)
+
+    record = condense_layers(loaded, result.choices, base_model=str(model), search=search_record)
+    storage = round_to_checkpoint_dtype(loaded, model, dtype)
+    if stream is not None:
+        evaluation_record["condensed_ppl"] = perplexity(loaded, stream, evaluation_record["seq_len"])
+        record["evaluation"] = evaluation_record
+    if quantize:
+        from .baselines import finish_quantized
+
+        loaded, record["quantization"] = finish_quantized(loaded, quantize, storage)
+    else:
+        cast_to_storage(loaded, storage)  # computed in fp32 on CPU; saved in the source's dtypes, tensor by tensor
+    return record, lambda directory: loaded.save_pretrained(directory, max_shard_size="5GB")

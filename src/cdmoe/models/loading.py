@@ -1,0 +1,129 @@
+"""Loading a model and tokenizer with clear errors for the usual mistakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import CdmoeError
+from ..io.remote_code import remote_code_error, trusted
+
+__all__ = ["checkpoint_dtype", "compute_dtype", "load_model", "load_tokenizer", "resolve_dtype", "round_to_checkpoint_dtype"]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | None) -> torch.dtype | str:
+    if name in (None, "auto"):
+        return "auto"
+    if name not in _DTYPES:
+        raise CdmoeError(f"unknown dtype {name!r}; use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _check_path(name_or_path: str | Path, weights: bool = False) -> None:
+    from .input_checks import check_model_dir
+
+    check_model_dir(name_or_path, weights=weights)
+
+
+def compute_dtype(dtype: str | None, device: str) -> torch.dtype | str:
+    """``auto`` computes in the checkpoint's dtype, except half precision on CPU, which is
+    slow there and imprecise for divergences: fp32 (the checkpoint is saved back in its dtype)."""
+    resolved = resolve_dtype(dtype)
+    if resolved == "auto" and str(device).startswith("cpu"):
+        return torch.float32
+    return resolved
+
+
+def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str = "cpu",
+               trust_remote_code: bool | None = None, device_map: str | dict | None = None):
+    """``AutoModelForCausalLM.from_pretrained`` in eval mode, with one-line errors.
+
+    ``trust_remote_code``: run Python code shipped in the checkpoint (default: the command's
+    decision, :func:`cdmoe.io.remote_code.trusted`, off unless ``--trust-remote-code``).
+
+    The checkpoint's own dtype is kept in ``model.config.dtype`` whatever the compute dtype.
+    ``device_map`` (e.g. ``"auto"`` for several GPUs) places the layers with accelerate instead of ``device``.
+    """
+    _check_path(name_or_path, weights=True)
+    from . import register  # noqa: F401  (condensed checkpoints load natively)
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), dtype=compute_dtype(dtype, device),
+            trust_remote_code=trusted() if trust_remote_code is None else trust_remote_code,
+            output_loading_info=True, ignore_mismatched_sizes=True,  # mismatches are refused below, by name
+            **({"device_map": device_map} if device_map is not None else {}),
+        )
+    except OSError as err:
+        raise CdmoeError(
+            f"cannot load {name_or_path} ({str(err).splitlines()[0]}); if the hub is unreachable, pass a local directory"
+        ) from None
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:  # a config or checkpoint the family cannot build
+        raise remote_code_error(name_or_path, err) or CdmoeError(
+            f"cannot load {name_or_path}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        ) from None
+    _check_loading_info(name_or_path, info)
+    if getattr(model, "is_quantized", False):
+        from .bnb_cpu import guard_cpu_packing
+
+        guard_cpu_packing(model)  # bitsandbytes' AVX512-BF16 repacking fails on some widths
+        return model.eval()  # placed by from_pretrained
+    from .storage_dtypes import attach_storage_plan
+
+    attach_storage_plan(model, name_or_path, dtype)  # how it will be saved: per tensor, as the source stores it
+    if device_map is not None:  # placed by from_pretrained
+        return model.eval()
+    return model.to(device).eval()
+
+
+def _check_loading_info(name_or_path, info: dict) -> None:
+    """Refuse a checkpoint with tensors missing (transformers would initialise them at random) or of
+    the wrong shape: a condensed model of garbage must never be written."""
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
+    if mismatched:
+        name, got, want = (list(mismatched[0]) + [None, None])[:3]
+        raise CdmoeError(f"{name_or_path}: tensor {name} has shape {tuple(got or ())} on disk, the config expects "
+                         f"{tuple(want or ())} (and {len(mismatched) - 1} more); the checkpoint does not match its "
+                         "config.json")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise CdmoeError(f"{name_or_path} has no tensor for {missing[0]} (and {len(missing) - 1} more); the checkpoint "
+                         "is incomplete or not of this config's family")
+
+
+def checkpoint_dtype(name_or_path: str | Path) -> torch.dtype | None:
+    """The dtype a checkpoint stores its weights in, from its config.json (None if unknown)."""
+
+    from .input_checks import read_config
+
+    if not (Path(str(name_or_path)) / "config.json").exists():
+        return None
+    data = read_config(Path(str(name_or_path)))
+    name = data.get("dtype") or data.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def round_to_checkpoint_dtype(model, source: str | Path | None, dtype: str | None):
+    """Round ``model``'s weights (e.g. freshly fused fp32 ones) to the dtypes they will be stored in,
+    tensor by tensor (:mod:`cdmoe.models.storage_dtypes`), keeping the compute dtype, so that what is
+    evaluated is what will be saved. Returns the :class:`~cdmoe.models.storage_dtypes.StoragePlan` to save with."""
+    from .storage_dtypes import plan_of, round_to_storage
+
+    plan = plan_of(model, source, dtype)
+    round_to_storage(model, plan)
+    return plan
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool | None = None):
+    """``AutoTokenizer.from_pretrained`` with one-line errors (``trust_remote_code`` as in :func:`load_model`)."""
+    _check_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(name_or_path), trust_remote_code=trusted() if trust_remote_code is None else trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise remote_code_error(name_or_path, err) or CdmoeError(f"cannot load a tokenizer from {name_or_path}: {str(err).splitlines()[0]}") from None
