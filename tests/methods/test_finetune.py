@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import cdmoe
 from cdmoe.cli import app
+from cdmoe.evaluation.perplexity import perplexity, token_stream
 from cdmoe.methods.condense import EvalOptions
 from cdmoe.methods.finetune import FinetuneOptions, condensed_mlps, finetune, prepare_trainable
 from cdmoe.methods.finetune_data import build_dataset, render_pair
@@ -85,7 +86,10 @@ def test_output_loads_like_a_condensed_directory_and_records_the_run(condensed_d
     assert ft["trainable_share"] == pytest.approx(expected / ft["total_params"])
     assert ft["mode"] == "full" and ft["steps"] == 2 and ft["format"] == "text" and ft["final_loss"] > 0
     ev = ft["evaluation"]
-    assert ev["tokens"] == 600 and ev["ppl_before"] > 1 and ev["ppl_after"] > 1
+    assert ev["tokens"] == 600
+    stream = token_stream(load_tokenizer(condensed_dir), str(DEMO_TEXT), 600)  # independently: both models from disk
+    assert ev["ppl_before"] == pytest.approx(perplexity(load_model(condensed_dir), stream, ev["seq_len"]), rel=1e-5)
+    assert ev["ppl_after"] == pytest.approx(perplexity(load_model(out), stream, ev["seq_len"]), rel=1e-5)
     assert [c["layer"] for c in record["condensed"]] == list(LAYERS)
     assert "## Fine-tuning" in (out / "README.md").read_text()
     plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
