@@ -193,11 +193,11 @@ def condense(
 @app.command()
 @_friendly
 def baseline(
-    method: Annotated[str, typer.Argument(help="layer-drop | block-drop | expert-drop | msmoe | slim")],
+    method: Annotated[str, typer.Argument(help="layer-drop | block-drop | expert-drop | msmoe | msmoe-restricted | slim")],
     model: Annotated[str, typer.Argument(help="model directory or hub id")],
     out: Annotated[Path, typer.Option(help="output directory (must not exist, unless --force)")],
     layers: Annotated[Optional[int], typer.Option(help="N layers (layer-drop) or decoder blocks (block-drop) to drop")] = None,
-    keep_experts: Annotated[Optional[int], typer.Option(help="E' routed experts kept per layer (expert-drop, msmoe)")] = None,
+    keep_experts: Annotated[Optional[int], typer.Option(help="E' routed experts kept per layer (expert-drop, msmoe-restricted; msmoe: the average)")] = None,
     quantize: Quantize = None,
     calib: Calib = "c4",
     samples: Samples = 100,
