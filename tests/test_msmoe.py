@@ -195,3 +195,26 @@ def test_msmoe_refuses_an_average_too_large_for_the_threshold(mixtral):
     model, _, stats = mixtral
     with pytest.raises(CdmoeError, match="out of range"):
         msmoe_plans(model, stats, 9)
+
+
+def test_remote_code_family_with_one_module_per_expert(tmp_path):
+    """DeepSeekMoE-16B's layout (remote code, ``nn.ModuleList`` of experts, its own MoE forward):
+    the merged model equals the MC-SMoE forward, and so does its saved checkpoint loaded with
+    plain ``trust_remote_code``."""
+    from conftest import remote_code_checkpoint
+
+    base = remote_code_checkpoint(tmp_path / "base")
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, attn_implementation="eager").eval()
+
+    model = load(base)
+    ids = calib_ids(model)
+    labels, usage, _ = reference_grouping(raw_router_logits(model, ids), moe_blocks(model)[0].top_k, 3)
+    probe = calib_ids(model, n=3, s=16, seed=9)
+    reference = logits(mcsmoe_model(load(base), labels, usage), probe)
+    merged = merge_experts(model, msmoe_plans(model, calibration_stats(model, ids, batch_size=4), 3))
+    assert [len(b.module.experts) for b in moe_blocks(merged)] == [len(set(labels[i].tolist())) for i in sorted(labels)]
+    torch.testing.assert_close(logits(merged, probe), reference, atol=2e-5, rtol=1e-4)
+    merged.save_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits(load(tmp_path / "out"), probe), reference, atol=2e-5, rtol=1e-4)
