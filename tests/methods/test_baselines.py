@@ -9,7 +9,7 @@ from conftest import DEMO_CALIB, make_tiny
 from cdmoe.errors import CdmoeError
 from cdmoe.methods.baselines import BaselineOptions, apply_baseline, drop_blocks, drop_layers, run_baseline
 from cdmoe.methods.calib_stats import calibration_stats
-from cdmoe.methods.expert_reduce import ExpertPlan, msmoe_plans, reduce_experts
+from cdmoe.methods.expert_reduce import ExpertPlan, msmoe_restricted_plans, reduce_experts
 from cdmoe.models.adapter import decoder_layers, family_spec, moe_blocks
 from cdmoe.models.budget import model_params, tensor_count
 from cdmoe.models.loading import load_model
@@ -72,11 +72,11 @@ def test_expert_drop_keeping_all_experts_in_any_order_equals_original(name):
     torch.testing.assert_close(logits(reduced, ids), reference, atol=1e-5, rtol=1e-4)
 
 
-def test_msmoe_groups_and_merged_weights():
+def test_msmoe_restricted_groups_and_merged_weights():
     model = make_tiny("deepseek_v2")
     stats = calibration_stats(model, ids_for(model, n=4, s=16))
     kept = 3
-    plans = msmoe_plans(model, stats, kept)
+    plans = msmoe_restricted_plans(model, stats, kept)
     reduced = reduce_experts(model, plans)
     for plan, old, new in zip(plans, moe_blocks(model), moe_blocks(reduced)):
         counts = stats.counts[plan.layer]
@@ -93,7 +93,8 @@ def test_msmoe_groups_and_merged_weights():
 
 
 @pytest.mark.parametrize("method,kw", [("layer-drop", {"layers": 2}), ("block-drop", {"layers": 2}),
-                                       ("expert-drop", {"keep_experts": 5}), ("msmoe", {"keep_experts": 5})])
+                                       ("expert-drop", {"keep_experts": 5}), ("msmoe", {"keep_experts": 5}),
+                                       ("msmoe-restricted", {"keep_experts": 5})])
 def test_baseline_output_loads_and_matches_its_plan(tiny_model_dir, tmp_path, method, kw):
     out = tmp_path / method
     record = run_baseline(tiny_model_dir, out, BaselineOptions(method, **kw), CalibSpec(str(DEMO_CALIB), 4, 32, 0))

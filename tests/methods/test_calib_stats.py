@@ -13,7 +13,7 @@ from conftest import make_tiny
 
 from cdmoe.methods.ablations import DroppedBlock, swapped_blocks
 from cdmoe.methods.calib_stats import calibration_stats
-from cdmoe.methods.expert_reduce import expert_drop_plans, msmoe_plans
+from cdmoe.methods.expert_reduce import expert_drop_plans, msmoe_restricted_plans
 from cdmoe.models.adapter import moe_blocks
 
 
@@ -75,12 +75,12 @@ def test_routing_sums_counts_and_logit_similarity_equal_direct_computations(setu
         torch.testing.assert_close(stats.logit_similarity(block.layer_idx), cos, rtol=1e-5, atol=1e-6)
 
 
-def test_expert_drop_keeps_the_highest_scored_experts_and_msmoe_groups_by_logit_similarity(setup):
+def test_expert_drop_keeps_the_highest_scored_experts_and_msmoe_restricted_groups_by_logit_similarity(setup):
     model, ids, stats = setup
     inputs = router_inputs(model, ids)
     kept = 4
     drops = {p.layer: p for p in expert_drop_plans(model, stats, kept)}
-    merges = {p.layer: p for p in msmoe_plans(model, stats, kept)}
+    merges = {p.layer: p for p in msmoe_restricted_plans(model, stats, kept)}
     for block in moe_blocks(model):
         logits = inputs[block.layer_idx].double() @ block.router_weight.double().T
         probs = logits.softmax(-1)

@@ -15,7 +15,11 @@ METHOD_TEXT = {
     "layer-drop": "Layer Drop (He et al., 2406.02500): the sparse MoE sub-layers listed in `cdmoe.json` were removed",
     "block-drop": "Block Drop (He et al., 2406.02500): the decoder layers listed in `cdmoe.json` were removed",
     "expert-drop": "Expert Drop: every MoE layer keeps the routed experts with the highest routing scores, router restricted to them",
-    "msmoe": "M-SMoE (Li et al., 2310.01334): every MoE layer's experts were merged into fewer by routing-policy grouping",
+    "msmoe": "M-SMoE (Li et al., 2310.01334), as its reference code MC-SMoE runs it: each MoE layer's experts were merged "
+             "into groups by routing-policy grouping, the number of groups per layer set by a global usage threshold; the "
+             "full router is kept and every expert's id routes to its group's merged expert",
+    "msmoe-restricted": "M-SMoE variant (Li et al., 2310.01334): every MoE layer's experts were merged into the same number "
+                        "of groups by routing-policy grouping, router restricted to the dominant experts' rows",
     "slim": "Expert Slimming (2406.02500): the routed experts were quantised",
 }
 

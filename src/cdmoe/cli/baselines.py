@@ -28,14 +28,14 @@ from .options import (
 
 @_friendly
 def baseline(
-    method: Annotated[str, typer.Argument(help="layer-drop | block-drop | expert-drop | msmoe | slim")],
+    method: Annotated[str, typer.Argument(help="layer-drop | block-drop | expert-drop | msmoe | msmoe-restricted | slim")],
     model: Annotated[str, typer.Argument(help="model directory or hub id")],
     out: Annotated[Path, typer.Option(help="output directory (must not exist, unless --force)")],
     layers: Annotated[
         Optional[int], typer.Option(help="N layers (layer-drop) or decoder blocks (block-drop) to drop")
     ] = None,
     keep_experts: Annotated[
-        Optional[int], typer.Option(help="E' routed experts kept per layer (expert-drop, msmoe)")
+        Optional[int], typer.Option(help="E' routed experts kept per layer (expert-drop, msmoe-restricted; msmoe: the average)")
     ] = None,
     quantize: Quantize = None,
     calib: Calib = "c4",

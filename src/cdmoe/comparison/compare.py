@@ -13,7 +13,8 @@ for N layers is a prefix of the order for more).
 Method names: ``cd-moe`` (greedy experts K = top-k and layers), ``cd-moe-s`` (shared
 experts only), ``cd-moe:VARIANT`` with VARIANT an expert selector (random, l1,
 pl-alpha-hill, frequency), a layer selector (layer-rank, global-layer-rank) or a metric
-(kl, ppl); ``layer-drop``, ``block-drop``, ``expert-drop``, ``msmoe``; ``slim-int8`` and
+(kl, ppl); ``layer-drop``, ``block-drop``, ``expert-drop``, ``msmoe`` (E' is the average over
+layers), ``msmoe-restricted``; ``slim-int8`` and
 ``slim-int4``; any structural method with ``+int8`` / ``+int4`` appended (condense or drop,
 then quantise).
 """
@@ -34,8 +35,16 @@ from ..checkpoint.writer import atomic_output_dir, check_output_dir, save
 from ..errors import CdmoeError
 from ..evaluation.measure import disk_bytes, peak_rss
 from ..evaluation.perplexity import perplexity, token_stream
-from ..methods.baselines import BaselineOptions, apply_baseline, baseline_record, finish_quantized, most_similar_first
+from ..methods.baselines import (
+    EXPERT_METHODS,
+    BaselineOptions,
+    apply_baseline,
+    baseline_record,
+    finish_quantized,
+    most_similar_first,
+)
 from ..methods.calib_stats import calibration_stats
+from ..methods.expert_reduce import global_group_counts, usage_frequencies
 from ..models.budget import ModelParams, model_params
 from ..models.input_checks import check_inputs
 from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
@@ -45,8 +54,8 @@ from ..search.selectors import EXPERT_SELECTORS, LAYER_SELECTORS
 
 __all__ = ["DEFAULT_METHODS", "ABLATION_METHODS", "Method", "parse_methods", "compare"]
 
-DEFAULT_METHODS = ("cd-moe", "cd-moe-s", "layer-drop", "block-drop", "expert-drop", "msmoe", "slim-int8",
-                   "slim-int4", "cd-moe+int4", "layer-drop+int4")
+DEFAULT_METHODS = ("cd-moe", "cd-moe-s", "layer-drop", "block-drop", "expert-drop", "msmoe", "msmoe-restricted",
+                   "slim-int8", "slim-int4", "cd-moe+int4", "layer-drop+int4")
 ABLATION_METHODS = ("cd-moe:random", "cd-moe:l1", "cd-moe:pl-alpha-hill", "cd-moe:frequency", "cd-moe:layer-rank",
                     "cd-moe:global-layer-rank", "cd-moe:kl", "cd-moe:ppl")
 INT4_BYTES, INT8_BYTES = 0.5 + 4 / 64, 1.0  # bytes per quantised weight (codes + scales)
@@ -55,14 +64,15 @@ INT4_BYTES, INT8_BYTES = 0.5 + 4 / 64, 1.0  # bytes per quantised weight (codes 
 @dataclass(frozen=True)
 class Method:
     name: str
-    base: str  # cd-moe | layer-drop | block-drop | expert-drop | msmoe | slim
+    base: str  # cd-moe | layer-drop | block-drop | expert-drop | msmoe | msmoe-restricted | slim
     search: dict  # SearchOptions overrides of a cd-moe variant
     quantize: str | None = None
 
     @property
     def knob(self) -> str:
-        return {"cd-moe": "layers", "layer-drop": "layers", "block-drop": "layers", "expert-drop": "keep_experts",
-                "msmoe": "keep_experts"}.get(self.base, "none")
+        if self.base in EXPERT_METHODS:
+            return "keep_experts"
+        return {"cd-moe": "layers", "layer-drop": "layers", "block-drop": "layers"}.get(self.base, "none")
 
 
 def parse_methods(text: str) -> list[Method]:
@@ -86,7 +96,7 @@ def parse_methods(text: str) -> list[Method]:
                     search = {**search, "metric": variant}
                 else:
                     raise CdmoeError(f"unknown CD-MoE variant {variant!r} in --methods {name!r}")
-            if base not in ("cd-moe", "layer-drop", "block-drop", "expert-drop", "msmoe", "slim") or (variant and base != "cd-moe"):
+            if base not in ("cd-moe", "layer-drop", "block-drop", "slim", *EXPERT_METHODS) or (variant and base != "cd-moe"):
                 raise CdmoeError(f"unknown method {name!r}; see `cdmoe compare --help` for the names")
             if bits and bits not in ("int8", "int4"):
                 raise CdmoeError(f"unknown quantisation {bits!r} in {name!r}; use +int8 or +int4")
@@ -120,11 +130,27 @@ def _candidates(method: Method, params: ModelParams, stats, top_k: int, num_expe
         ranked = most_similar_first(stats.block_cosine)
         return {n: _bytes_ratio(params, params.block_dropped_total(ranked[:n]), 0, None)
                 for n in range(1, len(ranked))}
-    if method.base in ("expert-drop", "msmoe"):
+    if method.base == "msmoe":
+        return _msmoe_candidates(method, params, stats, top_k, num_experts)
+    if method.base in EXPERT_METHODS:
         return {e: _bytes_ratio(params, params.experts_reduced_total(e),
                                 sum(e * layer.expert for layer in params.layers), method.quantize)
                 for e in range(top_k, num_experts)}
     return {0: _bytes_ratio(params, params.total, experts_all, method.quantize)}
+
+
+def _msmoe_candidates(method: Method, params: ModelParams, stats, top_k: int, num_experts: int) -> dict[int, float]:
+    """Predicted ratio of M-SMoE for each average E' (E'_l from the global threshold, full routers kept)."""
+    out = {}
+    usage = usage_frequencies(stats)
+    for e in range(top_k, num_experts):
+        try:
+            groups = global_group_counts(usage, e)
+        except CdmoeError:  # E' too large for the threshold
+            continue
+        targets = sum(groups[layer.layer] * layer.expert for layer in params.layers)
+        out[e] = _bytes_ratio(params, params.experts_merged_total(groups), targets, method.quantize)
+    return out
 
 
 def _prefill_seconds(models: dict[str, torch.nn.Module], prompts: torch.Tensor, repeats: int = 3) -> dict[str, float]:

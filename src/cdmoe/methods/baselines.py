@@ -7,7 +7,11 @@
   input (same paper); the remaining layers are renumbered.
 - ``expert-drop``: keep the E' experts with the highest routing scores in every MoE layer,
   router restricted to them (native checkpoint, see :mod:`cdmoe.methods.expert_reduce`).
-- ``msmoe``: M-SMoE merging into E' experts per layer (native checkpoint).
+- ``msmoe``: M-SMoE merging as MC-SMoE runs it: E'_l groups per layer from a global usage
+  threshold (E' on average), full router, every expert routed to its group's merged expert
+  (cdmoe-format checkpoint; see :mod:`cdmoe.methods.expert_reduce`).
+- ``msmoe-restricted``: variant, E' groups in every layer and the router restricted to the
+  dominant experts' rows (native checkpoint).
 - ``slim``: Expert Slimming, weight-only quantisation of the experts (``--quantize``).
 
 Any of the structural methods can be followed by ``--quantize int8|int4`` (the experts and
@@ -35,20 +39,21 @@ from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dty
 from ..models.modeling_cdmoe import DroppedMLP, remove_blocks
 from ..search.calibration import CalibSpec, load_calibration
 from .calib_stats import CalibStats, calibration_stats
-from .expert_reduce import expert_drop_plans, msmoe_plans, reduce_experts
+from .expert_reduce import expert_drop_plans, merge_experts, msmoe_plans, msmoe_restricted_plans, reduce_experts
 from .quantize import check_quantize, layers_quantized, quantize_model, quantized_bytes
 
-__all__ = ["METHODS", "BaselineOptions", "apply_baseline", "baseline_record", "finish_quantized", "most_similar_first",
+__all__ = ["METHODS", "EXPERT_METHODS", "BaselineOptions", "apply_baseline", "baseline_record", "finish_quantized", "most_similar_first",
            "run_baseline"]
 
-METHODS = ("layer-drop", "block-drop", "expert-drop", "msmoe", "slim")
+METHODS = ("layer-drop", "block-drop", "expert-drop", "msmoe", "msmoe-restricted", "slim")
+EXPERT_METHODS = ("expert-drop", "msmoe", "msmoe-restricted")  # the knob is --keep-experts E'
 
 
 @dataclass(frozen=True)
 class BaselineOptions:
     method: str
     layers: int | None = None  # N for layer-drop / block-drop
-    keep_experts: int | None = None  # E' for expert-drop / msmoe
+    keep_experts: int | None = None  # E' for expert-drop / msmoe-restricted, the average E' for msmoe
     quantize: str | None = None  # int8 | int4 (required by slim, optional after the others)
     batch_size: int = 8
 
@@ -57,7 +62,7 @@ class BaselineOptions:
             raise CdmoeError(f"unknown baseline {self.method!r}; use one of {', '.join(METHODS)}")
         if self.method in ("layer-drop", "block-drop") and not self.layers:
             raise CdmoeError(f"{self.method} needs --layers N (how many to drop)")
-        if self.method in ("expert-drop", "msmoe") and not self.keep_experts:
+        if self.method in EXPERT_METHODS and not self.keep_experts:
             raise CdmoeError(f"{self.method} needs --keep-experts E' (routed experts kept per layer)")
         if self.method == "slim" and self.quantize is None:
             raise CdmoeError("slim needs --quantize int8 or int4")
@@ -109,8 +114,15 @@ def apply_baseline(model: nn.Module, stats: CalibStats | None, options: Baseline
         details = {"blocks": blocks, "scores": {str(i): stats.block_cosine[i] for i in sorted(stats.block_cosine)},
                    "predicted_params": params.block_dropped_total(blocks)}
         model = drop_blocks(model, blocks)
-    elif options.method in ("expert-drop", "msmoe"):
-        make = expert_drop_plans if options.method == "expert-drop" else msmoe_plans
+    elif options.method == "msmoe":
+        plans = msmoe_plans(model, stats, options.keep_experts)
+        groups = {p.layer: len(p.mix) for p in plans}
+        details = {"keep_experts": options.keep_experts, "experts_per_layer": {str(i): n for i, n in groups.items()},
+                   "router": "full", "plans": [p.to_dict() for p in plans],
+                   "predicted_params": params.experts_merged_total(groups)}
+        model = merge_experts(model, plans)
+    elif options.method in EXPERT_METHODS:
+        make = expert_drop_plans if options.method == "expert-drop" else msmoe_restricted_plans
         plans = make(model, stats, options.keep_experts)
         details = {"keep_experts": options.keep_experts, "plans": [p.to_dict() for p in plans],
                    "predicted_params": params.experts_reduced_total(options.keep_experts)}

@@ -105,6 +105,12 @@ class MoEBlock:
         return self.router_weight.shape[0]
 
     @property
+    def stored_experts(self) -> int:
+        """Routed experts the block holds: E, or E'_l after M-SMoE merging (the router keeps E rows)."""
+        merged = getattr(self.module, "cdmoe_expert_map", None)
+        return self.num_experts if merged is None else max(merged) + 1
+
+    @property
     def top_k(self) -> int:
         k = getattr(self.config, self.spec.top_k_key)
         return k[self.layer_idx] if isinstance(k, (list, tuple)) else int(k)

@@ -36,7 +36,7 @@ class MoELayerParams:
     """Sizes of one sparse MoE layer, in elements."""
 
     layer: int
-    num_experts: int
+    num_experts: int  # routed experts stored (E'_l after M-SMoE merging; the router keeps its rows)
     top_k: int
     expert: int  # one routed expert: 3 * H * I
     expert_intermediate: int
@@ -50,7 +50,7 @@ class MoELayerParams:
 
     @property
     def active(self) -> int:
-        return self.other + self.top_k * self.expert + self.shared
+        return self.other + min(self.top_k, self.num_experts) * self.expert + self.shared
 
     def condensed(self, k: int) -> int:
         """Elements of the condensed MLP keeping k routed experts (Eq. 3)."""
@@ -63,12 +63,12 @@ class MoELayerParams:
         total = tensor_count(block.module)
         return cls(
             layer=block.layer_idx,
-            num_experts=block.num_experts,
+            num_experts=block.stored_experts,
             top_k=block.top_k,
             expert=expert,
             expert_intermediate=block.expert_weights(0)[0].shape[0],
             shared=shared,
-            other=total - block.num_experts * expert - shared,
+            other=total - block.stored_experts * expert - shared,
             shared_bias=block.shared is not None and block.shared.gate_proj.bias is not None,
         )
 
@@ -122,6 +122,10 @@ class ModelParams:
             (layer.num_experts - kept) * layer.expert + layer.other - layer.other * kept // layer.num_experts
             for layer in self.layers
         )
+
+    def experts_merged_total(self, groups: dict[int, int]) -> int:
+        """Total elements with ``groups[l]`` routed experts stored in MoE layer l, full routers kept (M-SMoE)."""
+        return self.total - sum((self._layer(i).num_experts - n) * self._layer(i).expert for i, n in groups.items())
 
     def summary(self, condensed: dict[int, int], bytes_per_param: float) -> dict:
         after = self.condensed_total(condensed)

@@ -25,8 +25,17 @@ instance of a subclass of the family's ``*ForCausalLM`` class.
       "condensed_layers": {"3": {"intermediate_size": 224, "gated_width": 0, "bias": false}},
       "dropped_layers": [5],            # optional: MoE sub-layer removed (Layer Drop)
       "dropped_blocks": [6],            # optional: whole decoder layer removed (Block Drop)
-      "unfused_experts": [1, 2]         # optional: routed experts as one nn.Linear trio per expert
+      "unfused_experts": [1, 2],        # optional: routed experts as one nn.Linear trio per expert
+      "router_attr": "gate",            # with merged_experts: attribute of the block that holds the router
+      "merged_experts": {"4": {"num_experts": 3, "expert_map": [0, 0, 1, 2, 1, 0, 2, 2]}}
     }
+
+Merged experts (M-SMoE, Li et al. arXiv 2310.01334, as MC-SMoE's ``grouping_mixtral.py`` runs
+it): the layer keeps its full router (all E rows, weights unchanged) but stores only
+``num_experts`` = E'_l experts; after the family's own routing (top-k ids over all E experts
+and their gates), each id e is replaced by ``expert_map[e]`` before the experts run, so a token
+whose two chosen experts share a group gets that merged expert once per choice, each with its
+own gate (see :func:`merge_routed_experts`).
 
 Unfused experts hold exactly the fused weights, one ``nn.Linear`` per projection, so that
 weight-only quantisers that act on ``nn.Linear`` (bitsandbytes, ...) can slim them.
@@ -46,7 +55,8 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-__all__ = ["CondensedMLP", "DroppedMLP", "UnfusedExperts", "CdmoeConfig", "CdmoeForCausalLM", "condensed_classes"]
+__all__ = ["CondensedMLP", "DroppedMLP", "UnfusedExperts", "CdmoeConfig", "CdmoeForCausalLM", "condensed_classes",
+           "merge_routed_experts"]
 
 AUTO_MAP = {"AutoConfig": "modeling_cdmoe.CdmoeConfig", "AutoModelForCausalLM": "modeling_cdmoe.CdmoeForCausalLM"}
 
@@ -135,10 +145,63 @@ class UnfusedExperts(nn.ModuleList):
         return out
 
 
+def _shrink_experts(experts: nn.Module, num_experts: int, kept: int) -> None:
+    """Keep the first ``kept`` of ``num_experts`` routed experts, in place: one module per expert
+    (``nn.ModuleList``) or fused tensors whose first axis is the expert axis (E, ...)."""
+    if isinstance(experts, nn.ModuleList):
+        del experts[kept:]
+        return
+    for name, param in list(experts.named_parameters(recurse=False)):
+        if param.dim() and param.shape[0] == num_experts:
+            setattr(experts, name, nn.Parameter(param.data[:kept].clone(), requires_grad=param.requires_grad))
+    if hasattr(experts, "num_experts"):
+        experts.num_experts = kept
+
+
+def _map_ids_hook(expert_map: torch.Tensor):
+    """Router forward hook: the router's integer output (top-k ids (T, K) over E) mapped through
+    ``expert_map`` (E,) to ids of the merged experts; every other output (logits, gates) unchanged."""
+
+    def hook(module, args, output):
+        items = list(output) if isinstance(output, tuple) else [output]
+        ids = [i for i, t in enumerate(items) if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+        if len(ids) != 1:
+            raise RuntimeError("cdmoe: merged experts need a router that returns one tensor of top-k expert ids")
+        items[ids[0]] = expert_map.to(items[ids[0]].device)[items[ids[0]]]
+        return tuple(items) if isinstance(output, tuple) else items[0]
+
+    return hook
+
+
+def merge_routed_experts(block: nn.Module, experts_attr: str, router_attr: str, expert_map) -> None:
+    """Make ``block`` an M-SMoE merged layer, in place: its experts container keeps
+    ``max(expert_map) + 1`` experts (their weights are loaded or copied in afterwards) and its
+    router, unchanged, gets a forward hook mapping its top-k ids e -> ``expert_map[e]``.
+
+    This is MC-SMoE's ``_merge_mlp_experts_by_usage_frequency_weighting`` binding every group
+    member to one module, written without aliased modules: E'_l experts are stored once.
+    ``expert_map``: (E,) ints in [0, E'_l), E = the router's rows.
+    """
+    expert_map = [int(e) for e in expert_map]
+    kept = max(expert_map) + 1
+    if sorted(set(expert_map)) != list(range(kept)):
+        raise ValueError(f"cdmoe: expert_map {expert_map} must use every merged expert 0..{kept - 1}")
+    _shrink_experts(getattr(block, experts_attr), len(expert_map), kept)
+    lookup = torch.tensor(expert_map, dtype=torch.long, device="cpu")  # not on the meta device of a lazy init
+    getattr(block, router_attr).register_forward_hook(_map_ids_hook(lookup))
+    block.cdmoe_expert_map = tuple(expert_map)
+
+
 def _apply_structure(model: nn.Module, config) -> None:
-    """Swap in what ``config.cdmoe`` describes: condensed, dropped and unfused layers, removed blocks."""
+    """Swap in what ``config.cdmoe`` describes: condensed, dropped, merged and unfused layers, removed blocks."""
     spec = config.cdmoe
     layers = _resolve_attr(model, spec["layers_path"])
+    for idx, entry in spec.get("merged_experts", {}).items():
+        block = getattr(layers[int(idx)], spec["block_attr"])
+        if max(entry["expert_map"]) + 1 != entry["num_experts"]:
+            raise ValueError(f"cdmoe: layer {idx}'s merged_experts entry is inconsistent: {entry}")
+        merge_routed_experts(block, spec.get("experts_attr", "experts"), spec.get("router_attr", "gate"),
+                             entry["expert_map"])
     for idx, layer in spec.get("condensed_layers", {}).items():
         mlp = CondensedMLP(
             config.hidden_size,
