@@ -4,6 +4,8 @@
 #   quantized   condense alone, quantise alone, condense + quantise, Layer Drop + quantise at 55% / 45%
 #               (perplexity, lm-eval demo tasks, peak RAM)
 #   ablations   the CD-MoE ablations at 80% / 65% (perplexity, lm-eval demo tasks)
+#   msmoe       only M-SMoE (MC-SMoE's reference) and its router-restricted variant at 80% / 65%, the same
+#               settings as methods (not run by default; methods includes both)
 # About 45 minutes for methods, 25 for quantized and 30 for ablations on 2 CPU cores (bitsandbytes
 # runs slowly on CPU). Name runs to redo only those: `bash docs/compare/run.sh quantized`.
 set -euo pipefail
@@ -18,7 +20,8 @@ for run in ${@:-methods quantized ablations}; do
     quantized) cdmoe compare demo/model --out runs/compare-quantized --budget 0.55,0.45 $TASKS --peak-rss $COMMON \
                  --methods cd-moe,layer-drop,slim-int4,cd-moe+int4,layer-drop+int4 ;;
     ablations) cdmoe compare demo/model --out runs/compare-ablations --budget 0.8,0.65 --methods cd-moe,cd-moe-s,ablations $TASKS $COMMON ;;
-    *) echo "unknown run $run (methods | quantized | ablations)" >&2; exit 2 ;;
+    msmoe)     cdmoe compare demo/model --out runs/compare-msmoe --budget 0.8,0.65 --methods msmoe,msmoe-restricted $TASKS --peak-rss $COMMON ;;
+    *) echo "unknown run $run (methods | quantized | ablations | msmoe)" >&2; exit 2 ;;
   esac
   mkdir -p docs/compare/$run
   cp runs/compare-$run/compare.md runs/compare-$run/compare.json runs/compare-$run/compare.png docs/compare/$run/
