@@ -1,7 +1,8 @@
 """Greedy generation with vLLM, run by the vLLM venv's Python (not the test's).
 
 ``python vllm_generate.py job.json out.json``; job: ``{"runs": [{"model": dir,
-"prompts": [[token ids]], "max_tokens": n, "logprobs": k, "dtype": "float32"}]}``;
+"prompts": [[token ids]], "max_tokens": n, "logprobs": k, "dtype": "float32",
+"multiprocess": false}]}``;
 out: one entry per run, ``{"tokens": [[ids]] (P, n), "logprobs": [[{id: logprob}]]
 (P, n, k), "num_gpu_blocks": int}`` or ``{"error": "<last line of the exception>"}``.
 
@@ -10,6 +11,7 @@ refuses its head size (``VLLM_MLA_DISABLE=1``), and the CPU rotary kernel is wro
 3-D query with more than one head (the ``rotary_embedding`` custom op is disabled).
 """
 
+import gc
 import json
 import os
 import sys
@@ -24,23 +26,37 @@ def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # in-process engine and executor (one process start saved per model, ~60 s on 2 cores) unless
+    # the run asks for vLLM's default multi-process set-up (the plugin loads in every process)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.get("multiprocess") else "0"
+    backend = None if spec.get("multiprocess") else "uni"
     try:
         llm = LLM(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True, seed=0,
-                  max_model_len=spec.get("max_model_len", 256), compilation_config={"custom_ops": ["all", "-rotary_embedding"]})
+                  skip_tokenizer_init=True, distributed_executor_backend=backend, max_model_len=spec.get("max_model_len", 256),
+                  compilation_config={"custom_ops": ["all", "-rotary_embedding"]})
     except Exception as exc:  # the message the user would see, for the bad-input tests
-        return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}",
-                "message": str(exc)}
-    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], logprobs=spec.get("logprobs", 5),
-                            ignore_eos=True)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
-    result = {
-        "tokens": [list(o.outputs[0].token_ids) for o in outputs],
-        "logprobs": [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
-                     for o in outputs],
-        "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
-    }
-    del llm
-    return result
+        return _error(exc)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], logprobs=spec.get("logprobs", 5),
+                                ignore_eos=True, detokenize=False)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
+        return {
+            "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+            "logprobs": [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
+                         for o in outputs],
+            "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+        }
+    except Exception as exc:
+        return _error(exc)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def _error(exc: Exception) -> dict:
+    text = str(exc).strip()
+    return {"error": f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}", "message": text}
 
 
 def main() -> None:
