@@ -37,7 +37,8 @@ class DroppedMLP(nn.Module):
 class _CondensedMixin:
     """Adds the partial shared-expert gate and name-tolerant weight loading to a dense MLP."""
 
-    def _init_gate(self, hidden_size: int, gated_width: int, prefix: str) -> None:
+    def _init_gate(self, hidden_size: int, intermediate_size: int, gated_width: int, prefix: str) -> None:
+        self.full_shape = (intermediate_size, hidden_size)  # of gate_proj / up_proj before TP
         self.gated_width = gated_width
         self.shared_gate = (
             ReplicatedLinear(hidden_size, 1, bias=False, prefix=f"{prefix}.shared_gate") if gated_width else None
@@ -63,6 +64,10 @@ class _CondensedMixin:
         loaded = set()
         for name, tensor in weights:
             stem = name.removesuffix(".weight")
+            # vLLM's sharded loaders narrow a too-large tensor silently: check the full shape
+            expected = self.full_shape[::-1] if stem in _DOWN else self.full_shape  # gate/up (shard): (I, H)
+            if stem != "shared_gate" and tuple(tensor.shape) != expected:
+                raise ValueError(f"cdmoe-vllm: {name} has shape {tuple(tensor.shape)}, the condensed layer expects {expected}")
             if stem in _GATE_UP_SHARDS or stem == "gate_up_proj":
                 shard = _GATE_UP_SHARDS.get(stem, getattr(tensor, "shard_id", None))
                 param = params["gate_up_proj.weight"]
@@ -97,5 +102,5 @@ def condensed_mlp(
         quant_config=quant_config,
         prefix=prefix,
     )
-    mlp._init_gate(hidden_size, gated_width, prefix)
+    mlp._init_gate(hidden_size, intermediate_size, gated_width, prefix)
     return mlp
