@@ -124,8 +124,10 @@ class _Condensed:
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
         with _condensed_construction(FAMILIES[self.family], vllm_config):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        lm_head = getattr(self, "lm_head", None)
-        if self.config.tie_word_embeddings and lm_head is not None and lm_head.weight is not self.model.embed_tokens.weight:
+        lm_head, embed = getattr(self, "lm_head", None), getattr(self.model, "embed_tokens", None)
+        head_weight, embed_weight = getattr(lm_head, "weight", None), getattr(embed, "weight", None)
+        if self.config.tie_word_embeddings and head_weight is not None and embed_weight is not None \
+                and head_weight is not embed_weight:  # (pipeline stages without either keep theirs)
             self.lm_head = lm_head.tie_weights(self.model.embed_tokens)  # see the module docstring
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
