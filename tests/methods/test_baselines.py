@@ -7,9 +7,11 @@ import torch
 from conftest import DEMO_CALIB, make_tiny
 
 from cdmoe.errors import CdmoeError
-from cdmoe.methods.baselines import BaselineOptions, apply_baseline, drop_blocks, drop_layers, run_baseline
+from cdmoe.methods.baselines import BaselineOptions, apply_baseline, run_baseline
 from cdmoe.methods.calib_stats import calibration_stats
-from cdmoe.methods.expert_reduce import ExpertPlan, msmoe_restricted_plans, reduce_experts
+from cdmoe.methods.expert_reduce import ExpertPlan, reduce_experts
+from cdmoe.methods.layer_drop import drop_blocks, drop_layers
+from cdmoe.methods.msmoe import msmoe_restricted_plans
 from cdmoe.models.adapter import decoder_layers, family_spec, moe_blocks
 from cdmoe.models.budget import model_params, tensor_count
 from cdmoe.models.loading import load_model

@@ -13,7 +13,8 @@ from conftest import make_tiny
 
 from cdmoe.methods.ablations import DroppedBlock, swapped_blocks
 from cdmoe.methods.calib_stats import calibration_stats
-from cdmoe.methods.expert_reduce import expert_drop_plans, msmoe_restricted_plans
+from cdmoe.methods.expert_drop import expert_drop_plans
+from cdmoe.methods.msmoe import msmoe_restricted_plans
 from cdmoe.models.adapter import moe_blocks
 
 

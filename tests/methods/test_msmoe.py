@@ -15,13 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEMO_CALIB, ROOT, make_tiny
-from test_fidelity import digest, expected_untouched, tensors
+from fidelity_checks import digest, expected_untouched, tensors
 from transformers import AutoModelForCausalLM
 
 from cdmoe.errors import CdmoeError
 from cdmoe.methods.baselines import BaselineOptions, run_baseline
 from cdmoe.methods.calib_stats import calibration_stats
-from cdmoe.methods.expert_reduce import merge_experts, msmoe_plans
+from cdmoe.methods.expert_reduce import merge_experts
+from cdmoe.methods.msmoe import msmoe_plans
 from cdmoe.models.adapter import moe_blocks
 from cdmoe.models.budget import model_params, tensor_count
 from cdmoe.models.loading import load_model

@@ -35,7 +35,7 @@ pytestmark = [
 
 
 def _choices(layers, experts, seed=0):
-    from cdmoe.condensed import LayerChoice
+    from cdmoe.models.condensed import LayerChoice
 
     gen = torch.Generator().manual_seed(seed)
     return [LayerChoice(layer=i, experts=tuple(experts), gates=tuple((0.1 + 0.3 * torch.rand(len(experts), generator=gen)).tolist()))
@@ -43,7 +43,7 @@ def _choices(layers, experts, seed=0):
 
 
 def _condensed(model, layers, experts, out):
-    from cdmoe.api import condense_layers
+    from cdmoe.checkpoint.record import condense_layers
 
     condense_layers(model, _choices(layers, experts))
     model.save_pretrained(out)
@@ -59,7 +59,7 @@ def _demo_prompts(n=8, length=12):
 
 
 def _tiny(name, **overrides):
-    from cdmoe.testing import tiny_model
+    from cdmoe.models.testing import tiny_model
     from conftest import FAMILY_SOURCES  # tests/conftest.py: the real family configs
 
     # head_dim 32: vLLM-CPU's attention supports head sizes 32, 64, 80, ... (not the default 16)
@@ -86,7 +86,7 @@ def _untied_demo(out: Path) -> Path:
 
 def _build(tmp: Path) -> dict:
     """Model name -> (directory, prompts); all fp32."""
-    from cdmoe.baselines import drop_blocks, drop_layers
+    from cdmoe.methods.layer_drop import drop_blocks, drop_layers
 
     demo_prompts = _demo_prompts()
     tiny_prompts = [[(7 * p + 3 * i) % 120 + 2 for i in range(10)] for p in range(4)]

@@ -36,122 +36,20 @@ from ..errors import CdmoeError
 from ..evaluation.measure import disk_bytes, peak_rss
 from ..evaluation.perplexity import perplexity, token_stream
 from ..methods.baselines import (
-    EXPERT_METHODS,
     BaselineOptions,
     apply_baseline,
     baseline_record,
     finish_quantized,
-    most_similar_first,
 )
 from ..methods.calib_stats import calibration_stats
-from ..methods.expert_reduce import global_group_counts, usage_frequencies
-from ..models.budget import ModelParams, model_params
+from ..models.budget import model_params
 from ..models.input_checks import check_inputs
 from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
 from ..search.calibration import CalibSpec, load_calibration
 from ..search.run import SearchOptions, run_search
-from ..search.selectors import EXPERT_SELECTORS, LAYER_SELECTORS
+from .budgets import ABLATION_METHODS, DEFAULT_METHODS, Method, candidate_ratios, parse_methods
 
 __all__ = ["DEFAULT_METHODS", "ABLATION_METHODS", "Method", "parse_methods", "compare"]
-
-DEFAULT_METHODS = ("cd-moe", "cd-moe-s", "layer-drop", "block-drop", "expert-drop", "msmoe", "msmoe-restricted",
-                   "slim-int8", "slim-int4", "cd-moe+int4", "layer-drop+int4")
-ABLATION_METHODS = ("cd-moe:random", "cd-moe:l1", "cd-moe:pl-alpha-hill", "cd-moe:frequency", "cd-moe:layer-rank",
-                    "cd-moe:global-layer-rank", "cd-moe:kl", "cd-moe:ppl")
-INT4_BYTES, INT8_BYTES = 0.5 + 4 / 64, 1.0  # bytes per quantised weight (codes + scales)
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    base: str  # cd-moe | layer-drop | block-drop | expert-drop | msmoe | msmoe-restricted | slim
-    search: dict  # SearchOptions overrides of a cd-moe variant
-    quantize: str | None = None
-
-    @property
-    def knob(self) -> str:
-        if self.base in EXPERT_METHODS:
-            return "keep_experts"
-        return {"cd-moe": "layers", "layer-drop": "layers", "block-drop": "layers"}.get(self.base, "none")
-
-
-def parse_methods(text: str) -> list[Method]:
-    names = {"default": DEFAULT_METHODS, "ablations": ABLATION_METHODS, "all": DEFAULT_METHODS + ABLATION_METHODS}
-    out = []
-    for item in [m.strip() for m in text.split(",") if m.strip()]:
-        for name in names.get(item, (item,)):
-            structural, _, bits = name.partition("+")
-            if structural.startswith("slim-"):
-                structural, bits = "slim", structural.removeprefix("slim-")
-            base, _, variant = structural.partition(":")
-            search: dict = {}
-            if base == "cd-moe-s":
-                base, search = "cd-moe", {"experts": 0}
-            if variant and base == "cd-moe":
-                if variant in EXPERT_SELECTORS:
-                    search = {**search, "expert_selector": variant}
-                elif variant in LAYER_SELECTORS:
-                    search = {**search, "layer_selector": variant}
-                elif variant in ("js", "kl", "ppl"):
-                    search = {**search, "metric": variant}
-                else:
-                    raise CdmoeError(f"unknown CD-MoE variant {variant!r} in --methods {name!r}")
-            if base not in ("cd-moe", "layer-drop", "block-drop", "slim", *EXPERT_METHODS) or (variant and base != "cd-moe"):
-                raise CdmoeError(f"unknown method {name!r}; see `cdmoe compare --help` for the names")
-            if bits and bits not in ("int8", "int4"):
-                raise CdmoeError(f"unknown quantisation {bits!r} in {name!r}; use +int8 or +int4")
-            out.append(Method(name, base, search, bits or None))
-    return out
-
-
-def _bytes_ratio(params: ModelParams, total_after: int, targets: int, quantize: str | None) -> float:
-    if quantize is None:
-        return total_after / params.total
-    per = INT4_BYTES if quantize == "int4" else INT8_BYTES
-    return ((total_after - targets) * 2 + targets * per) / (params.total * 2)
-
-
-def _candidates(method: Method, params: ModelParams, stats, top_k: int, num_experts: int) -> dict[int, float]:
-    """Predicted memory ratio of every knob value of ``method``."""
-    moe = params.moe_layer_ids
-    experts_all = params.routed_total()
-    if method.base == "cd-moe":
-        k = method.search.get("experts", top_k)
-        out = {}
-        for n in range(1, len(moe) + 1):
-            chosen = {i: k for i in moe[:n]}
-            targets = experts_all - params.routed_total(moe[:n]) + sum(layer.condensed(k) for layer in params.layers[:n])
-            out[n] = _bytes_ratio(params, params.condensed_total(chosen), targets, method.quantize)
-        return out
-    if method.base == "layer-drop":
-        return {n: _bytes_ratio(params, params.layer_dropped_total(moe[:n]), experts_all - params.routed_total(moe[:n]),
-                                method.quantize) for n in range(1, len(moe) + 1)}
-    if method.base == "block-drop":
-        ranked = most_similar_first(stats.block_cosine)
-        return {n: _bytes_ratio(params, params.block_dropped_total(ranked[:n]), 0, None)
-                for n in range(1, len(ranked))}
-    if method.base == "msmoe":
-        return _msmoe_candidates(method, params, stats, top_k, num_experts)
-    if method.base in EXPERT_METHODS:
-        return {e: _bytes_ratio(params, params.experts_reduced_total(e),
-                                sum(e * layer.expert for layer in params.layers), method.quantize)
-                for e in range(top_k, num_experts)}
-    return {0: _bytes_ratio(params, params.total, experts_all, method.quantize)}
-
-
-def _msmoe_candidates(method: Method, params: ModelParams, stats, top_k: int, num_experts: int) -> dict[int, float]:
-    """Predicted ratio of M-SMoE for each average E' (E'_l from the global threshold, full routers kept)."""
-    out = {}
-    usage = usage_frequencies(stats)
-    for e in range(top_k, num_experts):
-        try:
-            groups = global_group_counts(usage, e)
-        except CdmoeError:  # E' too large for the threshold
-            continue
-        targets = sum(groups[layer.layer] * layer.expert for layer in params.layers)
-        out[e] = _bytes_ratio(params, params.experts_merged_total(groups), targets, method.quantize)
-    return out
-
 
 def _prefill_seconds(models: dict[str, torch.nn.Module], prompts: torch.Tensor, repeats: int = 3) -> dict[str, float]:
     """Median prefill time of each model, the models interleaved in every repeat."""
@@ -184,7 +82,7 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
     first = params.layers[0]
     plan: dict[tuple[str, int], dict] = {}
     for method in methods:
-        cands = _candidates(method, params, stats, first.top_k, first.num_experts)
+        cands = candidate_ratios(method, params, stats, first.top_k, first.num_experts)
         for budget in budgets:
             knob = min(cands, key=lambda v: (abs(cands[v] - budget), v))
             point = plan.setdefault((method.name, knob), {"method": method, "knob": knob, "budgets": [],

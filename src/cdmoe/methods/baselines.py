@@ -31,15 +31,16 @@ from ..checkpoint.writer import check_output_dir, save, write_record
 from ..errors import CdmoeError
 from ..evaluation.measure import disk_bytes
 from ..evaluation.perplexity import perplexity, token_stream
-from ..models.adapter import decoder_layers, family_spec, moe_blocks
+from ..models.adapter import moe_blocks
 from ..models.budget import model_params
-from ..models.condensed import to_cdmoe_format
 from ..models.input_checks import check_inputs
 from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
-from ..models.modeling_cdmoe import DroppedMLP, remove_blocks
 from ..search.calibration import CalibSpec, load_calibration
 from .calib_stats import CalibStats, calibration_stats
-from .expert_reduce import expert_drop_plans, merge_experts, msmoe_plans, msmoe_restricted_plans, reduce_experts
+from .expert_drop import expert_drop_plans
+from .expert_reduce import merge_experts, reduce_experts
+from .layer_drop import drop_blocks, drop_layers, most_similar_first, top_layers
+from .msmoe import msmoe_plans, msmoe_restricted_plans
 from .quantize import check_quantize, layers_quantized, quantize_model, quantized_bytes
 
 __all__ = ["METHODS", "EXPERT_METHODS", "BaselineOptions", "apply_baseline", "baseline_record", "finish_quantized", "most_similar_first",
@@ -72,45 +73,17 @@ class BaselineOptions:
                 raise CdmoeError(f"{option} must be at least 1, got {value}")
 
 
-def most_similar_first(scores: dict[int, float]) -> list[int]:
-    """Layers by decreasing cosine similarity (ties: lower index): the order Layer/Block Drop drop them in."""
-    return sorted(scores, key=lambda i: (-scores[i], i))
-
-
-def _top(scores: dict[int, float], n: int, what: str) -> list[int]:
-    if not 1 <= n <= len(scores):
-        raise CdmoeError(f"--layers {n} is out of range: the model has {len(scores)} {what}")
-    return sorted(most_similar_first(scores)[:n])
-
-
-def drop_layers(model: nn.Module, layers: list[int]) -> nn.Module:
-    """Layer Drop: the MoE sub-layers of ``layers`` add nothing (in place; cdmoe format)."""
-    spec = family_spec(model)
-    stack = decoder_layers(model, spec)
-    for i in layers:
-        setattr(stack[i], spec.block_attr, DroppedMLP())
-    previous = (getattr(model.config, "cdmoe", None) or {}).get("dropped_layers", [])
-    return to_cdmoe_format(model, {"dropped_layers": sorted(set(previous) | set(layers))})
-
-
-def drop_blocks(model: nn.Module, blocks: list[int]) -> nn.Module:
-    """Block Drop: decoder layers ``blocks`` removed (in place; cdmoe format)."""
-    spec = family_spec(model)
-    remove_blocks(model, spec.layers_path, blocks)
-    return to_cdmoe_format(model, {"dropped_blocks": sorted(blocks)})
-
-
 def apply_baseline(model: nn.Module, stats: CalibStats | None, options: BaselineOptions) -> tuple[nn.Module, dict]:
     """Apply the structural part of ``options`` to ``model``; return (model, method details)."""
     options.validate()
     params = model_params(model)
     if options.method == "layer-drop":
-        layers = _top(stats.moe_cosine, options.layers, "MoE layers")
+        layers = top_layers(stats.moe_cosine, options.layers, "MoE layers")
         details = {"layers": layers, "scores": {str(i): stats.moe_cosine[i] for i in sorted(stats.moe_cosine)},
                    "predicted_params": params.layer_dropped_total(layers)}
         model = drop_layers(model, layers)
     elif options.method == "block-drop":
-        blocks = _top(stats.block_cosine, options.layers, "decoder layers")
+        blocks = top_layers(stats.block_cosine, options.layers, "decoder layers")
         details = {"blocks": blocks, "scores": {str(i): stats.block_cosine[i] for i in sorted(stats.block_cosine)},
                    "predicted_params": params.block_dropped_total(blocks)}
         model = drop_blocks(model, blocks)

@@ -1,36 +1,8 @@
-"""Fewer routed experts per MoE layer: Expert Drop and M-SMoE merging (two variants).
+"""Fewer routed experts per MoE layer: the plan (a mixing matrix per layer) and applying it.
 
-- **Expert Drop** keeps the E' experts with the highest summed routing probability on the
-  calibration tokens; the router keeps their rows, so a token's gates are renormalised
-  over the kept experts exactly as the family's router does over all of them. The result is
-  the family's own architecture with E' experts in ``config.json`` (a native checkpoint).
-- **M-SMoE** (``msmoe``; Li et al., arXiv 2310.01334), as the reference implementation
-  MC-SMoE (``mcsmoe/merging/grouping_mixtral.py``) runs it:
-
-  1. usage frequency f_l (E,) per layer: how often the router's top-k chose each expert on
-     the calibration tokens, normalised to sum 1 per layer (``compute_all_usages``; MC-SMoE
-     takes the top-2 of the router logits, cdmoe the family's own top-k choice);
-  2. per-layer group counts from one global threshold (``_assign_num_groups_per_layer``):
-     each layer's most used expert gets usage 1, all L*E usages are sorted descending, the
-     threshold is the value at position E'*L (E'*L - 1 when E' = E), and layer l gets
-     E'_l = #{e : f_l[e] > threshold} groups, so E'_l varies and sums to about E'*L;
-  3. the E'_l most used experts are the groups' cores; every other expert joins the core
-     whose router logits over the tokens are most similar, cosine ((cos + 1) / 2 in MC-SMoE,
-     the same argmax) (``_compute_all_similarities_by_router_logits``,
-     ``group_experts_globally_from_dominant_experts``);
-  4. each group becomes one expert, the average of its members' weights weighted by usage
-     (``_merge_mlp_experts_by_usage_frequency_weighting``; MC-SMoE divides by the sum + 1e-6:
-     cdmoe by the sum). As there, no neuron permutation alignment is done (MC-SMoE's
-     Switch-Transformer path has one, ``mcsmoe/merging/permutation.py``; its Mixtral path not);
-  5. the full router is kept and every member is bound to its merged expert (MC-SMoE makes
-     the members the same module): a token picks top-k over all E experts with the family's
-     gates and each chosen id is mapped to its group's expert. Stored as a cdmoe-format
-     checkpoint whose config holds the per-layer expert maps (``merged_experts``).
-
-- **M-SMoE, router restricted** (``msmoe-restricted``, cdmoe's earlier variant): E' groups in
-  every layer around its E' most used experts, grouped and merged as above, but the router
-  keeps only the cores' rows (gates renormalised over E' experts, members no longer reached
-  through their own rows); a native checkpoint like Expert Drop.
+Expert Drop (:mod:`cdmoe.methods.expert_drop`) and M-SMoE (:mod:`cdmoe.methods.msmoe`) make plans;
+:func:`reduce_experts` applies one with the router restricted to the kept rows (a native checkpoint),
+:func:`merge_experts` with the full router and an id map E -> E'_l (cdmoe format).
 
 Each layer's plan is one mixing matrix M (E', E): new expert j = sum_e M[j, e] * expert e, plus
 either the router rows kept (Expert Drop, restricted M-SMoE) or the map E -> E' (M-SMoE).
@@ -47,10 +19,8 @@ from ..errors import CdmoeError
 from ..models.adapter import MoEBlock, attr_path, family_spec, moe_blocks
 from ..models.condensed import to_cdmoe_format
 from ..models.modeling_cdmoe import merge_routed_experts
-from .calib_stats import CalibStats
 
-__all__ = ["ExpertPlan", "expert_drop_plans", "global_group_counts", "merge_experts", "msmoe_plans",
-           "msmoe_restricted_plans", "reduce_experts", "usage_frequencies"]
+__all__ = ["ExpertPlan", "check_kept", "merge_experts", "reduce_experts"]
 
 
 @dataclass(frozen=True)
@@ -74,100 +44,13 @@ class ExpertPlan:
         return out
 
 
-def _check_kept(block: MoEBlock, kept: int) -> None:
+def check_kept(block: MoEBlock, kept: int) -> None:
     if not block.top_k <= kept <= block.num_experts:
         raise CdmoeError(f"--keep-experts {kept} is out of range for layer {block.layer_idx}: it needs top-k "
                          f"({block.top_k}) <= E' <= {block.num_experts}")
     n_group = getattr(block.config, "n_group", 1) or 1
     if block.spec.routing.group_score is not None and n_group > 1:
         raise CdmoeError("Expert Drop / M-SMoE with group-limited routing (n_group > 1) is not supported")
-
-
-def expert_drop_plans(model: nn.Module, stats: CalibStats, kept: int) -> list[ExpertPlan]:
-    """Keep the ``kept`` experts of each layer with the highest summed routing score (ties: lower id)."""
-    plans = []
-    for block in moe_blocks(model):
-        _check_kept(block, kept)
-        scores = stats.score_sums[block.layer_idx]
-        keep = sorted(sorted(range(block.num_experts), key=lambda e: (-float(scores[e]), e))[:kept])
-        mix = torch.zeros(kept, block.num_experts, dtype=torch.float64)
-        mix[torch.arange(kept), torch.tensor(keep)] = 1.0
-        plans.append(ExpertPlan(block.layer_idx, mix, tuple(keep)))
-    return plans
-
-
-def usage_frequencies(stats: CalibStats) -> dict[int, torch.Tensor]:
-    """{MoE layer: (E,) float64 top-k selection counts / their sum} (MC-SMoE's ``compute_all_usages``)."""
-    return {i: c.double() / c.sum().clamp_min(1) for i, c in stats.counts.items()}
-
-
-def global_group_counts(usage: dict[int, torch.Tensor], kept: int) -> dict[int, int]:
-    """E'_l per layer from one global usage threshold, MC-SMoE's ``_assign_num_groups_per_layer``
-    (every layer merged): ``kept`` is the average E', ``usage`` {layer: (E,) frequencies}."""
-    boosted = {}
-    for layer, f in usage.items():
-        f = f.double().clone()
-        f[int(f.argmax())] = 1.0  # every layer keeps at least its most used expert
-        boosted[layer] = f
-    ranked = torch.cat(list(boosted.values())).sort(descending=True).values
-    total = kept * len(boosted) - (1 if all(kept == f.numel() for f in boosted.values()) else 0)
-    threshold = float(ranked[total])
-    if threshold == 1.0:
-        raise CdmoeError(f"--keep-experts {kept} is too large for M-SMoE's global threshold; use fewer experts")
-    return {layer: int((f > threshold).sum()) for layer, f in boosted.items()}
-
-
-def _by_usage(counts: torch.Tensor) -> list[int]:
-    """Expert ids, most used first (ties: lower id)."""
-    return sorted(range(counts.numel()), key=lambda e: (-float(counts[e]), e))
-
-
-def _group(counts: torch.Tensor, similarity: torch.Tensor, n: int) -> tuple[list[int], list[int]]:
-    """(cores (n,) ascending, expert_map (E,)): the n most used experts are the cores (group j =
-    the j-th core by id); every other expert joins the core of highest ``similarity`` (E, E)
-    (ties: the more used core), as ``group_experts_globally_from_dominant_experts``."""
-    ranked = _by_usage(counts)[:n]
-    cores = sorted(ranked)
-    expert_map = [cores.index(ranked[int(similarity[e, ranked].argmax())]) for e in range(counts.numel())]
-    for j, core in enumerate(cores):
-        expert_map[core] = j
-    return cores, expert_map
-
-
-def _usage_mix(counts: torch.Tensor, expert_map: list[int]) -> torch.Tensor:
-    """(E', E) float64: each group's usage-weighted average (a group nobody used: plain average)."""
-    n = max(expert_map) + 1
-    member = torch.zeros(n, counts.numel(), dtype=torch.float64)
-    member[torch.tensor(expert_map), torch.arange(counts.numel())] = 1.0
-    mix = member * counts.double()
-    total = mix.sum(1, keepdim=True)
-    return torch.where(total > 0, mix / total.clamp_min(1e-300), member / member.sum(1, keepdim=True))
-
-
-def msmoe_plans(model: nn.Module, stats: CalibStats, kept: int) -> list[ExpertPlan]:
-    """M-SMoE as MC-SMoE runs it (see the module docstring): E'_l groups per layer from the global
-    threshold for an average of ``kept``, full router, each old expert mapped to its group's expert."""
-    blocks = moe_blocks(model)
-    for block in blocks:
-        _check_kept(block, kept)
-    groups = global_group_counts(usage_frequencies(stats), kept)
-    plans = []
-    for block in blocks:
-        counts = stats.counts[block.layer_idx]
-        _, expert_map = _group(counts, stats.logit_similarity(block.layer_idx), groups[block.layer_idx])
-        plans.append(ExpertPlan(block.layer_idx, _usage_mix(counts, expert_map), None, tuple(expert_map)))
-    return plans
-
-
-def msmoe_restricted_plans(model: nn.Module, stats: CalibStats, kept: int) -> list[ExpertPlan]:
-    """The restricted variant: ``kept`` groups in every layer, router restricted to the cores' rows."""
-    plans = []
-    for block in moe_blocks(model):
-        _check_kept(block, kept)
-        counts = stats.counts[block.layer_idx]
-        cores, expert_map = _group(counts, stats.logit_similarity(block.layer_idx), kept)
-        plans.append(ExpertPlan(block.layer_idx, _usage_mix(counts, expert_map), tuple(cores)))
-    return plans
 
 
 def _expert_stacks(block: MoEBlock, prefix: str) -> dict[str, torch.Tensor]:

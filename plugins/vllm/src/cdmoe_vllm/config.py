@@ -93,6 +93,10 @@ def family_config(config_dict: dict, **kwargs):
     if config_dict.get("quantization_config"):
         method = config_dict["quantization_config"].get("quant_method", "?")
         raise _refuse(f"quantised ({method}) condensed checkpoints are not supported")
+    for key, what in (("merged_experts", "M-SMoE outputs (experts merged behind the full router)"),
+                      ("unfused_experts", "outputs with unfused (one module per expert) MoE layers")):
+        if spec.get(key):
+            raise _refuse(f"{what} are not supported")
     if any(layer.get("bias") for layer in spec.get("condensed_layers", {}).values()):
         raise _refuse("condensed layers with biases are not supported")
     data = copy.deepcopy(config_dict)
