@@ -1,6 +1,9 @@
 """Output-token throughput of an original vs a condensed model served by vLLM.
 
     .venv-vllm/bin/python benchmarks/vllm_throughput.py ORIGINAL_DIR CONDENSED_DIR
+    # the demo model:  bash scripts/demo.sh, then
+    VLLM_MLA_DISABLE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python benchmarks/vllm_throughput.py \
+        demo/model runs/demo-condensed --dtype float32 --eager
 
 Run with the vLLM venv's Python (scripts/setup_vllm.sh; the cdmoe plugin loads the
 condensed directory). Same prompts for both (token windows of the demo text, or random
@@ -20,7 +23,9 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +50,31 @@ def weight_bytes(model_dir: Path, dtype: str) -> int:
     return total
 
 
+def servable(model_dir: Path, scratch: Path) -> Path:
+    """``model_dir``, or a copy vLLM 0.32 can serve: its DeepseekV2/V3 ignores ``tie_word_embeddings``
+    (all-zero logits, no error), so a tied original checkpoint (the demo model) is copied with its
+    ``lm_head.weight`` written out (the same tensor as ``model.embed_tokens.weight``). The plugin ties
+    condensed checkpoints itself. The weight memory is still counted on ``model_dir``."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not (config.get("tie_word_embeddings") and config.get("model_type") in ("deepseek_v2", "deepseek_v3")
+            and len(shards) == 1):
+        return model_dir
+    tensors = load_file(shards[0])
+    if "lm_head.weight" in tensors:
+        return model_dir
+    scratch.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, scratch / f.name)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, scratch / shards[0].name, metadata={"format": "pt"})
+    (scratch / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
+    return scratch
+
+
 def prompts(model_dir: Path, n: int, length: int, random_ids: bool) -> list[list[int]]:
     tok_file = model_dir / "tokenizer.json"
     if random_ids or not tok_file.exists():
@@ -61,7 +91,9 @@ def measure(model_dir: Path, batch: list[list[int]], new_tokens: int, repeats: i
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=str(model_dir), dtype=dtype, seed=0, skip_tokenizer_init=True,
+    scratch = tempfile.TemporaryDirectory()
+    served = servable(model_dir, Path(scratch.name) / "model")
+    llm = LLM(model=str(served), dtype=dtype, seed=0, skip_tokenizer_init=True,
               max_model_len=min(1024, json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]), **extra)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
     inputs = [TokensPrompt(prompt_token_ids=p) for p in batch]
@@ -79,6 +111,7 @@ def measure(model_dir: Path, batch: list[list[int]], new_tokens: int, repeats: i
         "kv_cache_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
     }
     llm.llm_engine.engine_core.shutdown()
+    scratch.cleanup()
     return result
 
 
