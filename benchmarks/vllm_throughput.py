@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import shutil
 import statistics
 import tempfile
 import time
@@ -50,31 +49,6 @@ def weight_bytes(model_dir: Path, dtype: str) -> int:
     return total
 
 
-def servable(model_dir: Path, scratch: Path) -> Path:
-    """``model_dir``, or a copy vLLM 0.32 can serve: its DeepseekV2/V3 ignores ``tie_word_embeddings``
-    (all-zero logits, no error), so a tied original checkpoint (the demo model) is copied with its
-    ``lm_head.weight`` written out (the same tensor as ``model.embed_tokens.weight``). The plugin ties
-    condensed checkpoints itself. The weight memory is still counted on ``model_dir``."""
-    from safetensors.torch import load_file, save_file
-
-    config = json.loads((model_dir / "config.json").read_text())
-    shards = sorted(model_dir.glob("*.safetensors"))
-    if not (config.get("tie_word_embeddings") and config.get("model_type") in ("deepseek_v2", "deepseek_v3")
-            and len(shards) == 1):
-        return model_dir
-    tensors = load_file(shards[0])
-    if "lm_head.weight" in tensors:
-        return model_dir
-    scratch.mkdir(parents=True, exist_ok=True)
-    for f in model_dir.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, scratch / f.name)
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-    save_file(tensors, scratch / shards[0].name, metadata={"format": "pt"})
-    (scratch / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
-    return scratch
-
-
 def prompts(model_dir: Path, n: int, length: int, random_ids: bool) -> list[list[int]]:
     tok_file = model_dir / "tokenizer.json"
     if random_ids or not tok_file.exists():
@@ -88,11 +62,12 @@ def prompts(model_dir: Path, n: int, length: int, random_ids: bool) -> list[list
 
 
 def measure(model_dir: Path, batch: list[list[int]], new_tokens: int, repeats: int, dtype: str, extra: dict) -> dict:
+    from cdmoe_vllm.tied import servable_copy
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     scratch = tempfile.TemporaryDirectory()
-    served = servable(model_dir, Path(scratch.name) / "model")
+    served = servable_copy(model_dir, Path(scratch.name) / "model")
     llm = LLM(model=str(served), dtype=dtype, seed=0, skip_tokenizer_init=True,
               max_model_len=min(1024, json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]), **extra)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)

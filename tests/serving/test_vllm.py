@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,9 @@ def _demo_prompts(n=8, length=12):
 
 
 def _tiny(name, **overrides):
-    from cdmoe.models.testing import tiny_model
     from conftest import FAMILY_SOURCES  # tests/conftest.py: the real family configs
+
+    from cdmoe.models.testing import tiny_model
 
     # head_dim 32: vLLM-CPU's attention supports head sizes 32, 64, 80, ... (not the default 16)
     return tiny_model(FAMILY_SOURCES[name], seed=3, **{"num_attention_heads": 2, "num_key_value_heads": 1,
@@ -76,13 +78,11 @@ def _demo(dtype=torch.float32):
 def _untied_demo(out: Path) -> Path:
     """The original demo with its tied lm_head written out: vLLM 0.32's DeepseekV2 ignores
     ``tie_word_embeddings`` (all-zero logits, no error), so the control needs the tensor."""
-    model = _demo()
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
-    model.save_pretrained(out)
-    shutil.copy(DEMO / "tokenizer.json", out)
-    return out
+    sys.path.insert(0, str(ROOT / "plugins" / "vllm" / "src"))
+    from cdmoe_vllm.tied import servable_copy  # the copy the throughput benchmark serves too
 
+    assert servable_copy(DEMO, out) == out
+    return out
 
 def _build(tmp: Path) -> dict:
     """Model name -> (directory, prompts); all fp32."""
