@@ -56,9 +56,32 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 __all__ = ["CondensedMLP", "DroppedMLP", "UnfusedExperts", "CdmoeConfig", "CdmoeForCausalLM", "condensed_classes",
-           "merge_routed_experts"]
+           "merge_routed_experts", "guard_cpu_packing"]
 
 AUTO_MAP = {"AutoConfig": "modeling_cdmoe.CdmoeConfig", "AutoModelForCausalLM": "modeling_cdmoe.CdmoeForCausalLM"}
+
+
+CPU_PACK_BLOCK_N = 32  # bitsandbytes' CPU repacking works on blocks of 32 output rows
+
+
+def cpu_packing_supported(module: nn.Module) -> bool:
+    """Whether bitsandbytes (0.49, 0.50) can repack a 4-bit ``Linear4bit`` for AVX512-BF16 CPUs, as it
+    does on its first forward without gradients: ``in_features`` must be a multiple of the block size
+    (64), ``out_features`` of 32, or it fails (``shape '[64, 0]' is invalid``). The demo model's 224 is not."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return state is None or (module.in_features % state.blocksize == 0 and module.out_features % CPU_PACK_BLOCK_N == 0)
+
+
+def guard_cpu_packing(model: nn.Module) -> int:
+    """Turn that repacking off where :func:`cpu_packing_supported` says it fails (those modules run
+    bitsandbytes' generic 4-bit path); every load of a 4-bit condensed checkpoint applies it, with
+    or without cdmoe. Returns how many modules were switched (none on CPUs without AVX512-BF16)."""
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False) and not cpu_packing_supported(module):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
 
 
 class CondensedMLP(nn.Module):
@@ -362,7 +385,10 @@ class CdmoeForCausalLM(PreTrainedModel):
         if not isinstance(config, PretrainedConfig):
             config = CdmoeConfig.from_pretrained(config or pretrained_model_name_or_path)
         family_config, model_cls = cls._model_class(config, trust)
-        return model_cls.from_pretrained(pretrained_model_name_or_path, *model_args, config=family_config, **kwargs)
+        model = model_cls.from_pretrained(pretrained_model_name_or_path, *model_args, config=family_config, **kwargs)
+        if getattr(model, "is_quantized", False):
+            guard_cpu_packing(model[0] if isinstance(model, tuple) else model)  # (output_loading_info=True: a tuple)
+        return model
 
     @classmethod
     def _from_config(cls, config, **kwargs):
