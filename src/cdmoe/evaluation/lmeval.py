@@ -74,13 +74,16 @@ def summarize(results: dict) -> dict[str, float]:
 def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None = None, limit: int | None = None,
              batch_size: str = "auto", out: str | Path | None = None, dtype: str = "auto",
              ppl_text: str | None = None, ppl_seq_len: int = 512, ppl_stride: int | None = None,
-             ppl_tokens: int | None = None, force: bool = False) -> dict:
+             ppl_tokens: int | None = None, force: bool = False, backend: str = "hf",
+             vllm_python: str | None = None) -> dict:
     """Load ``model_path`` and evaluate; write JSON to ``out`` (default: ``eval.json`` in the current
     directory; never inside the model directory; an existing file only with ``force``).
 
     ``tasks="none"`` skips lm-eval; ``ppl_text`` adds held-out perplexity (see :mod:`cdmoe.evaluation.perplexity`).
+    ``backend="vllm"`` runs the tasks with lm-eval's vLLM model in the vLLM venv instead
+    (:mod:`cdmoe.evaluation.lmeval_vllm`; the model is not loaded here).
     """
-    from ..io.output_dir import check_output_file, write_output_file
+    from ..io.output_dir import check_output_file
     from ..models.input_checks import check_inputs
     from ..models.loading import load_model, load_tokenizer
     from .perplexity import perplexity, token_stream
@@ -93,8 +96,21 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
             raise CdmoeError(f"{option} must be at least {least}, got {value}")
     if ppl_stride is not None and ppl_stride > ppl_seq_len:
         raise CdmoeError(f"--ppl-stride {ppl_stride} is larger than --ppl-seq-len {ppl_seq_len}; tokens would be skipped")
+    if backend not in ("hf", "vllm"):
+        raise CdmoeError(f"--backend takes hf or vllm, got {backend!r}")
+    if backend == "vllm" and (tasks == "none" or ppl_text):
+        raise CdmoeError("--backend vllm runs lm-eval tasks only: drop --ppl-text (or use --backend hf), and pass "
+                         "--tasks (the demo tasks include a perplexity task)")
     check_inputs(model_path, texts={"--ppl-text": ppl_text, "--task-text": task_text})
     target = check_output_file(out or "eval.json", force, inputs=(model_path, task_text, ppl_text))
+    if backend == "vllm":
+        from .lmeval_vllm import evaluate_vllm, vllm_python as find_vllm_python
+
+        find_vllm_python(vllm_python)  # before any work: a missing venv is a one-line error
+        with tempfile.TemporaryDirectory(prefix="cdmoe-tasks-") as work:
+            names, include = resolve_tasks(tasks, task_text, Path(work))
+            result = evaluate_vllm(model_path, names, include, limit, batch_size, dtype, python=vllm_python)
+        return _write_result(result, model_path, target, out)
     model = load_model(model_path, dtype=dtype)
     tokenizer = load_tokenizer(model_path)
     result: dict = {"results": {}, "tasks": []}
@@ -109,6 +125,13 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
         result["perplexity"] = {"text": ppl_text, "tokens": len(stream), "seq_len": ppl_seq_len,
                                 "stride": ppl_stride or ppl_seq_len, "perplexity": value}
         result["summary"]["perplexity"] = value
+    return _write_result(result, model_path, target, out)
+
+
+def _write_result(result: dict, model_path, target, out) -> dict:
+    from ..io.output_dir import write_output_file
+
+    result.setdefault("summary", summarize(result))
     result["model"] = str(model_path)
     write_output_file(target, json.dumps(result, indent=2, default=str) + "\n")
     result["written_to"] = str(out or "eval.json")

