@@ -27,7 +27,7 @@ DEMO = ROOT / "demo" / "model"
 ONLY = set(filter(None, os.environ.get("CDMOE_VLLM_MODELS", "").split(",")))  # e.g. "qwen2_moe,quantised"
 ATOL = 1e-4  # fp32 logprobs, vLLM vs transformers (measured ~1e-5)
 NEW_TOKENS = 32
-SUPPORTED = "deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, mixtral, olmoe"
+SUPPORTED = "deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, mixtral, olmoe, glm4_moe"
 
 pytestmark = [
     pytest.mark.slow,
@@ -107,20 +107,21 @@ def _build(tmp: Path) -> dict:
     v3 = _tiny("deepseek_v3", num_key_value_heads=2, kv_lora_rank=512, qk_rope_head_dim=64, head_dim=64, qk_nope_head_dim=32,
                v_head_dim=32, num_hidden_layers=3)  # layer 0 dense, 1 MoE (grouped routing), 2 condensed
     m["deepseek_v3-mla"] = (_condensed(v3, [2], [3, 0, 5], tmp / "deepseek_v3-mla"), tiny_prompts)
+    # partial rotary (factor 0.5), first layer dense; K = 3: with K = 2 the width equals the dense one
+    m["glm4_moe"] = (_condensed(_tiny("glm4_moe"), [2], [0, 5, 7], tmp / "glm4_moe"), tiny_prompts)
     return m
 
 
 def _bad_inputs(tmp: Path, good: Path) -> dict:
     """Name -> directory vLLM must refuse with one line naming the supported families."""
-    # K=1: with K=2 the condensed width equals the dense width and cdmoe saves glm4_moe natively
-    glm = _condensed(_tiny("glm4_moe"), [1], [0], tmp / "glm4_moe")
-    assert json.loads((glm / "config.json").read_text())["model_type"] == "cdmoe"
+    granite = _condensed(_tiny("granitemoe"), [1], [0, 3], tmp / "granitemoe")  # no native vLLM class here
+    assert json.loads((granite / "config.json").read_text())["model_type"] == "cdmoe"
     quant = tmp / "quantised"
     shutil.copytree(good, quant)
     config = json.loads((quant / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
     (quant / "config.json").write_text(json.dumps(config))
-    return {"glm4_moe": glm, "quantised": quant}
+    return {"granitemoe": granite, "quantised": quant}
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,7 @@ def _compare(model_dir, prompts, result):
 
 
 @pytest.mark.parametrize("name", ["demo-original", "demo-n4-k4", "demo-layer-drop", "demo-block-drop",
-                                  "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3-mla"])
+                                  "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3-mla", "glm4_moe"])
 def test_vllm_matches_transformers(served, name):
     model_dir, prompts, result = _get(served, name)
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -183,7 +184,7 @@ def test_vllm_matches_transformers(served, name):
     print(f"{name}: {len(prompts)} greedy sequences identical, max |top-5 logprob diff| {worst:.1e}")  # pytest -s
 
 
-@pytest.mark.parametrize("name,what", [("glm4_moe", "condensed 'glm4_moe' models are not supported"),
+@pytest.mark.parametrize("name,what", [("granitemoe", "condensed 'granitemoe' models are not supported"),
                                        ("quantised", "quantised (bitsandbytes) condensed checkpoints are not supported")])
 def test_refusal_is_one_line(served, name, what):
     result = _get(served, name)[2]

@@ -32,7 +32,12 @@ ARCHITECTURES = {
     "qwen3_moe": "CdmoeQwen3MoeForCausalLM",
     "mixtral": "CdmoeMixtralForCausalLM",
     "olmoe": "CdmoeOlmoeForCausalLM",
+    "glm4_moe": "CdmoeGlm4MoeForCausalLM",
 }
+# how each family's vLLM class decides dense vs MoE per layer, from global config keys
+FIRST_K_DENSE, SPARSE_STEP, ALL_MOE = "first_k_dense_replace", "decoder_sparse_step", "all"
+DENSE_RULES = {"deepseek_v2": FIRST_K_DENSE, "deepseek_v3": FIRST_K_DENSE, "glm4_moe": FIRST_K_DENSE,
+               "qwen2_moe": SPARSE_STEP, "qwen3_moe": SPARSE_STEP, "mixtral": ALL_MOE, "olmoe": ALL_MOE}
 SUPPORTED_FAMILIES = tuple(ARCHITECTURES)
 FORMAT_VERSION = 1
 
@@ -49,10 +54,11 @@ def _refuse(what: str) -> CdmoeVllmError:
 
 def _dense_pattern(base: str, data: dict, num_layers: int) -> list[bool]:
     """Which original layers are dense MLP layers by the family's own rule (length L)."""
-    if base.startswith("deepseek"):
+    rule = DENSE_RULES[base]
+    if rule == FIRST_K_DENSE:  # (glm4_moe has no moe_layer_freq: 1)
         k, freq = data.get("first_k_dense_replace", 0), data.get("moe_layer_freq", 1)
         return [i < k or i % freq != 0 for i in range(num_layers)]
-    if base.startswith("qwen"):
+    if rule == SPARSE_STEP:
         only, step = set(data.get("mlp_only_layers") or []), data.get("decoder_sparse_step", 1)
         return [i in only or (i + 1) % step != 0 for i in range(num_layers)]
     return [False] * num_layers  # mixtral, olmoe: every layer is MoE
@@ -67,12 +73,14 @@ def _drop_blocks(base: str, data: dict, dropped: set[int]) -> list[int]:
         if isinstance(value, list) and len(value) == num_layers and key != "architectures":
             data[key] = [value[i] for i in kept]
     data["num_hidden_layers"] = len(kept)
-    if base.startswith("deepseek"):
+    if DENSE_RULES[base] == FIRST_K_DENSE:
         k = sum(dense)
         if dense != [j < k for j in range(len(kept))]:
-            raise _refuse("Block Drop left dense layers that vLLM's DeepseekV2 rule cannot express")
-        data["first_k_dense_replace"], data["moe_layer_freq"] = k, 1
-    elif base.startswith("qwen"):
+            raise _refuse("Block Drop left dense layers that vLLM's first-k-dense rule cannot express")
+        data["first_k_dense_replace"] = k
+        if "moe_layer_freq" in data:
+            data["moe_layer_freq"] = 1
+    elif DENSE_RULES[base] == SPARSE_STEP:
         data["mlp_only_layers"] = [j for j, is_dense in enumerate(dense) if is_dense]
         data["decoder_sparse_step"] = 1
         if data.get("use_sliding_window"):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from vllm.model_executor.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from vllm.model_executor.models.glm4_moe import Glm4MoeForCausalLM
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.olmoe import OlmoeForCausalLM
 from vllm.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
@@ -39,7 +40,7 @@ from .weights import to_vllm_weights
 
 __all__ = [
     "CdmoeDeepseekV2ForCausalLM", "CdmoeDeepseekV3ForCausalLM", "CdmoeQwen2MoeForCausalLM",
-    "CdmoeQwen3MoeForCausalLM", "CdmoeMixtralForCausalLM", "CdmoeOlmoeForCausalLM",
+    "CdmoeQwen3MoeForCausalLM", "CdmoeMixtralForCausalLM", "CdmoeOlmoeForCausalLM", "CdmoeGlm4MoeForCausalLM",
 ]
 
 
@@ -61,6 +62,7 @@ FAMILIES = {
     "qwen3_moe": Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", "qwen3_moe:Qwen3MoeMLP", "mlp", _SWIGLU),
     "mixtral": Family("mixtral", "MixtralMoE", "llama:LlamaMLP", "block_sparse_moe", ("w1", "w3", "w2")),
     "olmoe": Family("olmoe", "OlmoeMoE", "llama:LlamaMLP", "mlp", _SWIGLU),
+    "glm4_moe": Family("glm4_moe", "Glm4MoE", "glm4_moe:Glm4MoeMLP", "mlp", _SWIGLU),
 }
 FAMILIES["deepseek_v3"] = FAMILIES["deepseek_v2"]
 
@@ -180,3 +182,7 @@ class CdmoeMixtralForCausalLM(_Condensed, MixtralForCausalLM):
 
 class CdmoeOlmoeForCausalLM(_Condensed, OlmoeForCausalLM):
     family = "olmoe"
+
+
+class CdmoeGlm4MoeForCausalLM(_Condensed, Glm4MoeForCausalLM):
+    family = "glm4_moe"
