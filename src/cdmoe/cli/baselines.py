@@ -11,6 +11,7 @@ from rich.table import Table
 from ..errors import CdmoeError
 from .options import (
     Calib,
+    Device,
     Dtype,
     EvalText,
     EvalTokens,
@@ -43,6 +44,7 @@ def baseline(
     seq_len: SeqLen = 512,
     seed: Seed = 0,
     dtype: Dtype = "auto",
+    device: Device = "auto",
     eval_text: EvalText = None,
     eval_tokens: EvalTokens = 50_000,
     force: Force = False,
@@ -61,6 +63,7 @@ def baseline(
         eval_tokens,
         dtype,
         force,
+        device=device,
     )
     params = record["params"]
     table = Table(title=f"cdmoe baseline {method}")
@@ -99,6 +102,7 @@ def compare(
         ),
     ] = False,
     dtype: Dtype = "auto",
+    device: Device = "auto",
     force: Force = False,
     trust_remote_code: TrustCode = False,
 ):
@@ -125,6 +129,7 @@ def compare(
         force,
         measure_rss=peak_rss,
         task_batch_size=task_batch_size,
+        device=device,
         progress=lambda msg: console.print(msg, highlight=False, markup=False),
     )
     print((out / "compare.md").read_text())

@@ -24,7 +24,10 @@ Metric = Annotated[str, typer.Option(help="search metric: js | kl | ppl")]
 Final = Annotated[str, typer.Option(help="final-output distribution for layer search: hidden | logits")]
 EvalText = Annotated[Optional[str], typer.Option(help="held-out text for perplexity before/after")]
 EvalTokens = Annotated[int, typer.Option(help="max tokens of --eval-text")]
-Dtype = Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")]
+Dtype = Annotated[str, typer.Option(help="compute dtype: auto (the checkpoint's on a GPU, fp32 on CPU) | bf16 | fp16 | "
+                                          "fp32 | tf32 (fp32 with TF32 matmuls on a GPU)")]
+Device = Annotated[str, typer.Option(help="auto (GPU if present, else CPU; several GPUs: the model spread over all) | "
+                                           "cpu | cuda | cuda:N")]
 Force = Annotated[bool, typer.Option(help="replace the output if it exists")]
 ExpertSelector = Annotated[str, typer.Option(help="greedy (Alg. 1) | random | l1 | frequency | pl-alpha-hill")]
 LayerSelector = Annotated[str, typer.Option(help="greedy (Alg. 2) | layer-rank | global-layer-rank")]
@@ -46,14 +49,16 @@ def _experts(experts: int | None, shared_only: bool) -> int | None:
 
 
 def _friendly(fn):
-    """Turn a CdmoeError into a one-line message and exit code 2; apply ``--trust-remote-code`` to every load."""
+    """Turn a CdmoeError into a one-line message and exit code 2; apply ``--trust-remote-code`` to every load
+    and ``--dtype tf32`` (TF32 matmuls on a GPU) to the whole command."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from ..io.remote_code import trust_remote_code
+        from ..models.placement import matmul_precision
 
         try:
-            with trust_remote_code(kwargs.get("trust_remote_code", False)):  # one decision for every load
+            with trust_remote_code(kwargs.get("trust_remote_code", False)), matmul_precision(kwargs.get("dtype")):
                 return fn(*args, **kwargs)
         except CdmoeError as err:
             console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)

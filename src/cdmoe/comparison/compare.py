@@ -45,6 +45,7 @@ from ..methods.calib_stats import calibration_stats
 from ..models.budget import model_params
 from ..models.input_checks import check_inputs
 from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
+from ..models.placement import resolve_device
 from ..search.calibration import CalibSpec, load_calibration
 from ..search.run import SearchOptions, run_search
 from .budgets import ABLATION_METHODS, DEFAULT_METHODS, Method, candidate_ratios, parse_methods
@@ -52,33 +53,46 @@ from .budgets import ABLATION_METHODS, DEFAULT_METHODS, Method, candidate_ratios
 __all__ = ["DEFAULT_METHODS", "ABLATION_METHODS", "Method", "parse_methods", "compare"]
 
 def _prefill_seconds(models: dict[str, torch.nn.Module], prompts: torch.Tensor, repeats: int = 3) -> dict[str, float]:
-    """Median prefill time of each model, the models interleaved in every repeat."""
+    """Median prefill time of each model, the models interleaved in every repeat (a GPU is synchronised
+    around each pass, so the time is the computation's, not the launch's)."""
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
+            ids = prompts.to(next(model.parameters()).device)
+            _synchronize(ids.device)
             start = time.perf_counter()
             with torch.no_grad():
-                model(input_ids=prompts, use_cache=False)
+                model(input_ids=ids, use_cache=False)
+            _synchronize(ids.device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def compare(model: str | Path, out: str | Path, budgets: list[float], methods: list[Method],
             calib: CalibSpec = CalibSpec(), eval_text: str | None = None, eval_tokens: int = 50_000,
             tasks: str | None = None, task_text: str | None = None, dtype: str = "auto", force: bool = False,
-            measure_rss: bool = False, task_batch_size: int = 32, progress=print) -> dict:
-    """Run ``methods`` at each budget on ``model``; write ``out/compare.{json,md,png}`` and the points."""
+            measure_rss: bool = False, task_batch_size: int = 32, progress=print, device: str = "auto") -> dict:
+    """Run ``methods`` at each budget on ``model`` (computed on ``device``); write ``out/compare.{json,md,png}``
+    and the points. One model is in memory at a time, except while a point's prefill speed is timed against
+    the original (two)."""
     if not budgets or not all(0 < b <= 1 for b in budgets):
         raise CdmoeError("--budget takes memory ratios in (0, 1], e.g. 0.8,0.6")
+    resolve_device(device)
     out = Path(out)
     check_inputs(model, calib, {"--eval-text": eval_text, "--task-text": task_text})
     inputs = (model, calib.source, eval_text, task_text)
     check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)
-    base = load_model(model, dtype=dtype)
+    base = load_model(model, dtype=dtype, device=device)
     params = model_params(base)
     calib_ids = load_calibration(tokenizer, calib)
     stats = calibration_stats(base, calib_ids)
+    del base  # every point loads its own copy
     first = params.layers[0]
     plan: dict[tuple[str, int], dict] = {}
     for method in methods:
@@ -90,10 +104,10 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
             point["budgets"].append(budget)
 
     with atomic_output_dir(out, force, inputs=inputs) as work:  # nothing at ``out`` until every point is written and scored
-        _run_points(model, work, plan, calib_ids, tokenizer, stats, dtype, progress)
+        _run_points(model, work, plan, calib_ids, tokenizer, stats, dtype, progress, device)
         scorer = _Scorer(tokenizer, token_stream(tokenizer, eval_text, eval_tokens) if eval_text else None,
-                         calib.seq_len, tasks, task_text, task_batch_size, dtype if measure_rss else None)
-        rows = _evaluate(model, work, plan, scorer, dtype, progress)
+                         calib.seq_len, tasks, task_text, task_batch_size, dtype if measure_rss else None, device)
+        rows = _evaluate(model, work, plan, scorer, dtype, progress, device)
         result = {"model": str(model), "budgets": budgets, "calibration": calib.to_dict(), "eval_text": eval_text,
                   "eval_tokens": eval_tokens, "tasks": tasks, "task_batch_size": task_batch_size,
                   "peak_rss_dtype": dtype if measure_rss else None, "rows": rows}
@@ -104,7 +118,7 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
     return result
 
 
-def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtype, progress) -> None:
+def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtype, progress, device) -> None:
     """Write every planned point to ``work/points/...`` (its ``dir`` is relative to ``work``)."""
     searches: dict[str, object] = {}
     for (name, knob), point in plan.items():
@@ -114,7 +128,7 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
         progress(f"[compare] {name}{setting}: predicted memory {100 * point['predicted_ratio']:.1f}% for budget {budgets}")
         point["dir"] = f"points/{name.replace(':', '_').replace('+', '_')}-{knob}"
         path = work / point["dir"]
-        loaded = load_model(model, dtype=dtype)
+        loaded = load_model(model, dtype=dtype, device=device)
         if method.base == "cd-moe":
             largest = max(k for (n, k) in plan if n == name)
             if name not in searches:
@@ -147,6 +161,7 @@ class _Scorer:
     task_text: str | None
     task_batch_size: int
     rss_dtype: str | None  # dtype to measure peak RSS in, or None to skip
+    device: str = "auto"  # where peak memory is measured (a GPU: its peak too)
 
     def prompts(self) -> torch.Tensor:
         """(4, seq_len) token ids the prefill speed is timed on."""
@@ -165,12 +180,12 @@ class _Scorer:
                 scores["tasks"] = summarize(evaluate(model, self.tokenizer, names, include,
                                                      batch_size=self.task_batch_size))
         if self.rss_dtype:
-            scores["peak_rss_bytes"] = peak_rss(path, self.rss_dtype)["load_and_run_bytes"]
+            scores["peak_rss_bytes"] = peak_rss(path, self.rss_dtype, device=self.device)["load_and_run_bytes"]
         return scores
 
 
-def _evaluate(model, work: Path, plan, scorer: _Scorer, dtype, progress) -> list[dict]:
-    original = load_model(model, dtype=dtype)
+def _evaluate(model, work: Path, plan, scorer: _Scorer, dtype, progress, device) -> list[dict]:
+    original = load_model(model, dtype=dtype, device=device)
     prompts = scorer.prompts()
     orig_bytes = disk_bytes(model)
     rows = [{"method": "original", "knob": None, "budgets": [], "dir": str(model), "memory_ratio": 1.0,
@@ -179,7 +194,7 @@ def _evaluate(model, work: Path, plan, scorer: _Scorer, dtype, progress) -> list
     for point in plan.values():
         progress(f"[compare] evaluating {point['dir'].removeprefix('points/')}")
         path = work / point["dir"]
-        loaded = load_model(path, dtype=dtype)
+        loaded = load_model(path, dtype=dtype, device=device)
         times = _prefill_seconds({"original": original, "point": loaded}, prompts)
         record = json.loads((path / "cdmoe.json").read_text())
         rows.append({"method": point["method"].name, "knob": point["knob"], "knob_name": point["method"].knob,

@@ -75,14 +75,17 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
              batch_size: str = "auto", out: str | Path | None = None, dtype: str = "auto",
              ppl_text: str | None = None, ppl_seq_len: int = 512, ppl_stride: int | None = None,
              ppl_tokens: int | None = None, force: bool = False, backend: str = "hf",
-             vllm_python: str | None = None) -> dict:
+             vllm_python: str | None = None, device: str = "auto") -> dict:
     """Load ``model_path`` and evaluate; write JSON to ``out`` (default: ``eval.json`` in the current
     directory; never inside the model directory; an existing file only with ``force``).
 
     ``tasks="none"`` skips lm-eval; ``ppl_text`` adds held-out perplexity (see :mod:`cdmoe.evaluation.perplexity`).
     ``backend="vllm"`` runs the tasks with lm-eval's vLLM model in the vLLM venv instead
-    (:mod:`cdmoe.evaluation.lmeval_vllm`; the model is not loaded here).
+    (:mod:`cdmoe.evaluation.lmeval_vllm`; the model is not loaded here). ``device``: where the hf backend
+    computes (:func:`cdmoe.models.placement.place`).
     """
+    from ..models.placement import resolve_device
+
     from ..io.output_dir import check_output_file, write_output_file
     from ..models.input_checks import check_inputs
     from ..models.loading import load_model, load_tokenizer
@@ -101,6 +104,8 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
     if backend == "vllm" and (tasks == "none" or ppl_text):
         raise CdmoeError("--backend vllm runs lm-eval tasks only: drop --ppl-text (or use --backend hf), and pass "
                          "--tasks (the demo tasks include a perplexity task)")
+    if backend == "hf":
+        resolve_device(device)
     check_inputs(model_path, texts={"--ppl-text": ppl_text, "--task-text": task_text})
     target = check_output_file(out or "eval.json", force, inputs=(model_path, task_text, ppl_text))
     if backend == "vllm":
@@ -108,7 +113,7 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
 
         interpreter = find_vllm_python(vllm_python)  # before any work: a missing venv is a one-line error
     else:
-        model = load_model(model_path, dtype=dtype)
+        model = load_model(model_path, dtype=dtype, device=device)
         tokenizer = load_tokenizer(model_path)
     result: dict = {"results": {}, "tasks": []}
     if tasks != "none":

@@ -35,6 +35,7 @@ from ..models.adapter import moe_blocks
 from ..models.budget import model_params
 from ..models.input_checks import check_inputs
 from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
+from ..models.placement import resolve_device
 from ..search.calibration import CalibSpec, load_calibration
 from .calib_stats import CalibStats, calibration_stats
 from .expert_drop import expert_drop_plans
@@ -124,15 +125,16 @@ def finish_quantized(model: nn.Module, bits: str, storage) -> tuple[nn.Module, d
 
 def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, calib: CalibSpec = CalibSpec(),
                  eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto",
-                 force: bool = False) -> dict:
-    """Run one baseline end to end on ``model`` and save it to ``out``; return its record."""
+                 force: bool = False, device: str = "auto") -> dict:
+    """Run one baseline end to end on ``model`` (computed on ``device``) and save it to ``out``; return its record."""
     options.validate()
+    resolve_device(device)
     check_inputs(model, calib if options.method != "slim" else None, {"--eval-text": eval_text})
     inputs = (model, calib.source, eval_text)
     check_output_dir(out, force, inputs)
     started = time.perf_counter()
     tokenizer = load_tokenizer(model)
-    loaded = load_model(model, dtype=dtype)
+    loaded = load_model(model, dtype=dtype, device=device)
     stats = None
     if options.method != "slim":
         stats = calibration_stats(loaded, load_calibration(tokenizer, calib), options.batch_size)
@@ -154,7 +156,7 @@ def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, c
     path = save(result, out, record, tokenizer=tokenizer, force=force, storage=storage, inputs=inputs)
     if stream is not None and options.quantize:
         del result
-        evaluation["ppl"] = perplexity(load_model(path), stream, calib.seq_len)
+        evaluation["ppl"] = perplexity(load_model(path, device=device), stream, calib.seq_len)
         write_record(path, record)
     record["weight_bytes"] = disk_bytes(path)
     return record

@@ -83,10 +83,11 @@ def calibration_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int
             seen[("moe", idx)] = (output[0] if isinstance(output, tuple) else output).reshape(*args[0].shape)
             block = blocks[idx]
             routing = block.route(x)
-            stats.score_sums[idx] += routing.scores.double().sum(0)
-            stats.counts[idx] += torch.bincount(routing.indices.reshape(-1), minlength=block.num_experts)
+            # reduced on the block's device, one small (E,) / (E, E) transfer per batch
+            stats.score_sums[idx] += routing.scores.double().sum(0).cpu()
+            stats.counts[idx] += torch.bincount(routing.indices.reshape(-1), minlength=block.num_experts).cpu()
             logits = F.linear(x.float(), block.router_weight.float()).double()
-            stats.logit_gram[idx] += logits.T @ logits
+            stats.logit_gram[idx] += (logits.T @ logits).cpu()
         return hook
 
     hooks = []
@@ -95,9 +96,10 @@ def calibration_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int
         hooks.append(layer.register_forward_hook(layer_post(i)))
     for i, block in blocks.items():
         hooks.append(block.module.register_forward_hook(block_post(i)))
+    device = next(model.parameters()).device  # the embeddings' (the first GPU when spread)
     try:
         for ids in calib_ids.split(batch_size):
-            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids.to(device), use_cache=False)
             stats.tokens += ids.numel()
     finally:
         for h in hooks:

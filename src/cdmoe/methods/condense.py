@@ -21,6 +21,7 @@ from ..memory.devices import choose_mode, resolve_device
 from ..memory.layer_store import SequentialStore
 from ..models.input_checks import check_inputs
 from ..models.loading import checkpoint_dtype, compute_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
+from ..models.placement import describe, place
 from ..models.storage_dtypes import cast_to_storage, plan_of
 from ..search.calibration import CalibSpec, load_calibration
 from ..search.resume import SearchState, run_key
@@ -65,7 +66,7 @@ def condense(
     force: bool = False,
     show_progress: bool = True,
     mode: str = "auto",
-    device: str = "cpu",
+    device: str = "auto",
     quantize: str | None = None,
     activations: str = "memory",
     activations_dir: str | Path | None = None,
@@ -85,6 +86,7 @@ def condense(
     """
     check_activations(activations, activations_dir)
     search.check()
+    dev = resolve_device(device)
     check_quantize(quantize)
     check_inputs(model, calib, {"--eval-text": evaluation.text})
     if evaluation.max_tokens < 2:
@@ -92,7 +94,6 @@ def condense(
     inputs = (model, calib.source, evaluation.text)
     check_output_dir(out, force, inputs)
     started = time.perf_counter()
-    dev = resolve_device(device)
     compute = compute_dtype(dtype, str(dev))
     stored = checkpoint_dtype(model)
     if compute == "auto":  # GPU: compute in the checkpoint's dtype
@@ -125,9 +126,11 @@ def condense(
             progress_note(f"resuming the interrupted run in {tmp / STATE_DIR}: {state.resumed}")
         for stale in tmp.glob(f"{DIR_PREFIX}*"):  # a killed run's activation cache, never part of the output
             shutil.rmtree(stale, ignore_errors=True)
+        placement = place(device, whole=mode == "whole")
+        if placement.device.type == "cuda":
+            progress_note(f"computing in {str(compute).removeprefix('torch.')} on {describe(placement)}")
         if mode == "whole":
-            multi_gpu = device == "auto" and torch.cuda.device_count() > 1
-            loaded = load_model(model, dtype=dtype, device=str(dev), device_map="auto" if multi_gpu else None)
+            loaded = load_model(model, dtype=dtype, device=device)
             store = None
         else:
             store = SequentialStore(model, device=dev, dtype=compute)
@@ -158,7 +161,7 @@ def condense(
         write_condensed(tmp, record, write_weights, tokenizer=tokenizer, extra_files=write_plots)
     if quantize and "evaluation" in record:  # as a user loads it
         ev = record["evaluation"]
-        ev["quantized_ppl"] = perplexity(load_model(out), token_stream(tokenizer, ev["text"], evaluation.max_tokens),
+        ev["quantized_ppl"] = perplexity(load_model(out, device=device), token_stream(tokenizer, ev["text"], evaluation.max_tokens),
                                          ev["seq_len"])
         write_record(out, record)
     return record

@@ -28,6 +28,7 @@ from ..evaluation.perplexity import perplexity, token_stream
 from ..models.adapter import attr_path, family_spec
 from ..models.input_checks import check_text_file
 from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
+from ..models.placement import trainer_device
 from .condense import EvalOptions
 from .finetune_data import build_dataset, collate
 
@@ -116,10 +117,19 @@ def prepare_trainable(model: nn.Module, record: dict, options: FinetuneOptions) 
                             target_modules=_lora_targets(mlps), bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
     else:
+        master_fp32 = _autocast(model)  # half-precision weights train as fp32 master copies under bf16 autocast
         for mlp in mlps.values():
+            if master_fp32:
+                mlp.float()
             for p in mlp.parameters():
                 p.requires_grad_(True)
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _autocast(model: nn.Module) -> bool:
+    """Whether Trainer runs ``model`` under bf16 autocast: a half-precision model on a GPU."""
+    first = next(model.parameters())
+    return first.device.type == "cuda" and first.dtype in (torch.bfloat16, torch.float16)
 
 
 def _progress_callback():
@@ -170,11 +180,13 @@ def _prepare_checkpoint_dir(directory: Path, options: FinetuneOptions, resume: b
 
 def finetune_model(model: nn.Module, dataset, pad_id: int, options: FinetuneOptions, checkpoint_dir: Path,
                    resume: bool = False, show_progress: bool = True, callbacks=()):
-    """Run Trainer on ``model`` (prepared by :func:`prepare_trainable`); return Trainer's TrainOutput and state."""
+    """Run Trainer on ``model`` (prepared by :func:`prepare_trainable`, on the CPU or the first GPU) and return
+    Trainer's TrainOutput and state. On a GPU, a half-precision model trains under bf16 autocast with its
+    trainable weights in fp32 (:func:`prepare_trainable`); an fp32 one in fp32."""
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    cuda = torch.cuda.is_available()
+    cuda = next(model.parameters()).device.type == "cuda"
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         max_steps=options.steps if options.steps else -1,
@@ -185,7 +197,7 @@ def finetune_model(model: nn.Module, dataset, pad_id: int, options: FinetuneOpti
         lr_scheduler_type=options.schedule,
         warmup_steps=options.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=0.0,
-        bf16=cuda,
+        bf16=_autocast(model),
         use_cpu=not cuda,
         seed=options.seed,
         save_strategy="steps",
@@ -197,6 +209,8 @@ def finetune_model(model: nn.Module, dataset, pad_id: int, options: FinetuneOpti
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
+    if cuda:
+        args._n_gpu = 1  # one GPU, as Trainer itself sets for model-parallel models: never nn.DataParallel copies
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=partial(collate, pad_id=pad_id),
                       callbacks=list(callbacks))
     trainer.remove_callback(ProgressCallback)
@@ -225,6 +239,7 @@ def finetune(
     show_progress: bool = True,
     callbacks=(),
     log=print,
+    device: str = "auto",
 ) -> dict:
     """Fine-tune the condensed layers of the condensed checkpoint ``directory``; save to ``out``; return the record.
 
@@ -233,6 +248,7 @@ def finetune(
     from transformers import set_seed
 
     options.check()
+    train_on = trainer_device(device)
     check_text_file(options.data, "--data")
     record = condensed_record(directory)
     inputs = (directory, options.data)
@@ -241,7 +257,7 @@ def finetune(
     tokenizer = load_tokenizer(directory)
     data = build_dataset(tokenizer, options.data, options.format, options.seq_len)
     _prepare_checkpoint_dir(checkpoint_dir, options, resume, force)
-    model = load_model(directory, dtype=options.dtype)
+    model = load_model(directory, dtype=options.dtype, device=train_on)  # straight to the device, compute dtype
     total = sum(p.numel() for p in model.parameters())
 
     ev_seq_len = evaluation.seq_len or options.seq_len
@@ -253,6 +269,7 @@ def finetune(
         stream, ppl_before = _evaluate(model, tokenizer, evaluation, ev_seq_len)
         log(f"held-out perplexity before fine-tuning: {ppl_before:.2f} ({len(stream):,} tokens)")
 
+    compute = next(model.parameters()).dtype
     set_seed(options.seed)  # LoRA's initial A matrices
     trained, trainable = prepare_trainable(model, record, options)
     log(f"data: {options.data} ({data.format}, {data.records:,} records -> {len(data.dataset):,} examples, "
@@ -262,6 +279,8 @@ def finetune(
     result, state = finetune_model(trained, data.dataset, pad_id, options, checkpoint_dir, resume, show_progress,
                                    callbacks)
     model = trained.merge_and_unload() if options.lora else trained
+    for mlp in condensed_mlps(model, record).values():  # fp32 master weights (autocast) back to the compute dtype
+        mlp.to(compute)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()

@@ -109,7 +109,7 @@ def quantized_bytes(model: nn.Module, bits: str, dtype: torch.dtype | None = Non
 
 
 def quantize_model(model: nn.Module, bits: str, storage=None) -> nn.Module:
-    """A bitsandbytes-quantised copy of ``model`` (experts and condensed MLPs), on CPU.
+    """A bitsandbytes-quantised copy of ``model`` (experts and condensed MLPs), on the model's device.
 
     The model is cast in place to its stored dtypes (``storage``, a
     :class:`~cdmoe.models.storage_dtypes.StoragePlan`; default: all in the model's dtype), saved to a
@@ -125,6 +125,7 @@ def quantize_model(model: nn.Module, bits: str, storage=None) -> nn.Module:
     from ..models import register  # noqa: F401  (cdmoe-format checkpoints load natively)
     from ..models.storage_dtypes import StoragePlan, cast_to_storage
 
+    device = next(model.parameters()).device
     unfuse_experts(model)
     skip = ["(?!" + "|".join(f"(?:{p})" for p in target_patterns(model)) + ").*"]
     storage = storage if storage is not None else StoragePlan(default=model.dtype)
@@ -136,7 +137,7 @@ def quantize_model(model: nn.Module, bits: str, storage=None) -> nn.Module:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantized = AutoModelForCausalLM.from_pretrained(
-                tmp, quantization_config=config, device_map="cpu", dtype=dtype, trust_remote_code=trusted()
+                tmp, quantization_config=config, device_map={"": str(device)}, dtype=dtype, trust_remote_code=trusted()
             )
     guard_cpu_packing(quantized)
     return quantized.eval()

@@ -12,8 +12,8 @@ from ..io.remote_code import remote_code_error, trusted
 
 __all__ = ["checkpoint_dtype", "compute_dtype", "load_model", "load_tokenizer", "resolve_dtype", "round_to_checkpoint_dtype"]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # tf32: see models.placement
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | str:
@@ -30,7 +30,7 @@ def _check_path(name_or_path: str | Path, weights: bool = False) -> None:
     check_model_dir(name_or_path, weights=weights)
 
 
-def compute_dtype(dtype: str | None, device: str) -> torch.dtype | str:
+def compute_dtype(dtype: str | None, device: str | torch.device) -> torch.dtype | str:
     """``auto`` computes in the checkpoint's dtype, except half precision on CPU, which is
     slow there and imprecise for divergences: fp32 (the checkpoint is saved back in its dtype)."""
     resolved = resolve_dtype(dtype)
@@ -39,25 +39,33 @@ def compute_dtype(dtype: str | None, device: str) -> torch.dtype | str:
     return resolved
 
 
-def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str = "cpu",
+def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str | torch.device = "auto",
                trust_remote_code: bool | None = None, device_map: str | dict | None = None):
     """``AutoModelForCausalLM.from_pretrained`` in eval mode, with one-line errors.
 
+    ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`cdmoe.models.placement.place`): a GPU
+    receives the weights straight from the files (accelerate's device map), never through a CPU copy
+    in another dtype; ``auto`` with several GPUs spreads the layers over all of them. ``device_map``
+    overrides that placement. The compute dtype is :func:`compute_dtype` of ``dtype`` on that device.
     ``trust_remote_code``: run Python code shipped in the checkpoint (default: the command's
     decision, :func:`cdmoe.io.remote_code.trusted`, off unless ``--trust-remote-code``).
 
     The checkpoint's own dtype is kept in ``model.config.dtype`` whatever the compute dtype.
-    ``device_map`` (e.g. ``"auto"`` for several GPUs) places the layers with accelerate instead of ``device``.
     """
+    from .placement import place
+
+    placement = place(device)  # a one-line error before anything is read
+    if device_map is not None:
+        placement = type(placement)(placement.device, device_map, spread=device_map == "auto")
     _check_path(name_or_path, weights=True)
     from . import register  # noqa: F401  (condensed checkpoints load natively)
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=compute_dtype(dtype, device),
+            str(name_or_path), dtype=compute_dtype(dtype, placement.device),
             trust_remote_code=trusted() if trust_remote_code is None else trust_remote_code,
             output_loading_info=True, ignore_mismatched_sizes=True,  # mismatches are refused below, by name
-            **({"device_map": device_map} if device_map is not None else {}),
+            **({"device_map": placement.device_map} if placement.device_map is not None else {}),
         )
     except OSError as err:
         raise CdmoeError(
@@ -76,9 +84,9 @@ def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str
     from .storage_dtypes import attach_storage_plan
 
     attach_storage_plan(model, name_or_path, dtype)  # how it will be saved: per tensor, as the source stores it
-    if device_map is not None:  # placed by from_pretrained
+    if placement.device_map is not None:  # placed by from_pretrained
         return model.eval()
-    return model.to(device).eval()
+    return model.to(placement.device).eval()
 
 
 def _check_loading_info(name_or_path, info: dict) -> None:
