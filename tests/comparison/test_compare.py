@@ -19,7 +19,7 @@ from cdmoe.search.calibration import CalibSpec
 
 def test_parse_methods():
     names = [m.name for m in parse_methods("default")]
-    assert "cd-moe" in names and "slim-int4" in names and "layer-drop+int4" in names
+    assert "cd-moe" in names and "slim-int4" in names and "layer-drop+int4" in names and "reap" in names
     by_name = {m.name: m for m in parse_methods("cd-moe-s,cd-moe:l1,cd-moe:layer-rank,cd-moe:kl,slim-int8,cd-moe+int4")}
     assert by_name["cd-moe-s"].search == {"experts": 0}
     assert by_name["cd-moe:l1"].search == {"expert_selector": "l1"}
@@ -27,6 +27,8 @@ def test_parse_methods():
     assert by_name["cd-moe:kl"].search == {"metric": "kl"}
     assert by_name["slim-int8"].base == "slim" and by_name["slim-int8"].quantize == "int8"
     assert by_name["cd-moe+int4"].base == "cd-moe" and by_name["cd-moe+int4"].quantize == "int4"
+    reap = parse_methods("reap+int4")[0]
+    assert (reap.base, reap.knob, reap.quantize) == ("reap", "keep_experts", "int4")
     with pytest.raises(CdmoeError, match="unknown"):
         parse_methods("cd-moe:bogus")
 

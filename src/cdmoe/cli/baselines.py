@@ -82,7 +82,9 @@ def baseline(
 def compare(
     model: Annotated[str, typer.Argument(help="model directory or hub id")],
     out: Annotated[Path, typer.Option(help="output directory: compare.md/.json/.png and points/")],
-    budget: Annotated[str, typer.Option(help="memory ratios (weight bytes / original), e.g. 0.8,0.6")],
+    budget: Annotated[
+        str, typer.Option(help="memory ratios (weight bytes / original), e.g. 0.8,0.6; each a ceiling")
+    ],
     methods: Annotated[
         str, typer.Option(help="default | ablations | all | comma-separated names (see cdmoe.comparison.compare)")
     ] = "default",
