@@ -19,8 +19,8 @@ from ..search.selectors import EXPERT_SELECTORS, LAYER_SELECTORS
 __all__ = ["ABLATION_METHODS", "DEFAULT_METHODS", "Method", "candidate_ratios", "largest_fitting", "parse_methods"]
 
 
-DEFAULT_METHODS = ("cd-moe", "cd-moe-s", "layer-drop", "block-drop", "expert-drop", "reap", "msmoe", "msmoe-restricted",
-                   "slim-int8", "slim-int4", "cd-moe+int4", "layer-drop+int4")
+DEFAULT_METHODS = ("cd-moe", "cd-moe-s", "layer-drop", "block-drop", "expert-drop", "reap", "msmoe",
+                   "msmoe-restricted", "slim-int8", "slim-int4", "cd-moe+int4", "layer-drop+int4")
 ABLATION_METHODS = ("cd-moe:random", "cd-moe:l1", "cd-moe:pl-alpha-hill", "cd-moe:frequency", "cd-moe:layer-rank",
                     "cd-moe:global-layer-rank", "cd-moe:kl", "cd-moe:ppl")
 INT4_BYTES, INT8_BYTES = 0.5 + 4 / 64, 1.0  # bytes per quantised weight (codes + scales)

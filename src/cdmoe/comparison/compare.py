@@ -4,8 +4,8 @@ A memory budget (weights on disk / original's) is a ceiling: each method gets th
 its knob (N condensed or dropped layers, E' experts per layer) with the largest *predicted*
 ratio that does not exceed it (none, and a table row saying so, when even its smallest setting
 is over); quantisation-only methods have one setting. The table shows each point's *measured*
-ratio and marks it **over** when the written bytes exceed the budget. Every point is written as a normal
-output directory, reloaded from disk as a user would, and scored the same way: held-out
+ratio and marks it **over** when the written bytes exceed the budget. Every point is written as
+a normal output directory, reloaded from disk as a user would, and scored the same way: held-out
 perplexity, optional lm-eval tasks, prefill speed relative to the original (timed in the
 same run, interleaved), the measured ratio of weight bytes and, optionally, peak resident
 memory loading and running it (a fresh process per point, :func:`cdmoe.evaluation.measure.peak_rss`). One calibration set and one

@@ -44,8 +44,8 @@ from .expert_drop import expert_drop_plans
 from .expert_reduce import check_kept, merge_experts, reduce_experts
 from .layer_drop import drop_blocks, drop_layers, most_similar_first, top_layers
 from .msmoe import msmoe_plans, msmoe_restricted_plans
-from .reap import reap_plans
 from .quantize import check_quantize, layers_quantized, quantize_model, quantized_bytes
+from .reap import reap_plans
 
 __all__ = ["METHODS", "EXPERT_METHODS", "BaselineOptions", "apply_baseline", "baseline_record", "finish_quantized", "most_similar_first",
            "run_baseline"]

@@ -52,7 +52,8 @@ def _cos_sum(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def calibration_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8, reap: bool = False) -> CalibStats:
+def calibration_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8,
+                      reap: bool = False) -> CalibStats:
     """Run ``model`` over ``calib_ids`` (N, S) and accumulate :class:`CalibStats` (REAP's too if ``reap``)."""
     spec = family_spec(model)
     layers = decoder_layers(model, spec)
