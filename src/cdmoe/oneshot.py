@@ -132,7 +132,7 @@ def baseline(method: str, model: str | Path, out: str | Path, *, layers: int | N
              keep_experts: int | None = None, quantize: str | None = None, calib: str = "c4", samples: int = 100,
              seq_len: int = 512, seed: int = 0, eval_text: str | None = None, eval_tokens: int = 50_000,
              dtype: str = "auto", force: bool = False, device: str = "auto", trust_remote_code: bool = False) -> dict:
-    """``cdmoe baseline``: ``layer-drop``, ``block-drop``, ``expert-drop``, ``msmoe``, ``msmoe-restricted`` or ``slim`` as an output directory."""
+    """``cdmoe baseline``: ``layer-drop``, ``block-drop``, ``expert-drop``, ``reap``, ``msmoe``, ``msmoe-restricted`` or ``slim`` as an output directory."""
     from .methods.baselines import BaselineOptions, run_baseline
     from .search.calibration import CalibSpec
 

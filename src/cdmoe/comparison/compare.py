@@ -1,9 +1,11 @@
 """``cdmoe compare``: CD-MoE, its ablations and the baselines at matched memory budgets.
 
-For every memory budget (weights on disk / original's) each method gets the setting of
-its knob (N condensed or dropped layers, E' experts per layer) whose *predicted* ratio is
-closest; quantisation-only methods have one setting. Every point is written as a normal
-output directory, reloaded from disk as a user would, and scored the same way: held-out
+A memory budget (weights on disk / original's) is a ceiling: each method gets the setting of
+its knob (N condensed or dropped layers, E' experts per layer) with the largest *predicted*
+ratio that does not exceed it (none, and a table row saying so, when even its smallest setting
+is over); quantisation-only methods have one setting. The table shows each point's *measured*
+ratio and marks it **over** when the written bytes exceed the budget. Every point is written as
+a normal output directory, reloaded from disk as a user would, and scored the same way: held-out
 perplexity, optional lm-eval tasks, prefill speed relative to the original (timed in the
 same run, interleaved), the measured ratio of weight bytes and, optionally, peak resident
 memory loading and running it (a fresh process per point, :func:`cdmoe.evaluation.measure.peak_rss`). One calibration set and one
@@ -13,7 +15,7 @@ for N layers is a prefix of the order for more).
 Method names: ``cd-moe`` (greedy experts K = top-k and layers), ``cd-moe-s`` (shared
 experts only), ``cd-moe:VARIANT`` with VARIANT an expert selector (random, l1,
 pl-alpha-hill, frequency), a layer selector (layer-rank, global-layer-rank) or a metric
-(kl, ppl); ``layer-drop``, ``block-drop``, ``expert-drop``, ``msmoe`` (E' is the average over
+(kl, ppl); ``layer-drop``, ``block-drop``, ``expert-drop``, ``reap``, ``msmoe`` (E' is the average over
 layers), ``msmoe-restricted``; ``slim-int8`` and
 ``slim-int4``; any structural method with ``+int8`` / ``+int4`` appended (condense or drop,
 then quantise).
@@ -48,7 +50,7 @@ from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dty
 from ..models.placement import resolve_device
 from ..search.calibration import CalibSpec, load_calibration
 from ..search.run import SearchOptions, run_search
-from .budgets import ABLATION_METHODS, DEFAULT_METHODS, Method, candidate_ratios, parse_methods
+from .budgets import ABLATION_METHODS, DEFAULT_METHODS, Method, candidate_ratios, largest_fitting, parse_methods
 
 __all__ = ["DEFAULT_METHODS", "ABLATION_METHODS", "Method", "parse_methods", "compare"]
 
@@ -91,14 +93,21 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
     base = load_model(model, dtype=dtype, device=device)
     params = model_params(base)
     calib_ids = load_calibration(tokenizer, calib)
-    stats = calibration_stats(base, calib_ids)
+    stats = calibration_stats(base, calib_ids, reap=any(m.base == "reap" for m in methods))
     del base  # every point loads its own copy
     first = params.layers[0]
     plan: dict[tuple[str, int], dict] = {}
+    unfit: list[dict] = []  # (method, budget) pairs where even the smallest setting is over the budget
     for method in methods:
         cands = candidate_ratios(method, params, stats, first.top_k, first.num_experts)
         for budget in budgets:
-            knob = min(cands, key=lambda v: (abs(cands[v] - budget), v))
+            knob = largest_fitting(cands, budget)
+            if knob is None:
+                smallest = min(cands.values(), default=None)
+                unfit.append({"method": method.name, "budget": budget, "smallest_predicted_ratio": smallest})
+                progress(f"[compare] {method.name}: no setting fits {100 * budget:.0f}%"
+                         + (f" (smallest predicted {100 * smallest:.1f}%)" if smallest is not None else ""))
+                continue
             point = plan.setdefault((method.name, knob), {"method": method, "knob": knob, "budgets": [],
                                                           "predicted_ratio": cands[knob]})
             point["budgets"].append(budget)
@@ -110,7 +119,7 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
         rows = _evaluate(model, work, plan, scorer, dtype, progress, device)
         result = {"model": str(model), "budgets": budgets, "calibration": calib.to_dict(), "eval_text": eval_text,
                   "eval_tokens": eval_tokens, "tasks": tasks, "task_batch_size": task_batch_size,
-                  "peak_rss_dtype": dtype if measure_rss else None, "rows": rows}
+                  "peak_rss_dtype": dtype if measure_rss else None, "rows": rows, "unfit": unfit}
         (work / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         (work / "compare.md").write_text(markdown_table(result))
         plot_compare(result, work / "compare.png")
@@ -197,9 +206,11 @@ def _evaluate(model, work: Path, plan, scorer: _Scorer, dtype, progress, device)
         loaded = load_model(path, dtype=dtype, device=device)
         times = _prefill_seconds({"original": original, "point": loaded}, prompts)
         record = json.loads((path / "cdmoe.json").read_text())
+        ratio = disk_bytes(path) / orig_bytes
         rows.append({"method": point["method"].name, "knob": point["knob"], "knob_name": point["method"].knob,
-                     "budgets": point["budgets"], "dir": point["dir"], "predicted_ratio": point["predicted_ratio"],
-                     "memory_ratio": disk_bytes(path) / orig_bytes, "speedup": times["original"] / times["point"],
+                     "budgets": point["budgets"], "over_budgets": [b for b in point["budgets"] if ratio > b],
+                     "dir": point["dir"], "predicted_ratio": point["predicted_ratio"], "memory_ratio": ratio,
+                     "speedup": times["original"] / times["point"],
                      "active_params": record["params"]["condensed_active_params"], **scorer(loaded, path)})
         del loaded
     if scorer.rss_dtype:
@@ -222,7 +233,9 @@ def markdown_table(result: dict) -> str:
     rows = result["rows"]
     task_names = sorted({t for r in rows for t in (r.get("tasks") or {})})
     rss = all("peak_rss_ratio" in r for r in rows)
-    lines = [f"# cdmoe compare: {result['model']}", ""]
+    lines = [f"# cdmoe compare: {result['model']}", "",
+             "A budget is a ceiling: each method runs its largest setting whose predicted weight bytes fit it. "
+             "memory: the measured weight bytes on disk / the original's; **over**: above the budget.", ""]
     if task_names:
         lines += ["average: mean of the accuracy tasks (not the perplexities)", ""]
     for budget in result["budgets"]:
@@ -236,7 +249,9 @@ def markdown_table(result: dict) -> str:
             setting = "-" if row["knob"] is None else (
                 f"N={row['knob']}" if row.get("knob_name") == "layers" else
                 f"E'={row['knob']}" if row.get("knob_name") == "keep_experts" else "-")
-            cells = [row["method"], setting, f"{row['active_params'] / 1e6:.2f}M", f"{100 * row['memory_ratio']:.1f}%"]
+            over = " **over**" if budget in row.get("over_budgets", ()) else ""
+            cells = [row["method"], setting, f"{row['active_params'] / 1e6:.2f}M",
+                     f"{100 * row['memory_ratio']:.1f}%{over}"]
             cells += [f"{100 * row['peak_rss_ratio']:.0f}% ({row['peak_rss_bytes'] / 2**20:.0f} MiB)"] if rss else []
             cells += [f"{row['speedup']:.2f}x", f"{row['ppl']:.2f}" if row.get("ppl") else "-"]
             cells += [f"{row['tasks'][t]:.2f}" if t in (row.get("tasks") or {}) else "-" for t in task_names]
@@ -244,6 +259,11 @@ def markdown_table(result: dict) -> str:
                 avg = _average(row)
                 cells.append(f"{avg:.2f}" if avg is not None else "-")
             lines.append("| " + " | ".join(cells) + " |")
+        rest = rss + 2 + len(task_names) + bool(task_names)  # cells after the memory column
+        for miss in (m for m in result.get("unfit", ()) if m["budget"] == budget):
+            smallest = miss["smallest_predicted_ratio"]
+            memory = f"smallest setting: {100 * smallest:.1f}% (predicted)" if smallest is not None else "no setting"
+            lines.append(f"| {miss['method']} | none fits | - | {memory} |" + " - |" * rest)
         lines.append("")
     return "\n".join(lines)
 
