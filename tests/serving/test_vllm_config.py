@@ -257,3 +257,24 @@ def test_greedy_deepseek_v2_routing_gets_one_group_and_transformers_computes_the
     assert greedy_routing_overrides("deepseek_v2", {"n_group": 1, "topk_group": 1}) == {}
     grouped = {"topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3}
     assert greedy_routing_overrides("deepseek_v2", grouped) == {} == greedy_routing_overrides("deepseek_v3", {})
+
+
+def test_the_eval_job_reports_a_pydantic_error_by_its_message():
+    """vLLM's config classes are pydantic dataclasses: a refused --max-model-len reaches the eval job as a
+    ValidationError whose last line is a link; cdmoe eval prints the message instead."""
+    from pydantic.dataclasses import dataclass
+
+    from cdmoe_vllm.lmeval_job import _one_line
+
+    @dataclass
+    class ModelConfig:
+        max_model_len: int = 0
+
+        def __post_init__(self):
+            raise ValueError("User-specified max_model_len (100000) is greater than the derived max_model_len (512)")
+
+    with pytest.raises(Exception) as raised:
+        ModelConfig(max_model_len=100000)
+    assert "errors.pydantic.dev" in str(raised.value).splitlines()[-1]  # what the job used to report
+    assert _one_line(raised.value) == "User-specified max_model_len (100000) is greater than the derived max_model_len (512)"
+    assert _one_line(RuntimeError("first\nlast")) == "last"

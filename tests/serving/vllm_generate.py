@@ -2,7 +2,7 @@
 
 ``python vllm_generate.py job.json out.json``; job: ``{"runs": [{"model": dir,
 "prompts": [[token ids]], "max_tokens": n, "logprobs": k, "dtype": "float32",
-"multiprocess": false, "plain": false, "mla": false, "hf_overrides": null}, {"check": name}]}``
+"multiprocess": false, "plain": false, "mla": false}, {"check": name}]}``
 (plain: no cdmoe engine settings, as a user's ``LLM(model=dir)``);
 out: one entry per run, ``{"tokens": [[ids]] (P, n), "logprobs": [[{id: logprob}]]
 (P, n, k), "num_gpu_blocks": int}`` or ``{"error": "<type>: <last line>", "message", "type"}``;
@@ -44,7 +44,7 @@ def run(spec: dict) -> dict:
     try:
         llm = LLM(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True, seed=0,
                   skip_tokenizer_init=True, distributed_executor_backend=backend, max_model_len=spec.get("max_model_len", 256),
-                  hf_overrides=spec.get("hf_overrides"), **({} if spec.get("plain") else engine_kwargs()))
+                  **({} if spec.get("plain") else engine_kwargs()))
     except Exception as exc:  # the message the user would see, for the bad-input tests
         return _error(exc)
     try:
