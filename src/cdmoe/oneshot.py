@@ -87,14 +87,17 @@ def _condense_loaded(model: nn.Module, out, search, calib, tokenizer, force: boo
 def evaluate(model: str | Path, *, tasks: str = "paper", task_text: str | None = None, limit: int | None = None,
              batch_size: str = "auto", out: str | Path | None = None, dtype: str = "auto", ppl_text: str | None = None,
              ppl_seq_len: int = 512, ppl_stride: int | None = None, ppl_tokens: int | None = None, force: bool = False,
-             device: str = "auto", trust_remote_code: bool = False) -> dict:
+             device: str = "auto", trust_remote_code: bool = False, backend: str = "hf",
+             vllm_python: str | None = None, tensor_parallel_size: int | None = None,
+             max_model_len: int | None = None) -> dict:
     """``cdmoe eval``: lm-evaluation-harness tasks (the paper's 8 by default; ``tasks="none"`` skips them)
     and held-out perplexity on ``ppl_text``; writes ``out`` (default ``./eval.json``) and returns the result."""
     from .evaluation.lmeval import run_eval
 
     with _context(trust_remote_code, dtype):
         return run_eval(model, tasks, task_text, limit, str(batch_size), out, dtype, ppl_text, ppl_seq_len, ppl_stride,
-                        ppl_tokens, force=force, device=device)
+                        ppl_tokens, force=force, backend=backend, vllm_python=vllm_python,
+                        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, device=device)
 
 
 def compare(model: str | Path, out: str | Path, *, budgets: list[float], methods: str = "default", calib: str = "c4",

@@ -38,6 +38,12 @@ def eval_cmd(
     vllm_python: Annotated[
         Optional[str], typer.Option(help="Python of the vLLM venv (default: $CDMOE_VLLM_PYTHON, .venv-vllm/bin/python)")
     ] = None,
+    tensor_parallel_size: Annotated[
+        Optional[int], typer.Option(help="--backend vllm: GPUs to shard the model over (default 1)")
+    ] = None,
+    max_model_len: Annotated[
+        Optional[int], typer.Option(help="--backend vllm: context length of vLLM's KV cache (default: the model's)")
+    ] = None,
     trust_remote_code: TrustCode = False,
 ):
     """Zero-shot evaluation with lm-evaluation-harness (the paper's 8 tasks by default) and perplexity."""
@@ -59,6 +65,8 @@ def eval_cmd(
         backend=backend,
         vllm_python=vllm_python,
         device=device,
+        tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_model_len,
     )
     table = Table(title=f"cdmoe eval: {model}")
     table.add_column("task")

@@ -75,14 +75,16 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
              batch_size: str = "auto", out: str | Path | None = None, dtype: str = "auto",
              ppl_text: str | None = None, ppl_seq_len: int = 512, ppl_stride: int | None = None,
              ppl_tokens: int | None = None, force: bool = False, backend: str = "hf",
-             vllm_python: str | None = None, device: str = "auto") -> dict:
+             vllm_python: str | None = None, tensor_parallel_size: int | None = None,
+             max_model_len: int | None = None, device: str = "auto") -> dict:
     """Load ``model_path`` and evaluate; write JSON to ``out`` (default: ``eval.json`` in the current
     directory; never inside the model directory; an existing file only with ``force``).
 
     ``tasks="none"`` skips lm-eval; ``ppl_text`` adds held-out perplexity (see :mod:`cdmoe.evaluation.perplexity`).
     ``backend="vllm"`` runs the tasks with lm-eval's vLLM model in the vLLM venv instead
-    (:mod:`cdmoe.evaluation.lmeval_vllm`; the model is not loaded here). ``device``: where the hf backend
-    computes (:func:`cdmoe.models.placement.place`).
+    (:mod:`cdmoe.evaluation.lmeval_vllm`; the model is not loaded here), with vLLM's
+    ``tensor_parallel_size`` and ``max_model_len`` when given (vLLM's defaults: 1, the model's length).
+    ``device``: where the hf backend computes (:func:`cdmoe.models.placement.place`).
     """
     from ..models.placement import resolve_device
 
@@ -94,13 +96,18 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
     if batch_size != "auto" and not (str(batch_size).isdigit() and int(batch_size) >= 1):
         raise CdmoeError(f"--batch-size takes a positive integer or auto, got {batch_size!r}")
     for option, value, least in (("--ppl-seq-len", ppl_seq_len, 2), ("--ppl-stride", ppl_stride, 1),
-                                 ("--ppl-tokens", ppl_tokens, 2), ("--limit", limit, 1)):
+                                 ("--ppl-tokens", ppl_tokens, 2), ("--limit", limit, 1),
+                                 ("--tensor-parallel-size", tensor_parallel_size, 1),
+                                 ("--max-model-len", max_model_len, 1)):
         if value is not None and value < least:
             raise CdmoeError(f"{option} must be at least {least}, got {value}")
     if ppl_stride is not None and ppl_stride > ppl_seq_len:
         raise CdmoeError(f"--ppl-stride {ppl_stride} is larger than --ppl-seq-len {ppl_seq_len}; tokens would be skipped")
     if backend not in ("hf", "vllm"):
         raise CdmoeError(f"--backend takes hf or vllm, got {backend!r}")
+    if backend != "vllm" and (tensor_parallel_size is not None or max_model_len is not None):
+        raise CdmoeError("--tensor-parallel-size and --max-model-len set up vLLM's engine: add --backend vllm "
+                         "(--backend hf runs the model in this process)")
     if backend == "vllm" and (tasks == "none" or ppl_text):
         raise CdmoeError("--backend vllm runs lm-eval tasks only: drop --ppl-text (or use --backend hf), and pass "
                          "--tasks (the demo tasks include a perplexity task)")
@@ -120,7 +127,8 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
         with tempfile.TemporaryDirectory(prefix="cdmoe-tasks-") as work:
             names, include = resolve_tasks(tasks, task_text, Path(work))
             if backend == "vllm":
-                result = evaluate_vllm(model_path, names, include, limit, batch_size, dtype, python=interpreter)
+                result = evaluate_vllm(model_path, names, include, limit, batch_size, dtype, python=interpreter,
+                                       max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size or 1)
             else:
                 result = evaluate(model, tokenizer, names, include, limit, batch_size)
     result["summary"] = summarize(result)
