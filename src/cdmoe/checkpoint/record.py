@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import PreTrainedModel
+
 from ..errors import CdmoeError
 from ..models.adapter import family_spec
 from ..models.budget import model_params
@@ -30,7 +32,8 @@ def family_name(model) -> str:
     return cdmoe["base_model_type"] if cdmoe else model.config.model_type
 
 
-def condense_layers(model, choices: list[LayerChoice], *, base_model: str | None = None, search: dict | None = None) -> dict:
+def condense_layers(model: PreTrainedModel, choices: list[LayerChoice], *, base_model: str | None = None,
+                    search: dict | None = None) -> dict:
     """Condense ``choices`` into ``model`` in place; return the record describing it."""
     spec = family_spec(model)
     params = model_params(model)

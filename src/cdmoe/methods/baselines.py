@@ -33,7 +33,7 @@ from ..checkpoint.record import RECORD_FORMAT, family_name
 from ..checkpoint.writer import check_output_dir, save, write_record
 from ..errors import CdmoeError
 from ..evaluation.measure import disk_bytes
-from ..evaluation.perplexity import perplexity, token_stream
+from ..evaluation.perplexity import perplexity, token_limit, token_stream
 from ..models.adapter import moe_blocks
 from ..models.budget import model_params
 from ..models.input_checks import check_inputs
@@ -74,6 +74,10 @@ class BaselineOptions:
             raise CdmoeError(f"{self.method} needs --keep-experts E' (routed experts kept per layer)")
         if self.method == "slim" and self.quantize is None:
             raise CdmoeError("slim needs --quantize int8 or int4")
+        for option, value, users in (("--layers", self.layers, ("layer-drop", "block-drop")),
+                                     ("--keep-experts", self.keep_experts, EXPERT_METHODS)):
+            if value is not None and self.method not in users:
+                raise CdmoeError(f"{self.method} does not use {option} (only {', '.join(users)} do); drop it")
         check_quantize(self.quantize)
         for option, value in (("--layers", self.layers), ("--keep-experts", self.keep_experts)):
             if value is not None and value < 1:
@@ -137,6 +141,7 @@ def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, c
     """Run one baseline end to end on ``model`` (computed on ``device``) and save it to ``out``; return its record."""
     options.validate()
     resolve_device(device)
+    token_limit(eval_tokens)
     check_inputs(model, calib if options.method != "slim" else None, {"--eval-text": eval_text})
     inputs = (model, calib.source, eval_text)
     check_output_dir(out, force, inputs)

@@ -127,11 +127,34 @@ def round_to_checkpoint_dtype(model, source: str | Path | None, dtype: str | Non
     return plan
 
 
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.model", "*.tiktoken")
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    """A local model directory has a tokenizer's vocabulary, and its tokenizer JSON files parse (one line
+    naming the file otherwise)."""
+    if not path.is_dir():
+        return
+    if not any(next(path.glob(pattern), None) for pattern in _VOCAB_FILES):
+        raise CdmoeError(f"{path} has no tokenizer files (tokenizer.json, or tokenizer.model, or vocab.json and "
+                         "merges.txt); copy them from the original model's directory")
+    from .input_checks import read_json_object
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (path / name).exists():
+            read_json_object(path / name, f"restore {name} from the original model's directory")
+
+
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool | None = None):
     """``AutoTokenizer.from_pretrained`` with one-line errors (``trust_remote_code`` as in :func:`load_model`)."""
     _check_path(name_or_path)
+    _check_tokenizer_files(Path(str(name_or_path)).expanduser())
     try:
         return AutoTokenizer.from_pretrained(
             str(name_or_path), trust_remote_code=trusted() if trust_remote_code is None else trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise remote_code_error(name_or_path, err) or CdmoeError(f"cannot load a tokenizer from {name_or_path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # tokenizers fail in many types (OSError, ValueError, KeyError on a bad tokenizer.json)
+        found = remote_code_error(name_or_path, err) if isinstance(err, (OSError, ValueError)) else None
+        message = " ".join(str(err).split()) or "no message"
+        raise found or CdmoeError(f"cannot load a tokenizer from {name_or_path} ({type(err).__name__}: {message}); "
+                                  "check its tokenizer.json and tokenizer_config.json, or copy them from the "
+                                  "original model's directory") from None
