@@ -101,7 +101,7 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
     if backend == "vllm" and (tasks == "none" or ppl_text):
         raise CdmoeError("--backend vllm runs lm-eval tasks only: drop --ppl-text (or use --backend hf), and pass "
                          "--tasks (the demo tasks include a perplexity task)")
-    check_inputs(model_path, texts={"--ppl-text": ppl_text, "--task-text": task_text})
+    check_inputs(model_path, texts={"--ppl-text": ppl_text, "--task-text": task_text}, quantized=True)
     target = check_output_file(out or "eval.json", force, inputs=(model_path, task_text, ppl_text))
     if backend == "vllm":
         from .lmeval_vllm import evaluate_vllm, vllm_python as find_vllm_python

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -97,9 +98,7 @@ class CondensedMLP(nn.Module):
     (intermediate_size, hidden_size); down_proj weight (hidden_size, intermediate_size).
     """
 
-    def __init__(
-        self, hidden_size: int, intermediate_size: int, hidden_act: str, gated_width: int = 0, bias: bool = False
-    ):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, gated_width: int = 0, bias: bool = False):
         super().__init__()
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -226,13 +225,8 @@ def _apply_structure(model: nn.Module, config) -> None:
         merge_routed_experts(block, spec.get("experts_attr", "experts"), spec.get("router_attr", "gate"),
                              entry["expert_map"])
     for idx, layer in spec.get("condensed_layers", {}).items():
-        mlp = CondensedMLP(
-            config.hidden_size,
-            layer["intermediate_size"],
-            config.hidden_act,
-            gated_width=layer.get("gated_width", 0),
-            bias=layer.get("bias", False),
-        )
+        mlp = CondensedMLP(config.hidden_size, layer["intermediate_size"], config.hidden_act,
+                           gated_width=layer.get("gated_width", 0), bias=layer.get("bias", False))
         setattr(layers[int(idx)], spec["block_attr"], mlp)
     for idx in spec.get("dropped_layers", []):
         setattr(layers[int(idx)], spec["block_attr"], DroppedMLP())
@@ -318,6 +312,9 @@ def condensed_classes(base_config_cls: type, base_model_cls: type) -> tuple[type
         (base_model_cls,),
         {"config_class": cfg_cls, "__init__": __init__, "save_pretrained": save_pretrained, "_auto_class": None},
     )
+    mapping = get_checkpoint_conversion_mapping(base_config_cls.model_type)  # per-expert keys (FP8 outputs) load as
+    if mapping:  # they do for the family, and the in-memory (fused) keys of the other outputs pass through
+        register_checkpoint_conversion_mapping(model_cls.__name__, mapping, overwrite=True)
     _CLASS_CACHE[key] = (cfg_cls, model_cls)
     return cfg_cls, model_cls
 

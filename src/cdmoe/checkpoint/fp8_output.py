@@ -1,0 +1,97 @@
+"""Writing an FP8 output of a block-FP8 source: FP8-sized, and untouched weights with the source's bytes.
+
+A model read from a block-FP8 checkpoint holds bf16 values (Eq. 1 of :mod:`cdmoe.models.fp8_blocks`).
+When its storage plan keeps the source's FP8 (``plan.fp8``, ``--dtype auto``), the output is written in
+the source's own tensor layout (one tensor per expert, as the FP8 releases store them and as transformers'
+and vLLM's FP8 loaders read them), and each weight is encoded as follows:
+
+- a weight the source stores in fp8 whose value is still exactly the source's dequantisation: the
+  source's fp8 bytes and ``_scale_inv``, copied (bit-identical);
+- any other value under such a name (a method changed it), and a new Linear weight
+  (:meth:`~cdmoe.models.storage_dtypes.StoragePlan.fp8_new`, e.g. Eq. 3's fused MLP): block-quantised
+  afresh (:func:`~cdmoe.models.fp8_blocks.quantize`, the source's block size);
+- everything else as the plan casts it (norms, routers, embeddings: the source's dtype).
+
+``config.json`` gets the source's ``quantization_config`` back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from ..models.fp8_blocks import SCALE_SUFFIX, dequantize, quantize
+from ..models.storage_dtypes import StoragePlan, fp8_new_names
+
+__all__ = ["encode_fp8", "new_names_in_source_layout", "quantization_config_kept", "save_weights"]
+
+
+def new_names_in_source_layout(model, plan: StoragePlan) -> set[str]:
+    """:func:`~cdmoe.models.storage_dtypes.fp8_new_names` of ``model``, named as they are written."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    names = fp8_new_names(model, plan)
+    if not names:
+        return set()
+    meta = {n: torch.empty(0, device="meta") for n in names}
+    return set(revert_weight_conversion(model, meta))
+
+
+@torch.no_grad()
+def encode_fp8(tensors: dict[str, torch.Tensor], plan: StoragePlan, new: set[str]) -> dict[str, torch.Tensor]:
+    """``tensors`` (source layout, already cast by ``plan``) with every fp8 weight as (fp8, ``_scale_inv``):
+    the source's bytes where the value is unchanged, else quantised; ``new``: names to quantise as well."""
+    from safetensors import safe_open
+
+    fp8 = plan.fp8
+    out: dict[str, torch.Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, object] = {}
+
+        def source(key: str) -> torch.Tensor:
+            name = fp8.files[key]
+            if name not in handles:
+                handles[name] = stack.enter_context(safe_open(plan.source / name, "pt"))
+            return handles[name].get_tensor(key)
+
+        for key, value in tensors.items():
+            if key not in fp8.scales and key not in new:
+                out[key] = value
+                continue
+            q = scale = None
+            if key in fp8.scales:
+                q, scale = source(key), source(fp8.scales[key])
+                if q.shape != value.shape or not torch.equal(dequantize(q, scale, fp8.block), value.to(torch.bfloat16)):
+                    q = scale = None  # changed by the method: quantised again below
+            if q is None:
+                q, scale = quantize(value.to(torch.bfloat16), fp8.block)
+            out[key], out[key + SCALE_SUFFIX] = q, scale
+    return out
+
+
+@contextlib.contextmanager
+def quantization_config_kept(model, plan: StoragePlan):
+    """While saving: ``model.config`` carries the source's ``quantization_config`` (FP8 outputs only)."""
+    if plan is None or plan.fp8 is None:
+        yield
+        return
+    model.config.quantization_config = dict(plan.fp8.entry)
+    try:
+        yield
+    finally:
+        del model.config.quantization_config
+
+
+def save_weights(model, directory: str | Path, plan: StoragePlan | None, max_shard_size: str = "5GB") -> None:
+    """``model.save_pretrained(directory)``; for a plan that keeps the source's FP8, in the source's layout
+    with the weights encoded by :func:`encode_fp8` (the model must already be cast by ``plan``)."""
+    if plan is None or plan.fp8 is None:
+        model.save_pretrained(directory, max_shard_size=max_shard_size)
+        return
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = encode_fp8(revert_weight_conversion(model, model.state_dict()), plan, new_names_in_source_layout(model, plan))
+    with quantization_config_kept(model, plan):
+        model.save_pretrained(directory, state_dict=state, save_original_format=False, max_shard_size=max_shard_size)
