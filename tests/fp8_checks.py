@@ -11,11 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
-def literal_quantize(w, block, power_of_two=False):
-    """Per block (partial at the edges): s = amax / 448, q = e4m3(w / s) (DeepSeek's weight_quant); with
-    ``power_of_two``, s rounded up to a power of two (DeepSeek-V3.1's ue8m0 scales), so that quantising the
-    dequantised weights again by the amax rule gives other bytes."""
-    import math
+def literal_quantize(w, block, headroom=1.0):
+    """Per block (partial at the edges): s = amax / 448, q = e4m3(w / s) (DeepSeek's weight_quant); a
+    ``headroom`` > 1 scales s up (the largest |q| is 448 / headroom, as a quantiser with a margin leaves it),
+    so that quantising the dequantised weights again by the amax rule gives other bytes."""
 
     w = w.float()
     rows, cols = w.shape
@@ -26,9 +25,7 @@ def literal_quantize(w, block, power_of_two=False):
     for i in range(n_r):
         for j in range(n_c):
             part = w[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
-            s[i, j] = max(part.abs().max().item(), 1e-4) / 448.0
-            if power_of_two:
-                s[i, j] = 2.0 ** math.ceil(math.log2(s[i, j].item()))
+            s[i, j] = max(part.abs().max().item(), 1e-4) / 448.0 * headroom
             q[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = (part / s[i, j]).clamp(-448, 448).to(torch.float8_e4m3fn)
     return q, s
 
@@ -74,7 +71,7 @@ def fp8_checkpoints(root: Path, family: str, block, seed: int = 5, **overrides) 
     """(fp8 checkpoint, its exact bf16 cast) of a tiny ``family`` model with a real BPE tokenizer.
 
     The fp8 one stores every decoder-layer Linear weight but the routers as float8_e4m3fn with a float32
-    ``_scale_inv`` per ``block`` (literal_quantize, power-of-two scales), one tensor per expert, in shards; its config.json has
+    ``_scale_inv`` per ``block`` (literal_quantize, headroom 1.3), one tensor per expert, in shards; its config.json has
     the release's ``quantization_config``. The cast is literal_dequantize of it (as fp8_cast_bf16.py), same
     names and shards, scales dropped, config without the entry."""
     tok = tiny_tokenizer()
@@ -88,7 +85,7 @@ def fp8_checkpoints(root: Path, family: str, block, seed: int = 5, **overrides) 
     fp8, cast = {}, {}
     for key, tensor in source.items():
         if _quantised(key, tensor):
-            q, s = literal_quantize(tensor, block, power_of_two=True)
+            q, s = literal_quantize(tensor, block, headroom=1.3)
             fp8[key], fp8[key + "_scale_inv"] = q, s
             cast[key] = literal_dequantize(q, s, block)
         else:
