@@ -14,6 +14,7 @@ from fidelity_checks import digest
 from fp8_checks import fp8_checkpoints, tensors_of
 from typer.testing import CliRunner
 
+import cdmoe
 from cdmoe.cli import app
 from cdmoe.evaluation.perplexity import perplexity, token_stream
 from cdmoe.methods.condense import EvalOptions, condense
@@ -62,6 +63,8 @@ def test_fp8_condenses_as_its_bf16_cast_and_stays_fp8(family, experts, block, tm
     (_, whole, config), (record, sequential, _) = runs["fp8", "whole"], runs["fp8", "sequential"]
     assert config["quantization_config"] == entry and record["source_quantization"]["method"] == "fp8"
     assert {k: digest(t) for k, t in whole.items()} == {k: digest(t) for k, t in sequential.items()}
+    applied = tensors_of(cdmoe.apply_record(fp8, tmp_path / "fp8-whole" / "cdmoe.json", tmp_path / "applied"))
+    assert {k: digest(t) for k, t in applied.items()} == {k: digest(t) for k, t in whole.items()}  # cdmoe.save too
     condensed = {c["layer"] for c in reference["condensed"]}
     in_condensed = [f"model.layers.{i}.mlp." for i in condensed]
     # untouched: every source tensor outside the condensed MoE blocks, fp8 weights and scales, byte for byte
@@ -115,8 +118,6 @@ def test_fp8_output_loads_in_plain_transformers_as_the_original_does(tmp_path):
     """transformers' own FP8 integration (dequantised on CPU) reads the original and the condensed output;
     full blocks (8 x 8), since transformers 5.24 derives the block from the scale grid and misreads or
     refuses partial ones (it does so for the original too)."""
-    import cdmoe
-
     fp8, _ = fp8_checkpoints(tmp_path, "deepseek_v3", (8, 8))
     out = tmp_path / "out"
     _run(fp8, out, 2, "sequential")

@@ -63,7 +63,9 @@ def encode_fp8(tensors: dict[str, torch.Tensor], plan: StoragePlan, new: set[str
             q = scale = None
             if key in fp8.scales:
                 q, scale = source(key), source(fp8.scales[key])
-                if q.shape != value.shape or not torch.equal(dequantize(q, scale, fp8.block), value.to(torch.bfloat16)):
+                same = q.shape == value.shape and torch.equal(
+                    dequantize(q.to(value.device), scale.to(value.device), fp8.block), value.to(torch.bfloat16))
+                if not same:
                     q = scale = None  # changed by the method: quantised again below
             if q is None:
                 q, scale = quantize(value.to(torch.bfloat16), fp8.block)

@@ -109,15 +109,19 @@ def block_fp8(directory: str | Path, config: dict) -> BlockFp8 | None:
     return BlockFp8(entry=dict(entry), block=(block[0], block[1]), scales=scales, files=files)
 
 
-def _expand(scale_inv: torch.Tensor, block: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
-    """Each block's scale repeated over its (possibly partial) block: (..., rows, cols), fp32."""
-    return scale_inv.float().repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)[..., :rows, :cols]
-
-
 def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Eq. (1): the bf16 weight that fp8 ``q`` (..., rows, cols) with per-block ``scale_inv`` stands for."""
+    """Eq. (1): the bf16 weight that fp8 ``q`` (..., rows, cols) with per-block ``scale_inv`` stands for.
+    One fp32 copy of ``q`` is the only temporary: the scales are repeated over rows only and broadcast
+    over each block's columns (the last, partial column block on its own)."""
     rows, cols = q.shape[-2:]
-    return (q.float() * _expand(scale_inv, block, rows, cols)).to(torch.bfloat16)
+    bn = block[1]
+    full = cols // bn
+    scale = scale_inv.float().repeat_interleave(block[0], -2)[..., :rows, :]  # (..., rows, ceil(cols / bn))
+    w = q.float()
+    w[..., : full * bn].unflatten(-1, (full, bn)).mul_(scale[..., :full, None])
+    if cols % bn:
+        w[..., full * bn:].mul_(scale[..., full:])
+    return w.to(torch.bfloat16)
 
 
 def quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
