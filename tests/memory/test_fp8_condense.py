@@ -143,3 +143,23 @@ for name, path in (("original", {str(fp8)!r}), ("condensed", {str(out)!r})):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "OK DeepseekV3ForCausalLM" in result.stdout and "OK CondensedDeepseekV3ForCausalLM" in result.stdout
+
+
+def test_finetuned_fp8_weights_are_evaluated_as_saved(tmp_path):
+    """Fine-tuning changes fp8 weights of an FP8 output (the condensed MLPs): they are written quantised again,
+    and the perplexity fine-tuning reports is that of the saved directory."""
+    from cdmoe.methods.finetune import FinetuneOptions, finetune
+
+    fp8, _ = fp8_checkpoints(tmp_path, "deepseek_v3", (16, 24))
+    condensed = tmp_path / "condensed"
+    _run(fp8, condensed, 2, "sequential")
+    out = tmp_path / "tuned"
+    record = finetune(condensed, out, FinetuneOptions(data=str(DEMO_CALIB), steps=2, seq_len=32, batch_size=4, lr=1e-2),
+                      EVAL, show_progress=False, log=lambda *_: None)
+    before, after = tensors_of(condensed), tensors_of(out)
+    changed = {k for k in before if digest(before[k]) != digest(after[k])}
+    assert changed and all(k.startswith(("model.layers.2.mlp.", "model.layers.3.mlp.")) for k in changed)
+    assert after["model.layers.2.mlp.down_proj.weight"].dtype == torch.float8_e4m3fn
+    evaluation = record["finetune"]["evaluation"]
+    stream = token_stream(load_tokenizer(out), evaluation["text"], EVAL.max_tokens)
+    assert perplexity(load_model(out), stream, evaluation["seq_len"]) == evaluation["ppl_after"]

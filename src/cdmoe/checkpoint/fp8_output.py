@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.fp8_blocks import SCALE_SUFFIX, dequantize, quantize
+from ..models.fp8_blocks import SCALE_SUFFIX, SourceBlocks, quantize
 from ..models.storage_dtypes import StoragePlan, fp8_new_names
 
 __all__ = ["encode_fp8", "new_names_in_source_layout", "quantization_config_kept", "save_weights"]
@@ -43,32 +43,13 @@ def new_names_in_source_layout(model, plan: StoragePlan) -> set[str]:
 def encode_fp8(tensors: dict[str, torch.Tensor], plan: StoragePlan, new: set[str]) -> dict[str, torch.Tensor]:
     """``tensors`` (source layout, already cast by ``plan``) with every fp8 weight as (fp8, ``_scale_inv``):
     the source's bytes where the value is unchanged, else quantised; ``new``: names to quantise as well."""
-    from safetensors import safe_open
-
-    fp8 = plan.fp8
     out: dict[str, torch.Tensor] = {}
-    with contextlib.ExitStack() as stack:
-        handles: dict[str, object] = {}
-
-        def source(key: str) -> torch.Tensor:
-            name = fp8.files[key]
-            if name not in handles:
-                handles[name] = stack.enter_context(safe_open(plan.source / name, "pt"))
-            return handles[name].get_tensor(key)
-
+    with SourceBlocks(plan.source, plan.fp8) as source:
         for key, value in tensors.items():
-            if key not in fp8.scales and key not in new:
+            if key not in plan.fp8.scales and key not in new:
                 out[key] = value
                 continue
-            q = scale = None
-            if key in fp8.scales:
-                q, scale = source(key), source(fp8.scales[key])
-                same = q.shape == value.shape and torch.equal(
-                    dequantize(q.to(value.device), scale.to(value.device), fp8.block), value.to(torch.bfloat16))
-                if not same:
-                    q = scale = None  # changed by the method: quantised again below
-            if q is None:
-                q, scale = quantize(value.to(torch.bfloat16), fp8.block)
+            q, scale = source.unchanged(key, value) or quantize(value.to(torch.bfloat16), plan.fp8.block)
             out[key], out[key + SCALE_SUFFIX] = q, scale
     return out
 

@@ -21,6 +21,7 @@ what will be saved and then saving it agree.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,8 @@ import torch
 
 from ..errors import CdmoeError
 
-__all__ = ["FP8_MAX", "SCALE_SUFFIX", "BlockFp8", "DequantizedSlice", "block_fp8", "declares_fp8", "dequantize",
-           "dequantizing_state", "quantization_entry", "quantize"]
+__all__ = ["FP8_MAX", "SCALE_SUFFIX", "BlockFp8", "DequantizedSlice", "SourceBlocks", "block_fp8", "declares_fp8",
+           "dequantize", "dequantizing_state", "quantization_entry", "quantize"]
 
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 SCALE_SUFFIX = "_scale_inv"
@@ -163,3 +164,33 @@ def dequantizing_state(keys, get_slice, fp8: BlockFp8 | None) -> dict:
     skip = fp8.scale_names
     return {k: DequantizedSlice(get_slice(k), get_slice(fp8.scales[k]), fp8.block) if k in fp8.scales else get_slice(k)
             for k in keys if k not in skip}
+
+
+class SourceBlocks(contextlib.ExitStack):
+    """The fp8 weights of a block-FP8 checkpoint by name, each shard opened once (a context manager)::
+
+        with SourceBlocks(directory, fp8) as source:
+            kept = source.unchanged(name, value)   # (Q, S) if ``value`` is still Eq. (1) of them, else None
+    """
+
+    def __init__(self, directory: str | Path, fp8: BlockFp8):
+        super().__init__()
+        self.directory, self.fp8, self._handles = Path(directory), fp8, {}
+
+    def _get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        name = self.fp8.files[key]
+        if name not in self._handles:
+            self._handles[name] = self.enter_context(safe_open(self.directory / name, "pt"))
+        return self._handles[name].get_tensor(key)
+
+    def unchanged(self, key: str, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The source's (Q, S) of fp8 weight ``key`` if ``value`` equals its Eq. (1) (a method left it as
+        read), else None (changed, or ``key`` is not an fp8 weight of the source)."""
+        if key not in self.fp8.scales:
+            return None
+        q, scale = self._get(key), self._get(self.fp8.scales[key])
+        same = q.shape == value.shape and torch.equal(
+            dequantize(q.to(value.device), scale.to(value.device), self.fp8.block), value.to(torch.bfloat16))
+        return (q, scale) if same else None

@@ -67,7 +67,10 @@ class StoragePlan:
         """Whether tensor ``name`` (``leaf`` of ``module``) is block-quantised in the output although
         the source does not have it: a new Linear weight (Eq. 3's fused MLP) outside the entry's
         ``modules_to_not_convert``."""
-        if self.fp8 is None or leaf != "weight" or not isinstance(module, nn.Linear) or name in self.by_name:
+        return name not in self.by_name and self._fp8_linear(name, module, leaf)
+
+    def _fp8_linear(self, name: str, module: nn.Module, leaf: str) -> bool:
+        if self.fp8 is None or leaf != "weight" or not isinstance(module, nn.Linear):
             return False
         from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -230,13 +233,20 @@ def fp8_new_names(model: nn.Module, plan: StoragePlan) -> set[str]:
 
 
 @torch.no_grad()
-def _recast(model: nn.Module, plan: StoragePlan, back: bool) -> None:
+def _recast(model: nn.Module, plan: StoragePlan, back: bool, source=None) -> None:
+    """Cast every tensor to its stored dtype (``back``: and back to its own). ``source``
+    (:class:`~cdmoe.models.fp8_blocks.SourceBlocks`, FP8 plans with ``back``): a Linear weight that
+    will be block-quantised (a new one, or an fp8 one of the source a method changed) is rounded
+    through its blocks too."""
     from .fp8_blocks import dequantize, quantize
 
     for name, mod, leaf, tensor in _tensors(model):
+        if tensor.device.type == "meta":
+            continue
         target = plan.dtype_for(name, tensor)
-        quantized = back and tensor.device.type != "meta" and plan.fp8_new(name, mod, leaf)
-        if (tensor.dtype == target and not quantized) or tensor.device.type == "meta":
+        quantized = source is not None and plan._fp8_linear(name, mod, leaf) and (
+            name not in plan.by_name or name in plan.fp8.scales and source.unchanged(name, tensor.data) is None)
+        if tensor.dtype == target and not quantized:
             continue
         value = tensor.data.to(target)
         if quantized:  # what its blocks will hold on disk
@@ -251,7 +261,13 @@ def _recast(model: nn.Module, plan: StoragePlan, back: bool) -> None:
 
 def round_to_storage(model: nn.Module, plan: StoragePlan) -> None:
     """Round every tensor to its stored dtype and back, in place: what is evaluated is what is saved."""
-    _recast(model, plan, back=True)
+    if plan.fp8 is None:
+        _recast(model, plan, back=True)
+        return
+    from .fp8_blocks import SourceBlocks
+
+    with SourceBlocks(plan.source, plan.fp8) as source:
+        _recast(model, plan, back=True, source=source)
 
 
 def cast_to_storage(model: nn.Module, plan: StoragePlan) -> None:
