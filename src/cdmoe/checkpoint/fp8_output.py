@@ -12,7 +12,9 @@ and vLLM's FP8 loaders read them), and each weight is encoded as follows:
   afresh (:func:`~cdmoe.models.fp8_blocks.quantize`, the source's block size);
 - everything else as the plan casts it (norms, routers, embeddings: the source's dtype).
 
-``config.json`` gets the source's ``quantization_config`` back.
+``config.json`` gets the source's ``quantization_config`` back and, in the cdmoe format,
+``cdmoe.checkpoint_keys: family``, so that the condensed class loads the family's keys
+(:func:`cdmoe.models.modeling_cdmoe.condensed_classes`).
 """
 
 from __future__ import annotations
@@ -24,19 +26,33 @@ import torch
 
 from ..models.fp8_blocks import SCALE_SUFFIX, SourceBlocks, quantize
 from ..models.storage_dtypes import StoragePlan, fp8_new_names
+from .record import family_name
 
-__all__ = ["encode_fp8", "new_names_in_source_layout", "quantization_config_kept", "save_weights"]
+__all__ = ["encode_fp8", "family_layout", "fp8_config", "new_names_in_source_layout", "save_weights"]
+
+
+def family_layout(model, state: dict) -> dict:
+    """``state`` (``model``'s state-dict names) in its family's on-disk layout: the family's key conversions
+    (transformers' conversion mapping of its ``model_type``) reversed, also for a condensed model, whose
+    class transformers knows no conversions of."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import revert_weight_conversion
+
+    had, kept = "_weight_conversions" in model.__dict__, model.__dict__.get("_weight_conversions")
+    model._weight_conversions = get_checkpoint_conversion_mapping(family_name(model)) or []
+    try:
+        return revert_weight_conversion(model, state)
+    finally:
+        if had:
+            model._weight_conversions = kept
+        else:
+            del model._weight_conversions
 
 
 def new_names_in_source_layout(model, plan: StoragePlan) -> set[str]:
     """:func:`~cdmoe.models.storage_dtypes.fp8_new_names` of ``model``, named as they are written."""
-    from transformers.core_model_loading import revert_weight_conversion
-
     names = fp8_new_names(model, plan)
-    if not names:
-        return set()
-    meta = {n: torch.empty(0, device="meta") for n in names}
-    return set(revert_weight_conversion(model, meta))
+    return set(family_layout(model, {n: torch.empty(0, device="meta") for n in names})) if names else set()
 
 
 @torch.no_grad()
@@ -55,16 +71,22 @@ def encode_fp8(tensors: dict[str, torch.Tensor], plan: StoragePlan, new: set[str
 
 
 @contextlib.contextmanager
-def quantization_config_kept(model, plan: StoragePlan):
-    """While saving: ``model.config`` carries the source's ``quantization_config`` (FP8 outputs only)."""
+def fp8_config(model, plan: StoragePlan):
+    """While saving an FP8 output: ``model.config`` carries the source's ``quantization_config`` and, in the
+    cdmoe format, ``cdmoe.checkpoint_keys: family`` (the loader then applies the family's key conversions)."""
     if plan is None or plan.fp8 is None:
         yield
         return
+    cdmoe = getattr(model.config, "cdmoe", None)
     model.config.quantization_config = dict(plan.fp8.entry)
+    if cdmoe is not None:
+        model.config.cdmoe = {**cdmoe, "checkpoint_keys": "family"}
     try:
         yield
     finally:
         del model.config.quantization_config
+        if cdmoe is not None:
+            model.config.cdmoe = cdmoe
 
 
 def save_weights(model, directory: str | Path, plan: StoragePlan | None, max_shard_size: str = "5GB") -> None:
@@ -73,8 +95,6 @@ def save_weights(model, directory: str | Path, plan: StoragePlan | None, max_sha
     if plan is None or plan.fp8 is None:
         model.save_pretrained(directory, max_shard_size=max_shard_size)
         return
-    from transformers.core_model_loading import revert_weight_conversion
-
-    state = encode_fp8(revert_weight_conversion(model, model.state_dict()), plan, new_names_in_source_layout(model, plan))
-    with quantization_config_kept(model, plan):
+    state = encode_fp8(family_layout(model, model.state_dict()), plan, new_names_in_source_layout(model, plan))
+    with fp8_config(model, plan):
         model.save_pretrained(directory, state_dict=state, save_original_format=False, max_shard_size=max_shard_size)

@@ -26,6 +26,7 @@ instance of a subclass of the family's ``*ForCausalLM`` class.
       "dropped_layers": [5],            # optional: MoE sub-layer removed (Layer Drop)
       "dropped_blocks": [6],            # optional: whole decoder layer removed (Block Drop)
       "unfused_experts": [1, 2],        # optional: routed experts as one nn.Linear trio per expert
+      "checkpoint_keys": "family",      # optional: the family's on-disk keys (FP8 outputs: one tensor per expert)
       "router_attr": "gate",            # with merged_experts: attribute of the block that holds the router
       "merged_experts": {"4": {"num_experts": 3, "expert_map": [0, 0, 1, 2, 1, 0, 2, 2]}}
     }
@@ -273,18 +274,20 @@ def _is_native(cls: type) -> bool:
     return cls.__module__.startswith("transformers.")
 
 
-_CLASS_CACHE: dict[tuple[type, type], tuple[type, type]] = {}
+_CLASS_CACHE: dict[tuple[type, type, bool], tuple[type, type]] = {}
 
 
-def condensed_classes(base_config_cls: type, base_model_cls: type) -> tuple[type, type]:
+def condensed_classes(base_config_cls: type, base_model_cls: type, family_keys: bool = False) -> tuple[type, type]:
     """Config and model classes of a condensed checkpoint of one family.
 
     The config class is the family's config class with ``model_type = "cdmoe"`` (so a
     saved ``config.json`` never passes for the original family); the model class is the
     family's ``*ForCausalLM`` whose ``__init__`` swaps the condensed blocks in before
-    weights load, so weight names stay the family's own.
+    weights load, so weight names stay the family's own. ``family_keys`` (``cdmoe.checkpoint_keys:
+    family``, FP8 outputs): the checkpoint has the family's on-disk keys (one tensor per expert), which
+    load through the family's key conversions, as the original's do.
     """
-    key = (base_config_cls, base_model_cls)
+    key = (base_config_cls, base_model_cls, family_keys)
     if key in _CLASS_CACHE:
         return _CLASS_CACHE[key]
 
@@ -307,13 +310,10 @@ def condensed_classes(base_config_cls: type, base_model_cls: type) -> tuple[type
 
     # _auto_class None: transformers must not rewrite auto_map from these (generated) classes
     cfg_cls = type(f"Cdmoe{base_config_cls.__name__}", (base_config_cls,), {"model_type": "cdmoe", "_auto_class": None})
-    model_cls = type(
-        f"Condensed{base_model_cls.__name__}",
-        (base_model_cls,),
-        {"config_class": cfg_cls, "__init__": __init__, "save_pretrained": save_pretrained, "_auto_class": None},
-    )
-    mapping = get_checkpoint_conversion_mapping(base_config_cls.model_type)  # per-expert keys (FP8 outputs) load as
-    if mapping:  # they do for the family, and the in-memory (fused) keys of the other outputs pass through
+    model_cls = type(f"Condensed{base_model_cls.__name__}{'FamilyKeys' if family_keys else ''}", (base_model_cls,),
+                     {"config_class": cfg_cls, "__init__": __init__, "save_pretrained": save_pretrained, "_auto_class": None})
+    mapping = get_checkpoint_conversion_mapping(base_config_cls.model_type) if family_keys else None
+    if mapping:
         register_checkpoint_conversion_mapping(model_cls.__name__, mapping, overwrite=True)
     _CLASS_CACHE[key] = (cfg_cls, model_cls)
     return cfg_cls, model_cls
@@ -373,7 +373,8 @@ class CdmoeForCausalLM(PreTrainedModel):
     @classmethod
     def _model_class(cls, config: PretrainedConfig, trust_remote_code: bool | None = None):
         family_config = to_family_config(config, trust_remote_code)
-        _, model_cls = condensed_classes(*_family_classes(family_config, trust_remote_code))
+        family_keys = family_config.cdmoe.get("checkpoint_keys") == "family"
+        _, model_cls = condensed_classes(*_family_classes(family_config, trust_remote_code), family_keys)
         return family_config, model_cls
 
     @classmethod
