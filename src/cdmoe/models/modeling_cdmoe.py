@@ -99,7 +99,8 @@ class CondensedMLP(nn.Module):
     (intermediate_size, hidden_size); down_proj weight (hidden_size, intermediate_size).
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, gated_width: int = 0, bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, gated_width: int = 0,
+                 bias: bool = False):
         super().__init__()
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
