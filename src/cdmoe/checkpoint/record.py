@@ -41,7 +41,8 @@ def condense_layers(model: PreTrainedModel, choices: list[LayerChoice], *, base_
         raise CdmoeError("this model is already condensed; condense the original model instead")
     if getattr(model, PLAN_ATTR, None) is None:  # how it will be saved, fixed while its names are the source's
         attach_storage_plan(model, None)
-    itemsize = plan_of(model).default.itemsize  # bytes as stored (the checkpoint's dtype), not as computed
+    plan = plan_of(model)
+    itemsize = plan.default.itemsize  # bytes as stored (the checkpoint's dtype), not as computed
     condense_model(model, choices)
     summary = params.summary({c.layer: len(c.experts) for c in choices}, bytes_per_param=itemsize)
     return {
@@ -56,6 +57,7 @@ def condense_layers(model: PreTrainedModel, choices: list[LayerChoice], *, base_
             for c in sorted(choices, key=lambda c: c.layer)
         ],
         "params": summary,
+        **plan.record(),  # a quantised source: what the output keeps of it
         "search": search or {},
     }
 

@@ -101,11 +101,14 @@ def save_condensed(
     it is moved into place.
     """
     from ..models.storage_dtypes import cast_to_storage, plan_of
+    from .fp8_output import save_weights
 
+    plan = None
     if not getattr(model, "is_quantized", False):  # a quantised model is written as transformers loaded it
-        cast_to_storage(model, storage if storage is not None else plan_of(model, source))
+        plan = storage if storage is not None else plan_of(model, source)
+        cast_to_storage(model, plan)
     with atomic_output_dir(out, force=force, inputs=(source, *inputs)) as tmp:
-        write_condensed(tmp, record, lambda d: model.save_pretrained(d, max_shard_size=max_shard_size),
+        write_condensed(tmp, record, lambda d: save_weights(model, d, plan, max_shard_size),
                         tokenizer=tokenizer, source=source, extra_files=extra_files)
     return Path(out)
 

@@ -127,7 +127,7 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
         resolve_device(device)
         check_tasks(tasks, task_text)
     check_inputs(model_path, texts={"--ppl-text": ppl_text, "--task-text": task_text},
-                 seq_lens={"--ppl-seq-len": ppl_seq_len} if ppl_text else None)
+                 seq_lens={"--ppl-seq-len": ppl_seq_len} if ppl_text else None, quantized=True)
     target = check_output_file(out or "eval.json", force, inputs=(model_path, task_text, ppl_text))
     if backend == "vllm":
         from .lmeval_vllm import evaluate_vllm, vllm_python as find_vllm_python

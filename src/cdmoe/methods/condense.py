@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.fp8_output import save_weights
 from ..checkpoint.record import condense_layers
 from ..checkpoint.stream_save import condensed_skeleton, write_streamed
 from ..checkpoint.writer import (
@@ -209,6 +210,7 @@ def _whole(loaded, model, result, search_record: dict, evaluation: EvalOptions, 
         from .baselines import finish_quantized
 
         loaded, record["quantization"] = finish_quantized(loaded, quantize, storage)
+        storage = None  # written as bitsandbytes holds it
     else:
         cast_to_storage(loaded, storage)  # computed in fp32 on CPU; saved in the source's dtypes, tensor by tensor
-    return record, lambda directory: loaded.save_pretrained(directory, max_shard_size="5GB")
+    return record, lambda directory: save_weights(loaded, directory, storage)

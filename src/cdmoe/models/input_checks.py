@@ -4,6 +4,7 @@
   and (when weights are needed) safetensors files whose headers parse and whose sizes match
   them (an empty, truncated or corrupt file is named); a directory with only pickle weights
   (``pytorch_model.bin``) is refused, since loading them runs ``torch.load``.
+- :func:`check_quantization`: a quantised checkpoint other than block FP8 is refused.
 - :func:`check_text_file`: a local text input (``--calib``, ``--eval-text``, ``--ppl-text``,
   ``--task-text``, ``--data``) exists, has a supported suffix, is what its suffix says (a
   ``.gz`` file is gzip) and its first bytes are UTF-8 text, not binary.
@@ -22,8 +23,8 @@ from pathlib import Path
 
 from ..errors import CdmoeError
 
-__all__ = ["TEXT_SUFFIXES", "check_inputs", "check_model_dir", "check_text_file", "looks_local", "read_config",
-           "read_json_object", "safetensors_header", "shard_files"]
+__all__ = ["TEXT_SUFFIXES", "check_inputs", "check_model_dir", "check_quantization", "check_text_file", "looks_local",
+           "read_config", "read_json_object", "safetensors_header", "shard_files"]
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".json", ".parquet")
 _SAMPLE = 1 << 16  # bytes of a text file checked up front
@@ -210,13 +211,31 @@ def gunzip(path: Path, option: str) -> bytes:
         raise CdmoeError(f"{option} {path} is not a valid gzip file; rename it or re-create it") from None
 
 
+def check_quantization(config: dict, where) -> None:
+    """Refuse a quantised checkpoint other than block FP8 (read as its bf16 cast, :mod:`cdmoe.models.fp8_blocks`):
+    GPTQ, AWQ, bitsandbytes, compressed-tensors, ... would be condensed from values cdmoe does not read right."""
+    entry = config.get("quantization_config")
+    if not isinstance(entry, dict) or not entry or entry.get("quant_method") == "fp8":
+        return
+    method = entry.get("quant_method") or next((k for k in ("load_in_4bit", "load_in_8bit") if entry.get(k)), "unknown")
+    raise CdmoeError(f"{where} is quantised ({method}); cdmoe reads unquantised and block-FP8 checkpoints only: "
+                     "dequantise it first (load it with its library and save_pretrained in bf16) or use the "
+                     "unquantised release")
+
+
 def check_inputs(model: str | Path, calib=None, texts: dict[str, str | Path | None] | None = None,
-                 weights: bool = True, seq_lens: dict[str, int | None] | None = None) -> None:
-    """Every check a command can make before loading anything: the model directory, the
-    calibration spec (``calib``: a :class:`~cdmoe.search.calibration.CalibSpec`), text files
-    (``texts``: {option: path}) and window lengths (``seq_lens``: {option: tokens}, within the
-    model's positions)."""
+                 weights: bool = True, seq_lens: dict[str, int | None] | None = None, quantized: bool = False) -> None:
+    """Every check a command can make before loading anything: the model directory (a quantised one
+    only with ``quantized``, e.g. to evaluate it; else :func:`check_quantization`), the calibration
+    spec (``calib``: a :class:`~cdmoe.search.calibration.CalibSpec`), text files (``texts``: {option:
+    path}) and window lengths (``seq_lens``: {option: tokens}, within the model's positions)."""
     config = check_model_dir(model, weights)
+    if config is not None and not quantized:
+        check_quantization(config, model)
+    if config is not None and weights:
+        from .fp8_blocks import block_fp8
+
+        block_fp8(Path(str(model)).expanduser(), config)  # an FP8 layout cdmoe cannot read is refused now
     seq_lens = dict(seq_lens or {})
     if calib is not None:
         if calib.samples < 1:
