@@ -142,3 +142,21 @@ def test_compare_without_eval_text_or_tasks_scores_what_it_measured(tiny_model_d
     assert point["speedup"] > 0 and original["speedup"] == 1.0
     assert f"| layer-drop | N={point['knob']} |" in (out / "compare.md").read_text()
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("job", ["compare", "sweep"])
+def test_unreadable_calibration_is_refused_before_the_weights_load(tiny_model_dir, tmp_path, monkeypatch, job):
+    import cdmoe.comparison.compare as compare_module
+    import cdmoe.comparison.sweep as sweep_module
+    from cdmoe.search.run import SearchOptions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    module = compare_module if job == "compare" else sweep_module
+    monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    calib = CalibSpec("no-such-org/no-such-dataset", 4, 32, 0)
+    with pytest.raises(CdmoeError, match="cannot read calibration dataset"):
+        if job == "compare":
+            compare(tiny_model_dir, tmp_path / "out", [0.8], parse_methods("expert-drop"), calib)
+        else:
+            sweep_module.sweep(tiny_model_dir, tmp_path / "out", [1], SearchOptions(layers=1), calib)
+    assert not (tmp_path / "out").exists()

@@ -152,3 +152,14 @@ def test_bad_baseline_options():
     stats = calibration_stats(model, ids_for(model))
     with pytest.raises(CdmoeError, match="out of range"):
         apply_baseline(model, stats, BaselineOptions("expert-drop", keep_experts=1))
+
+
+def test_unreadable_calibration_is_refused_before_the_weights_load(tiny_model_dir, tmp_path, monkeypatch):
+    import cdmoe.methods.baselines as baselines
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(baselines, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(CdmoeError, match="cannot read calibration dataset"):
+        run_baseline(tiny_model_dir, tmp_path / "out", BaselineOptions("expert-drop", keep_experts=5),
+                     CalibSpec("no-such-org/no-such-dataset", 4, 32, 0))
+    assert not (tmp_path / "out").exists()

@@ -96,9 +96,9 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
     inputs = (model, calib.source, eval_text, task_text)
     check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)
+    calib_ids = load_calibration(tokenizer, calib)  # an unreadable source is refused before the weights load
     base = load_model(model, dtype=dtype, device=device)
     params = model_params(base)
-    calib_ids = load_calibration(tokenizer, calib)
     stats = calibration_stats(base, calib_ids, reap=any(m.base == "reap" for m in methods))
     del base  # every point loads its own copy
     first = params.layers[0]

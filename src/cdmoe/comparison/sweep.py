@@ -42,8 +42,8 @@ def sweep(model: str | Path, out: str | Path, layer_counts: list[int], search: S
     inputs = (model, calib.source, evaluation.text)
     check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)
+    calib_ids = load_calibration(tokenizer, calib)  # an unreadable source is refused before the weights load
     base = load_model(model, dtype=dtype, device=device)
-    calib_ids = load_calibration(tokenizer, calib)
     result = run_search(base, calib_ids, replace(search, layers=counts[-1]), progress)
     stream = token_stream(tokenizer, evaluation.text, evaluation.max_tokens) if evaluation.text else None
     original_ppl = perplexity(base, stream, evaluation.seq_len or calib.seq_len) if stream is not None else None

@@ -147,14 +147,14 @@ def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, c
     check_output_dir(out, force, inputs)
     started = time.perf_counter()
     tokenizer = load_tokenizer(model)
+    calib_ids = load_calibration(tokenizer, calib) if options.method != "slim" else None  # before the weights load
     loaded = load_model(model, dtype=dtype, device=device)
     if options.method in _EXPERT_PLANS:  # E' out of range: refused before the calibration pass
         for block in moe_blocks(loaded):
             check_kept(block, options.keep_experts)
     stats = None
-    if options.method != "slim":
-        stats = calibration_stats(loaded, load_calibration(tokenizer, calib), options.batch_size,
-                                  reap=options.method == "reap")
+    if calib_ids is not None:
+        stats = calibration_stats(loaded, calib_ids, options.batch_size, reap=options.method == "reap")
     stream = token_stream(tokenizer, eval_text, eval_tokens) if eval_text else None
     evaluation = {}
     if stream is not None:
