@@ -95,7 +95,8 @@ def test_msmoe_restricted_groups_and_merged_weights():
 
 
 @pytest.mark.parametrize("method,kw", [("layer-drop", {"layers": 2}), ("block-drop", {"layers": 2}),
-                                       ("expert-drop", {"keep_experts": 5}), ("msmoe", {"keep_experts": 5}),
+                                       ("expert-drop", {"keep_experts": 5}), ("reap", {"keep_experts": 5}),
+                                       ("msmoe", {"keep_experts": 5}),
                                        ("msmoe-restricted", {"keep_experts": 5})])
 def test_baseline_output_loads_and_matches_its_plan(tiny_model_dir, tmp_path, method, kw):
     out = tmp_path / method

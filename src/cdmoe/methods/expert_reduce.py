@@ -20,7 +20,7 @@ from ..models.adapter import MoEBlock, attr_path, family_spec, moe_blocks
 from ..models.condensed import to_cdmoe_format
 from ..models.modeling_cdmoe import merge_routed_experts
 
-__all__ = ["ExpertPlan", "check_kept", "merge_experts", "reduce_experts"]
+__all__ = ["ExpertPlan", "check_kept", "keep_top_plans", "merge_experts", "reduce_experts"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,20 @@ def check_kept(block: MoEBlock, kept: int) -> None:
     n_group = getattr(block.config, "n_group", 1) or 1
     if block.spec.routing.group_score is not None and n_group > 1:
         raise CdmoeError("Expert Drop / M-SMoE with group-limited routing (n_group > 1) is not supported")
+
+
+def keep_top_plans(model: nn.Module, scores: dict[int, torch.Tensor], kept: int) -> list[ExpertPlan]:
+    """Plans keeping the ``kept`` experts of each MoE layer with the highest ``scores[layer]`` (E,)
+    (ties: lower id), router restricted to their rows (Expert Drop, REAP)."""
+    plans = []
+    for block in moe_blocks(model):
+        check_kept(block, kept)
+        layer = scores[block.layer_idx]
+        keep = sorted(sorted(range(block.num_experts), key=lambda e: (-float(layer[e]), e))[:kept])
+        mix = torch.zeros(kept, block.num_experts, dtype=torch.float64)
+        mix[torch.arange(kept), torch.tensor(keep)] = 1.0
+        plans.append(ExpertPlan(block.layer_idx, mix, tuple(keep)))
+    return plans
 
 
 def _expert_stacks(block: MoEBlock, prefix: str) -> dict[str, torch.Tensor]:
