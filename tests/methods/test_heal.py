@@ -256,12 +256,52 @@ def test_bad_heal_input_stops_with_one_line(deepseek, tmp_path):
         ([str(condensed), "--out", out, "--samples", "1"], "at least 2 calibration windows"),
         ([str(condensed), "--out", out, "--original", str(tmp_path / "missing")], "missing"),
         ([str(condensed), "--out", str(condensed)], "--out"),
+        ([str(condensed), "--out", out, "--device", "cuda:7"], "--device cuda:7"),
+        ([str(condensed), "--out", str(tmp_path / "mine"), "--force"], "--force replaces only directories cdmoe wrote"),
     ]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")
     for args, message in cases:
         result = cli.invoke(app, ["heal", *args])
         assert result.exit_code == 2 and message in result.output, (args, result.output)
         assert "Traceback" not in result.output and not Path(out).exists()
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "a user's file"
     layer_drop = tmp_path / "dropped"
     cdmoe.baseline("layer-drop", base, layer_drop, layers=1, calib=str(DEMO_CALIB), samples=4, seq_len=32)
     result = cli.invoke(app, ["heal", str(layer_drop), "--out", out])
     assert result.exit_code == 2 and "layer-drop" in result.output
+
+
+def test_healing_an_fp8_output_writes_block_quantised_weights_as_measured(tmp_path):
+    """An FP8 output's condensed MLPs are block-FP8: healing reads them through Eq. (1), trains, and writes
+    them block-quantised afresh (new scales); the errors it reports are those of the weights as saved."""
+    from fp8_checks import fp8_checkpoints, literal_dequantize, literal_quantize, tensors_of
+
+    block = (16, 24)
+    fp8, _ = fp8_checkpoints(tmp_path, "deepseek_v3", block)
+    condensed = _condensed(tmp_path, fp8, experts=2)
+    out = tmp_path / "healed"
+    record = cdmoe.heal(condensed, out, **FAST)
+    before, after = tensors_of(condensed), tensors_of(out)
+    changed = {k for k in after if after[k].dtype != before[k].dtype or not torch.equal(
+        after[k].view(torch.uint8) if after[k].dtype == torch.float8_e4m3fn else after[k],
+        before[k].view(torch.uint8) if before[k].dtype == torch.float8_e4m3fn else before[k])}
+    mlps = {f"model.layers.{c['layer']}.mlp.{w}_proj.weight{s}" for c in record["condensed"]
+            for w in ("gate", "up", "down") for s in ("", "_scale_inv")}
+    assert changed == mlps and before.keys() == after.keys()
+    assert all(after[k].dtype == before[k].dtype and after[k].shape == before[k].shape for k in before)
+    for name in (k for k in mlps if not k.endswith("_scale_inv")):  # the amax rule's (Q, S) of its own value
+        assert after[name].dtype == torch.float8_e4m3fn
+        q, s = literal_quantize(literal_dequantize(after[name], after[name + "_scale_inv"], block), block)
+        assert torch.equal(q.view(torch.uint8), after[name].view(torch.uint8)) and torch.equal(s, after[name + "_scale_inv"])
+    heal = record["heal"]
+    cal = heal["calibration"]
+    ids = load_calibration(load_tokenizer(fp8), CalibSpec(cal["source"], cal["samples"], cal["seq_len"], cal["seed"]))
+    healed, original = load_model(out), load_model(fp8)
+    for layer, fit in heal["layers"].items():
+        x = _block_inputs(healed, int(layer), ids[: cal["windows_train"]])
+        with torch.no_grad():
+            y = original.model.layers[int(layer)].mlp(x[None])[0]
+            assert fit["error_after"]["train"] == pytest.approx(_relative(healed.model.layers[int(layer)].mlp(x), y),
+                                                                 rel=1e-4), layer
+        assert fit["error_after"]["val"] < fit["error_before"]["val"], layer

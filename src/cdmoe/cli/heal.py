@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .options import Dtype, EvalText, EvalTokens, Force, TrustCode, _friendly, out_console
+from .options import Device, Dtype, EvalText, EvalTokens, Force, TrustCode, _friendly, out_console
 
 HealSamples = Annotated[
     Optional[int],
@@ -37,7 +37,7 @@ def heal(
     mode: Annotated[
         str, typer.Option(help="whole | sequential (one decoder layer in memory at a time) | auto")
     ] = "auto",
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto (the first GPU if there is one)")] = "auto",
+    device: Device = "auto",
     activations: Annotated[
         str, typer.Option(help="memory | disk: where calibration hidden states wait between layers")
     ] = "memory",

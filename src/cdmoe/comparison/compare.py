@@ -172,7 +172,8 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
         if method.heal:  # in place, on the same calibration windows, the original loaded again
             progress(f"[compare] healing {name} (N={knob})")
             healed = heal_directory(path, path, record, model, calib_ids, calib.to_dict(), HealOptions(),
-                                    mode="whole", device=torch.device("cpu"), dtype=dtype, state_dir=work / "heal-state")
+                                    mode="whole", device=resolve_device(device), dtype=dtype,
+                                    state_dir=work / "heal-state")
             write_condensed(path, healed, lambda d: None)
             shutil.rmtree(work / "heal-state")
 

@@ -15,7 +15,6 @@ the same command after an interruption resumes there.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,9 +23,12 @@ import torch
 
 from ..checkpoint.record import check_record_matches, read_record
 from ..checkpoint.replace import copy_with_replaced_tensors
+from ..checkpoint.stored_values import StoredValues
 from ..checkpoint.writer import STATE_DIR, atomic_output_dir, check_output_dir, write_condensed
 from ..errors import CdmoeError
 from ..evaluation.perplexity import perplexity, token_stream
+from ..io.output_dir import partial_dir
+from ..io.write_rule import check_write_path, remove_work_dir
 from ..memory.activation_cache import DIR_PREFIX, activation_cache, check_activations
 from ..memory.devices import choose_mode, resolve_device
 from ..memory.layer_store import ResidentStore, SequentialStore, checkpoint_tensor_files
@@ -34,12 +36,13 @@ from ..models.adapter import family_spec
 from ..models.condensed import fuse_condensed_mlp
 from ..models.input_checks import check_inputs
 from ..models.loading import checkpoint_dtype, compute_dtype, load_model, load_tokenizer
+from ..models.placement import describe, place
 from ..search.calibration import CalibSpec, load_calibration
 from ..search.heal_fit import HealOptions
 from ..search.heal_state import HealState
 from ..search.heal_walk import heal_walk
 from ..search.resume import model_key, tokens_key
-from .condense import EvalOptions, _rich_progress
+from .condense import EvalOptions, _rich_progress, progress_note
 
 __all__ = ["HealOptions", "heal", "heal_condensed_output", "heal_directory"]
 
@@ -66,6 +69,9 @@ def heal(directory: str | Path, out: str | Path, options: HealOptions = HealOpti
     check_inputs(original, calib, {"--eval-text": evaluation.text})
     inputs = (directory, original, calib.source, evaluation.text)
     check_output_dir(out, force, inputs)
+    if activations_dir is not None:
+        check_write_path(activations_dir, option="--activations-dir", inputs=inputs, kind="parent",
+                         avoid=(out, partial_dir(out)))
     dev = resolve_device(device)
     compute = _compute(dtype, dev, original)
     mode, why = choose_mode(mode, original, dev, compute, checkpoint_dtype(original))
@@ -74,15 +80,16 @@ def heal(directory: str | Path, out: str | Path, options: HealOptions = HealOpti
                          "or use --mode whole")
     tokenizer = load_tokenizer(directory)
     calib_ids = load_calibration(tokenizer, calib)
+    if dev.type == "cuda":
+        progress_note(f"computing in {str(compute).removeprefix('torch.')} on {describe(place(dev, whole=False))}")
     with atomic_output_dir(out, force=force, resumable=True, inputs=inputs) as tmp:
         new = heal_directory(directory, tmp, record, original, calib_ids, calib.to_dict(), options, mode=mode,
                              device=dev, dtype=dtype, state_dir=tmp / STATE_DIR / HEAL_STATE, activations=activations,
                              activations_dir=activations_dir, show_progress=show_progress)
         new["heal"]["mode_reason"] = why
+        if evaluation.text:  # the healed files as saved, before they become ``out``
+            new["heal"]["evaluation"] = _evaluate(directory, tmp, tokenizer, record, evaluation, calib.seq_len, dev)
         write_condensed(tmp, new, lambda d: None)
-    if evaluation.text:
-        new["heal"]["evaluation"] = _evaluate(directory, out, tokenizer, record, evaluation, calib.seq_len)
-        write_condensed(Path(out), new, lambda d: None)
     return new
 
 
@@ -113,8 +120,9 @@ def heal_directory(source: str | Path, dest: str | Path, record: dict, original:
            "compute": {"dtype": str(compute), "device": device.type}}
     state = HealState(state_dir, key)
     for stale in Path(state_dir).glob(f"{DIR_PREFIX}*"):  # a killed run's activation cache
-        shutil.rmtree(stale, ignore_errors=True)
-    starts = {int(c["layer"]): _starter(source, files, prefixes[int(c["layer"])], c) for c in record["condensed"]}
+        remove_work_dir(stale)
+    stored = StoredValues(source, files)  # plain tensors, or block-FP8 weights (an FP8 output)
+    starts = {int(c["layer"]): _starter(stored, prefixes[int(c["layer"])], c) for c in record["condensed"]}
     n_train = options.split(calib_ids.shape[0])
     train, val = list(calib_ids[:n_train].split(BATCH)), list(calib_ids[n_train:].split(BATCH))
     progress = _rich_progress() if show_progress else None
@@ -131,17 +139,19 @@ def heal_directory(source: str | Path, dest: str | Path, record: dict, original:
     def values(keys: list[str]) -> dict[str, torch.Tensor]:
         out = {}
         for layer, prefix in prefixes.items():
-            wanted = [k for k in keys if k.startswith(prefix)]
+            wanted = {k for k in keys if k.startswith(prefix)}
             if wanted:
-                weights = state.layer(layer)[1]
-                out.update({k: weights[k.removeprefix(prefix)] for k in wanted})
+                for name, value in state.layer(layer)[1].items():
+                    encoded = stored.encode(prefix + name, value)  # an fp8 weight gives its scales too
+                    out.update({k: v for k, v in encoded.items() if k in wanted})
         return out
 
     copy_with_replaced_tensors(source, Path(dest), names, values)
     entry = {
         "method": "layer-local distillation: each condensed MLP trained to reproduce the original MoE block's "
                   "output (MSE) on the inputs the healed model sees at that layer, layers in order",
-        "trained": sorted({k.removeprefix(p) for p in prefixes.values() for k in names if k.startswith(p)}),
+        "trained": sorted({k.removeprefix(p) for p in prefixes.values() for k in names - stored.scale_names
+                           if k.startswith(p)}),
         "original": str(original),
         "calibration": {**calib_info, "samples": int(calib_ids.shape[0]), "windows_train": n_train,
                         "windows_val": int(calib_ids.shape[0]) - n_train,
@@ -174,7 +184,8 @@ def heal_condensed_output(tmp: Path, record: dict, model, calib: CalibSpec, cali
                          activations_dir=activations_dir, show_progress=show_progress)
     ev = new.get("evaluation")
     if ev:  # as a user loads it
-        ev["healed_ppl"] = perplexity(load_model(tmp), token_stream(tokenizer, ev["text"], ev["tokens"]), ev["seq_len"])
+        stream = token_stream(tokenizer, ev["text"], ev["tokens"])
+        ev["healed_ppl"] = perplexity(load_model(tmp, device=device), stream, ev["seq_len"])
     write_condensed(tmp, new, lambda d: None)
     return new
 
@@ -219,38 +230,35 @@ def _tensors_sha256(source: Path, files: dict[str, str], names: set[str]) -> str
     return digest.hexdigest()
 
 
-def _starter(source: Path, files: dict[str, str], prefix: str, choice: dict):
+def _starter(stored: StoredValues, prefix: str, choice: dict):
     """How layer ``choice['layer']`` starts: the fused MLP of Eq. 3 (its structure) holding the values
-    ``source`` stores, and the dtype each is stored in."""
-    from safetensors import safe_open
+    the directory stores, and the rounding to the form each is stored in."""
 
     def start(block):
         mlp = fuse_condensed_mlp(block, tuple(choice["experts"]), tuple(choice["gates"]))
-        stored = {}
-        for name in sorted(k for k in files if k.startswith(prefix)):
-            with safe_open(source / files[name], "pt") as f:
-                stored[name.removeprefix(prefix)] = f.get_tensor(name)
+        values, forms = stored.read(prefix)
         expected = mlp.state_dict()
-        if set(stored) != set(expected) or any(stored[k].shape != expected[k].shape for k in expected):
-            raise CdmoeError(f"{source}: the condensed MLP of layer {choice['layer']} holds "
-                             f"{ {k: tuple(v.shape) for k, v in stored.items()} }, its record and the original model "
+        if set(values) != set(expected) or any(values[k].shape != expected[k].shape for k in expected):
+            raise CdmoeError(f"{stored.directory}: the condensed MLP of layer {choice['layer']} holds "
+                             f"{ {k: tuple(v.shape) for k, v in values.items()} }, its record and the original model "
                              f"make { {k: tuple(v.shape) for k, v in expected.items()} }; is base_model the model it "
                              "was condensed from?")
-        mlp.load_state_dict(stored)  # cast to the compute dtype, on the block's device
-        return mlp, {k: v.dtype for k, v in stored.items()}
+        mlp.load_state_dict(values)  # cast to the compute dtype, on the block's device
+        return mlp, stored.round(forms)
 
     return start
 
 
-def _evaluate(directory, out, tokenizer, record: dict, evaluation: EvalOptions, calib_seq_len: int) -> dict:
+def _evaluate(directory, out, tokenizer, record: dict, evaluation: EvalOptions, calib_seq_len: int,
+              device: torch.device) -> dict:
     """Held-out perplexity before (``directory``) and after (``out``, as saved), and the gap closed."""
     earlier = record.get("evaluation") or {}
     seq_len = evaluation.seq_len or (earlier.get("seq_len") if earlier.get("text") == evaluation.text else None) \
         or calib_seq_len
     stream = token_stream(tokenizer, evaluation.text, evaluation.max_tokens)
     result = {"text": evaluation.text, "tokens": len(stream), "seq_len": seq_len,
-              "ppl_before": perplexity(load_model(directory), stream, seq_len),
-              "ppl_after": perplexity(load_model(out), stream, seq_len)}
+              "ppl_before": perplexity(load_model(directory, device=device), stream, seq_len),
+              "ppl_after": perplexity(load_model(out, device=device), stream, seq_len)}
     same = (earlier.get("text"), earlier.get("tokens"), earlier.get("seq_len")) == (evaluation.text, len(stream), seq_len)
     if same and "original_ppl" in earlier and earlier["original_ppl"] != result["ppl_before"]:
         result["original_ppl"] = earlier["original_ppl"]

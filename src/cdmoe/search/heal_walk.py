@@ -33,22 +33,12 @@ from .heal_state import HealState
 from .run import layer_activations
 from .runner import LayerRunner
 
-__all__ = ["LayerStart", "heal_walk", "round_to"]
+__all__ = ["LayerStart", "heal_walk"]
 
 # builds the condensed MLP a layer starts from (on the block's device, in the compute dtype) from the
-# ORIGINAL block, and gives the dtype each of its state-dict tensors is stored in
-LayerStart = Callable[[MoEBlock], tuple[nn.Module, dict[str, torch.dtype]]]
-
-
-def round_to(dtypes: dict[str, torch.dtype]) -> Callable[[nn.Module], None]:
-    """Round a module's tensors, in place, to the dtypes they are stored in (and back to their own)."""
-
-    @torch.no_grad()
-    def apply(module: nn.Module) -> None:
-        for name, tensor in module.state_dict().items():
-            tensor.copy_(tensor.to(dtypes[name]).to(tensor.dtype))
-
-    return apply
+# ORIGINAL block, and gives the function that rounds its tensors, in place, to the values they will be
+# stored as (their dtypes; block-FP8 weights through their blocks)
+LayerStart = Callable[[MoEBlock], tuple[nn.Module, Callable[[nn.Module], None]]]
 
 
 @contextlib.contextmanager
@@ -86,7 +76,7 @@ def heal_walk(model: nn.Module, store, batches: list[torch.Tensor], train_batche
                 outs = runner.run_all(idx, stop=idx + 1) if idx < last else None
             else:
                 block = MoEBlock(idx, getattr(layer, spec.block_attr), spec, model.config)
-                mlp, dtypes = starts[idx](block)
+                mlp, round_fn = starts[idx](block)
                 done = state.layer(idx)
                 if done is not None:  # trained by an interrupted run
                     results[idx], weights = done
@@ -96,7 +86,7 @@ def heal_walk(model: nn.Module, store, batches: list[torch.Tensor], train_batche
                     x, y = acts.x, acts.y
                     del acts
                     results[idx] = fit_layer(mlp, x[:train_rows], y[:train_rows], x[train_rows:], y[train_rows:],
-                                             options, options.seed + idx, round_to(dtypes))
+                                             options, options.seed + idx, round_fn)
                     del x, y
                     state.save_layer(idx, results[idx], mlp.state_dict())
                 with swapped(layer, spec.block_attr, mlp):
