@@ -305,3 +305,31 @@ def test_healing_an_fp8_output_writes_block_quantised_weights_as_measured(tmp_pa
             assert fit["error_after"]["train"] == pytest.approx(_relative(healed.model.layers[int(layer)].mlp(x), y),
                                                                  rel=1e-4), layer
         assert fit["error_after"]["val"] < fit["error_before"]["val"], layer
+
+
+def test_healing_some_layers_heals_them_as_healing_all_does(deepseek, tmp_path):
+    """heal_directory(layers=...) (the entry point for any set of condensed layers): the first condensed
+    layer sees the same inputs either way, so its weights equal those of healing every layer; the others
+    keep the condensed bytes; a layer that is not condensed is refused."""
+    from cdmoe.checkpoint.record import read_record
+    from cdmoe.methods.heal import HealOptions, heal_directory
+
+    base, condensed = deepseek
+    record = read_record(condensed, condensed=True)
+    ids = load_calibration(load_tokenizer(base), CalibSpec(str(DEMO_CALIB), 40, 32, 0))
+    options = HealOptions(**{k: v for k, v in FAST.items() if k != "samples"})
+    first, second = sorted(c["layer"] for c in record["condensed"])
+    common = {"mode": "whole", "device": torch.device("cpu"), "dtype": "auto"}
+    some = heal_directory(condensed, tmp_path / "some", record, base, ids, {}, options, state_dir=tmp_path / "s1",
+                          layers=[first], **common)
+    heal_directory(condensed, tmp_path / "all", record, base, ids, {}, options, state_dir=tmp_path / "s2", **common)
+    assert list(some["heal"]["layers"]) == [str(first)]
+    start, healed_some, healed_all = (tensors(d) for d in (condensed, tmp_path / "some", tmp_path / "all"))
+    for name in start:
+        if name.startswith(f"model.layers.{first}.mlp."):
+            assert torch.equal(healed_some[name], healed_all[name]) and not torch.equal(healed_some[name], start[name])
+        else:
+            assert torch.equal(healed_some[name], start[name]), name
+    with pytest.raises(cdmoe.CdmoeError, match=r"layers \[0\] are not condensed"):
+        heal_directory(condensed, tmp_path / "no", record, base, ids, {}, options, state_dir=tmp_path / "s3",
+                       layers=[0], **common)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Collection
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -96,13 +97,16 @@ def heal(directory: str | Path, out: str | Path, options: HealOptions = HealOpti
 def heal_directory(source: str | Path, dest: str | Path, record: dict, original: str | Path, calib_ids: torch.Tensor,
                    calib_info: dict, options: HealOptions, *, mode: str, device: torch.device, dtype: str,
                    state_dir: Path, activations: str = "memory", activations_dir: str | Path | None = None,
-                   show_progress: bool = False) -> dict:
+                   show_progress: bool = False, layers: Collection[int] | None = None) -> dict:
     """The healing step on files: ``source`` (a condensed directory with ``record``, made from
     ``original``) is written to ``dest`` (may be ``source``) with its condensed MLPs healed on the
     calibration windows ``calib_ids`` (N, S). Returns ``record`` with its ``heal`` entry (not yet
     written to ``dest``'s cdmoe.json). ``state_dir``: where the per-layer progress is kept.
+    ``layers``: heal only these condensed layers (decoder layer indices; default: every one the record
+    condenses); the others keep their bytes. The entry point for any directory of condensed layers.
     """
     started = time.perf_counter()
+    chosen = _chosen(record, layers)
     compute = _compute(dtype, device, original)
     if mode == "whole":
         model = load_model(original, dtype=dtype, device=str(device))
@@ -113,7 +117,7 @@ def heal_directory(source: str | Path, dest: str | Path, record: dict, original:
     check_record_matches(record, model, original)
     spec, source = store.spec, Path(source)
     files = checkpoint_tensor_files(source)
-    prefixes = {int(c["layer"]): f"{spec.layers_path}.{c['layer']}.{spec.block_attr}." for c in record["condensed"]}
+    prefixes = {int(c["layer"]): f"{spec.layers_path}.{c['layer']}.{spec.block_attr}." for c in chosen}
     names = {k for k in files if any(k.startswith(p) for p in prefixes.values())}
     key = {"original": model_key(original), "start_sha256": _tensors_sha256(source, files, names),
            "calibration": {**calib_info, "tokens_sha256": tokens_key(calib_ids)}, "options": options.to_dict(),
@@ -122,7 +126,7 @@ def heal_directory(source: str | Path, dest: str | Path, record: dict, original:
     for stale in Path(state_dir).glob(f"{DIR_PREFIX}*"):  # a killed run's activation cache
         remove_work_dir(stale)
     stored = StoredValues(source, files)  # plain tensors, or block-FP8 weights (an FP8 output)
-    starts = {int(c["layer"]): _starter(stored, prefixes[int(c["layer"])], c) for c in record["condensed"]}
+    starts = {int(c["layer"]): _starter(stored, prefixes[int(c["layer"])], c) for c in chosen}
     n_train = options.split(calib_ids.shape[0])
     train, val = list(calib_ids[:n_train].split(BATCH)), list(calib_ids[n_train:].split(BATCH))
     progress = _rich_progress() if show_progress else None
@@ -188,6 +192,18 @@ def heal_condensed_output(tmp: Path, record: dict, model, calib: CalibSpec, cali
         ev["healed_ppl"] = perplexity(load_model(tmp, device=device), stream, ev["seq_len"])
     write_condensed(tmp, new, lambda d: None)
     return new
+
+
+def _chosen(record: dict, layers: Collection[int] | None) -> list[dict]:
+    """The record's condensed-layer entries to heal: all, or those of ``layers`` (each must be condensed)."""
+    condensed = record["condensed"]
+    if layers is None:
+        return condensed
+    wanted, have = {int(i) for i in layers}, {int(c["layer"]) for c in condensed}
+    if not wanted or wanted - have:
+        raise CdmoeError(f"layers {sorted(wanted - have) or '(none)'} are not condensed in this directory; choose among "
+                         f"{sorted(have)}")
+    return [c for c in condensed if int(c["layer"]) in wanted]
 
 
 def _condensed_record(directory) -> dict:
