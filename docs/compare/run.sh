@@ -8,6 +8,8 @@
 #               settings as methods (not run by default; methods includes both)
 #   reap        only Expert Drop and REAP at 80% / 65%, the same settings as methods (not run by default;
 #               methods includes both)
+#   heal        CD-MoE and CD-MoE-S, each alone and healed (cdmoe heal's defaults) at 80% / 65% (not run by
+#               default; about 10 minutes)
 # About 45 minutes for methods, 25 for quantized and 30 for ablations on 2 CPU cores (bitsandbytes
 # runs slowly on CPU). Name runs to redo only those: `bash docs/compare/run.sh quantized`.
 set -euo pipefail
@@ -24,7 +26,8 @@ for run in ${@:-methods quantized ablations}; do
     ablations) cdmoe compare demo/model --out runs/compare-ablations --budget 0.8,0.65 --methods cd-moe,cd-moe-s,ablations $TASKS $COMMON ;;
     msmoe)     cdmoe compare demo/model --out runs/compare-msmoe --budget 0.8,0.65 --methods msmoe,msmoe-restricted $TASKS --peak-rss $COMMON ;;
     reap)      cdmoe compare demo/model --out runs/compare-reap --budget 0.8,0.65 --methods expert-drop,reap $TASKS --peak-rss $COMMON ;;
-    *) echo "unknown run $run (methods | quantized | ablations | msmoe | reap)" >&2; exit 2 ;;
+    heal)      cdmoe compare demo/model --out runs/compare-heal --budget 0.8,0.65 --methods cd-moe,cd-moe+heal,cd-moe-s,cd-moe-s+heal $TASKS $COMMON ;;
+    *) echo "unknown run $run (methods | quantized | ablations | msmoe | reap | heal)" >&2; exit 2 ;;
   esac
   mkdir -p docs/compare/$run
   cp runs/compare-$run/compare.md runs/compare-$run/compare.json runs/compare-$run/compare.png docs/compare/$run/

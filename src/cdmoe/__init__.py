@@ -19,8 +19,9 @@ from .models.adapter import MoEBlock, Routing, family_spec, moe_blocks  # noqa: 
 from .models.condensed import LayerChoice, condense_model  # noqa: E402
 from .models.loading import load_model, load_tokenizer  # noqa: E402
 from .models.plan import plan  # noqa: E402
-from .oneshot import baseline, compare, condense, evaluate, sweep  # noqa: E402
+from .oneshot import baseline, compare, condense, evaluate, heal, sweep  # noqa: E402
 from .search.calibration import CalibSpec  # noqa: E402
+from .search.heal_fit import HealOptions  # noqa: E402
 from .search.run import SearchOptions  # noqa: E402
 from .io.arguments import checked as _checked  # noqa: E402
 
@@ -31,9 +32,9 @@ from .io.arguments import checked as _checked  # noqa: E402
 
 __all__ = [
     # one call per job (mirroring the CLI)
-    "condense", "evaluate", "compare", "sweep", "baseline", "finetune", "plan", "apply_record",
+    "condense", "heal", "evaluate", "compare", "sweep", "baseline", "finetune", "plan", "apply_record",
     # their option types
-    "BaselineOptions", "CalibSpec", "EvalOptions", "FinetuneOptions", "SearchOptions",
+    "BaselineOptions", "CalibSpec", "EvalOptions", "FinetuneOptions", "HealOptions", "SearchOptions",
     # step by step
     "CdmoeError", "LayerChoice", "MoEBlock", "Routing", "condense_layers", "condense_model", "family_spec",
     "load_model", "load_tokenizer", "moe_blocks", "save", "trust_remote_code",

@@ -1,4 +1,4 @@
-"""One call per job, as the CLI's commands: ``cdmoe.condense``, ``cdmoe.evaluate``, ``cdmoe.compare``,
+"""One call per job, as the CLI's commands: ``cdmoe.condense``, ``cdmoe.heal``, ``cdmoe.evaluate``, ``cdmoe.compare``,
 ``cdmoe.sweep``, ``cdmoe.baseline`` (and ``cdmoe.plan``, ``cdmoe.finetune``), in the spirit of
 ``llmcompressor.oneshot(...)`` and ``torchao.quantize_(model, config)``::
 
@@ -23,7 +23,7 @@ from .io.arguments import checked
 from .io.remote_code import trust_remote_code as _trust
 from .models.placement import matmul_precision
 
-__all__ = ["baseline", "compare", "condense", "evaluate", "sweep"]
+__all__ = ["baseline", "compare", "condense", "evaluate", "heal", "sweep"]
 
 
 @contextlib.contextmanager
@@ -39,9 +39,10 @@ def condense(model: str | Path | PreTrainedModel, out: str | Path, *, layers: in
              metric: str = "js", final: str = "hidden", expert_selector: str = "greedy", layer_selector: str = "greedy",
              batch_size: int = 8, eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto",
              mode: str = "auto", device: str = "auto", quantize: str | None = None, activations: str = "memory",
-             force: bool = False, tokenizer=None, trust_remote_code: bool = False, progress: bool = False) -> dict:
+             force: bool = False, tokenizer=None, trust_remote_code: bool = False, progress: bool = False,
+             heal: bool = False, heal_samples: int | None = None) -> dict:
     """Condense ``layers`` MoE layers of ``model`` with CD-MoE (Eq. 2, Algorithms 1 and 2) and save to
-    ``out``; return the record (``cdmoe.json``).
+    ``out``; return the record (``cdmoe.json``). ``heal``: then heal the condensed layers (:func:`heal`).
 
     ``model``: a checkpoint path or hub id (``cdmoe condense``: resumable, whole or sequential), or a model
     already loaded (``cdmoe.load_model``; searched and condensed in place, in memory, then saved, its
@@ -56,12 +57,19 @@ def condense(model: str | Path | PreTrainedModel, out: str | Path, *, layers: in
                            batch_size=batch_size, expert_selector=expert_selector, layer_selector=layer_selector,
                            seed=seed)
     spec = CalibSpec(calib, samples, seq_len, seed)
+    from .search.heal_fit import HealOptions
+
+    healing = HealOptions(samples=heal_samples) if heal or heal_samples is not None else None
     with _context(trust_remote_code, dtype):
         if isinstance(model, PreTrainedModel):
+            if healing is not None:
+                from .errors import CdmoeError
+
+                raise CdmoeError("heal=True needs the original model's path (healing reads it again); pass the path")
             return _condense_loaded(model, out, search, spec, tokenizer, force)
         return run_condense(model, out, search, spec, EvalOptions(text=eval_text, max_tokens=eval_tokens), dtype=dtype,
                             force=force, show_progress=progress, mode=mode, device=device, quantize=quantize,
-                            activations=activations)
+                            activations=activations, heal=healing)
 
 
 def _condense_loaded(model: PreTrainedModel, out, search, calib, tokenizer, force: bool) -> dict:
@@ -86,6 +94,28 @@ def _condense_loaded(model: PreTrainedModel, out, search, calib, tokenizer, forc
     record = condense_layers(model, result.choices, base_model=source, search=searched)
     save(model, out, record, tokenizer=tokenizer, source=source, force=force, inputs=(calib.source,))
     return record
+
+
+@checked
+def heal(directory: str | Path, out: str | Path, *, original: str | Path | None = None, calib: str | None = None,
+         samples: int | None = None, seq_len: int | None = None, seed: int | None = None, steps: int = 300,
+         lr: float = 0.05, batch_tokens: int = 4096, val_share: float = 0.1, eval_every: int = 25, patience: int = 4,
+         eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto", mode: str = "auto",
+         device: str = "auto", activations: str = "memory", force: bool = False, trust_remote_code: bool = False,
+         progress: bool = False) -> dict:
+    """``cdmoe heal``: train the condensed layers of the condensed directory ``directory`` to reproduce the
+    original MoE blocks (layer-local distillation on calibration text; the original from the record's
+    ``base_model`` unless ``original``); save to ``out``; return the record."""
+    from .methods.condense import EvalOptions
+    from .methods.heal import heal as run_heal
+    from .search.heal_fit import HealOptions
+
+    options = HealOptions(samples=samples, val_share=val_share, steps=steps, lr=lr, batch_tokens=batch_tokens,
+                          eval_every=eval_every, patience=patience)
+    with _context(trust_remote_code, dtype):
+        return run_heal(directory, out, options, original=original, calib=calib, seq_len=seq_len, seed=seed,
+                        evaluation=EvalOptions(text=eval_text, max_tokens=eval_tokens), dtype=dtype, mode=mode,
+                        device=device, activations=activations, force=force, show_progress=progress)
 
 
 @checked

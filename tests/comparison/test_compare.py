@@ -31,6 +31,13 @@ def test_parse_methods():
     assert (reap.base, reap.knob, reap.quantize) == ("reap", "keep_experts", "int4")
     with pytest.raises(CdmoeError, match="unknown"):
         parse_methods("cd-moe:bogus")
+    healed = {m.name: m for m in parse_methods("cd-moe+heal,cd-moe-s+heal")}
+    assert healed["cd-moe+heal"].heal and healed["cd-moe+heal"].base == "cd-moe" and not healed["cd-moe+heal"].quantize
+    assert healed["cd-moe-s+heal"].heal and healed["cd-moe-s+heal"].search == {"experts": 0}
+    assert not by_name["cd-moe+int4"].heal
+    for bad in ("layer-drop+heal", "cd-moe+heal+int4", "cd-moe+bogus"):
+        with pytest.raises(CdmoeError, match="heal|suffix"):
+            parse_methods(bad)
 
 
 def test_largest_fitting_is_a_ceiling():
@@ -89,6 +96,23 @@ def test_table_marks_points_over_budget_and_methods_that_do_not_fit():
     assert "| a | N=3 | 1.00M | 49.0% | 1.00x | 10.00 |" in lines
     assert "| b | E'=4 | 1.00M | 50.3% **over** | 1.00x | 10.00 |" in lines
     assert "| slim-int8 | none fits | - | smallest setting: 69.6% (predicted) | - | - |" in lines
+
+
+def test_healed_points_keep_the_choices_and_change_only_the_condensed_mlps(tiny_model_dir, tmp_path):
+    from fidelity_checks import tensors
+
+    out = tmp_path / "cmp"
+    compare(tiny_model_dir, out, [0.8], parse_methods("cd-moe,cd-moe+heal"), CalibSpec(str(DEMO_CALIB), 12, 32, 0),
+            eval_text=str(DEMO_TEXT), eval_tokens=2000, progress=lambda msg: None)
+    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    plain, healed = (json.loads((out / rows[m]["dir"] / "cdmoe.json").read_text()) for m in ("cd-moe", "cd-moe+heal"))
+    assert healed["condensed"] == plain["condensed"] and "heal" in healed and "heal" not in plain
+    assert healed["heal"]["calibration"]["samples"] == 12 and rows["cd-moe+heal"]["knob"] == rows["cd-moe"]["knob"]
+    a, b = tensors(out / rows["cd-moe"]["dir"]), tensors(out / rows["cd-moe+heal"]["dir"])
+    changed = {k for k in a if not (b[k].dtype == a[k].dtype and b[k].equal(a[k]))}
+    layers = {f"model.layers.{c['layer']}.mlp." for c in plain["condensed"]}
+    assert changed and all(any(k.startswith(p) for p in layers) for k in changed)
+    assert rows["cd-moe+heal"]["ppl"] != rows["cd-moe"]["ppl"] and not (out / "heal-state").exists()
 
 
 def test_compare_peak_rss_and_tasks_columns(tiny_model_dir, tmp_path):

@@ -55,6 +55,33 @@ def _finetune_section(ft: dict | None) -> list[str]:
     return lines
 
 
+def _heal_section(heal: dict | None) -> list[str]:
+    """Model-card lines saying the condensed layers' weights were trained by healing (none if not healed)."""
+    if not heal:
+        return []
+    cal = heal["calibration"]
+    lines = [
+        "", "## Healing", "",
+        "The condensed layers' weights were then trained (`cdmoe heal`, layer-local distillation): each condensed "
+        f"MLP ({', '.join(heal['trained'])}), starting from the weights above, was trained in layer order to "
+        "reproduce the original MoE block's output on the inputs this model sees at that layer (mean squared error, "
+        f"Adam) on {cal['tokens_train']:,} calibration tokens of `{cal['source']}`, with {cal['tokens_val']:,} held-out "
+        "tokens for early stopping. The fixed gates listed above are folded into the trained weights' starting point "
+        "and no longer describe the layer exactly. Relative squared error of each layer's output "
+        "(||f(X) - MoE(X)||² / ||MoE(X)||²):",
+        "", "| layer | steps | train before | train after | held-out before | held-out after |", "|---|---|---|---|---|---|",
+    ]
+    for layer, fit in heal["layers"].items():
+        b, a = fit["error_before"], fit["error_after"]
+        lines.append(f"| {layer} | {fit['best_step']} of {fit['steps']} | {b['train']:.4f} | {a['train']:.4f} | "
+                     f"{b['val']:.4f} | {a['val']:.4f} |")
+    ev = heal.get("evaluation")
+    if ev:
+        lines += ["", f"Held-out perplexity ({ev['tokens']:,} tokens of `{ev['text']}`): {ev['ppl_before']:.2f} before "
+                  f"healing, {ev['ppl_after']:.2f} after."]
+    return lines
+
+
 def model_card(record: dict) -> str:
     """Markdown model card with YAML front matter, from a ``cdmoe.json`` record."""
     if record.get("method", "cd-moe") in METHOD_TEXT:
@@ -98,6 +125,7 @@ def model_card(record: dict) -> str:
         for key in ("method", "expert_selector", "layer_selector", "metric", "final_distribution", "calibration"):
             if key in search:
                 lines.append(f"- {key.replace('_', ' ')}: `{search[key]}`")
+    lines += _heal_section(record.get("heal"))
     lines += _finetune_section(record.get("finetune"))
     lines += _quantization_lines(record)
     lines += _loading_lines(record)

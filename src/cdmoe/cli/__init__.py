@@ -12,6 +12,7 @@ import typer
 from .baselines import baseline, compare
 from .condense import apply, condense, finetune, plan, print_summary, sweep
 from .evaluate import eval_cmd, measure, report
+from .heal import heal
 
 __all__ = ["app", "main", "print_summary"]
 
@@ -22,6 +23,7 @@ app.command()(condense)
 app.command()(baseline)
 app.command()(compare)
 app.command()(finetune)
+app.command()(heal)
 app.command(name="eval")(eval_cmd)
 app.command()(sweep)
 app.command()(measure)

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from .evaluate import print_report
+from .heal import HealSamples
 from .options import (
     Calib,
     Device,
@@ -140,10 +141,13 @@ def condense(
         Optional[Path],
         typer.Option(help="where --activations disk writes (default: inside .OUT.partial/ beside --out)"),
     ] = None,
+    heal: Annotated[bool, typer.Option("--heal", help="then heal the condensed layers (see cdmoe heal)")] = False,
+    heal_samples: HealSamples = None,
     trust_remote_code: TrustCode = False,
 ):
     """Condense N MoE layers with CD-MoE (greedy experts and layers on calibration data) and save."""
     from ..methods.condense import EvalOptions
+    from ..methods.heal import HealOptions
     from ..methods.condense import condense as run_condense
     from ..search.calibration import CalibSpec
     from ..search.run import SearchOptions
@@ -171,6 +175,7 @@ def condense(
         device=device,
         activations=activations,
         activations_dir=activations_dir,
+        heal=HealOptions(samples=heal_samples) if heal or heal_samples is not None else None,
     )
     print_summary(record, out)
 
@@ -311,6 +316,8 @@ def print_summary(record: dict, out: Path) -> None:
             table.add_row(
                 f"  then quantised ({record['quantization']['bits']}, from disk)", "", f"{ev['quantized_ppl']:.2f}"
             )
+        if "healed_ppl" in ev:
+            table.add_row("  then healed (from disk)", "", f"{ev['healed_ppl']:.2f}")
         if "random_experts_ppl" in ev:
             table.add_row("  same layers, random experts", "", f"{ev['random_experts_ppl']:.2f}")
             table.add_row("  same layers dropped (Layer Drop)", "", f"{ev['dropped_layers_ppl']:.2f}")

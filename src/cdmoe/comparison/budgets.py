@@ -32,6 +32,7 @@ class Method:
     base: str  # cd-moe | layer-drop | block-drop | expert-drop | reap | msmoe | msmoe-restricted | slim
     search: dict  # SearchOptions overrides of a cd-moe variant
     quantize: str | None = None
+    heal: bool = False  # cd-moe+heal: the condensed layers healed after condensing (cdmoe heal)
 
     @property
     def knob(self) -> str:
@@ -45,7 +46,9 @@ def parse_methods(text: str) -> list[Method]:
     out = []
     for item in [m.strip() for m in text.split(",") if m.strip()]:
         for name in names.get(item, (item,)):
-            structural, _, bits = name.partition("+")
+            structural, *suffixes = name.split("+")
+            heal = "heal" in suffixes
+            bits = next((s for s in suffixes if s != "heal"), "")
             if structural.startswith("slim-"):
                 structural, bits = "slim", structural.removeprefix("slim-")
             base, _, variant = structural.partition(":")
@@ -63,9 +66,11 @@ def parse_methods(text: str) -> list[Method]:
                     raise CdmoeError(f"unknown CD-MoE variant {variant!r} in --methods {name!r}")
             if base not in ("cd-moe", "layer-drop", "block-drop", "slim", *EXPERT_METHODS) or (variant and base != "cd-moe"):
                 raise CdmoeError(f"unknown method {name!r}; see `cdmoe compare --help` for the names")
-            if bits and bits not in ("int8", "int4"):
-                raise CdmoeError(f"unknown quantisation {bits!r} in {name!r}; use +int8 or +int4")
-            out.append(Method(name, base, search, bits or None))
+            if bits and bits not in ("int8", "int4") or len(suffixes) > 1:
+                raise CdmoeError(f"unknown suffix {'+'.join(suffixes)!r} in {name!r}; use +int8, +int4 or (CD-MoE) +heal")
+            if heal and base != "cd-moe":
+                raise CdmoeError(f"+heal trains condensed layers; {name!r} has none (use cd-moe+heal or cd-moe-s+heal)")
+            out.append(Method(name, base, search, bits or None, heal))
     return out
 
 

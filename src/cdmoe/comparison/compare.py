@@ -18,12 +18,14 @@ pl-alpha-hill, frequency), a layer selector (layer-rank, global-layer-rank) or a
 (kl, ppl); ``layer-drop``, ``block-drop``, ``expert-drop``, ``reap``, ``msmoe`` (E' is the average over
 layers), ``msmoe-restricted``; ``slim-int8`` and
 ``slim-int4``; any structural method with ``+int8`` / ``+int4`` appended (condense or drop,
-then quantise).
+then quantise); ``cd-moe+heal``, ``cd-moe-s+heal`` (and any ``cd-moe`` variant with ``+heal``): condense,
+then heal the condensed layers on the same calibration windows (:mod:`cdmoe.methods.heal`, default options).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.record import condense_layers
-from ..checkpoint.writer import atomic_output_dir, check_output_dir, save
+from ..checkpoint.writer import atomic_output_dir, check_output_dir, save, write_condensed
 from ..errors import CdmoeError
 from ..evaluation.lmeval import check_tasks
 from ..evaluation.measure import disk_bytes, peak_rss
@@ -45,6 +47,7 @@ from ..methods.baselines import (
     finish_quantized,
 )
 from ..methods.calib_stats import calibration_stats
+from ..methods.heal import HealOptions, heal_directory
 from ..methods.quantize import check_quantize
 from ..models.budget import model_params
 from ..models.input_checks import check_inputs
@@ -119,7 +122,7 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
             point["budgets"].append(budget)
 
     with atomic_output_dir(out, force, inputs=inputs) as work:  # nothing at ``out`` until every point is written and scored
-        _run_points(model, work, plan, calib_ids, tokenizer, stats, dtype, progress, device)
+        _run_points(model, work, plan, calib_ids, tokenizer, stats, dtype, progress, calib, device)
         scorer = _Scorer(tokenizer, token_stream(tokenizer, eval_text, eval_tokens) if eval_text else None,
                          calib.seq_len, tasks, task_text, task_batch_size, dtype if measure_rss else None, device)
         rows = _evaluate(model, work, plan, scorer, dtype, progress, device)
@@ -133,8 +136,10 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
     return result
 
 
-def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtype, progress, device) -> None:
-    """Write every planned point to ``work/points/...`` (its ``dir`` is relative to ``work``)."""
+def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtype, progress, calib: CalibSpec,
+                device) -> None:
+    """Write every planned point to ``work/points/...`` (its ``dir`` is relative to ``work``). CD-MoE
+    variants with the same search options (``cd-moe``, ``cd-moe+heal``, ``cd-moe+int4``) share one search."""
     searches: dict[str, object] = {}
     for (name, knob), point in plan.items():
         method: Method = point["method"]
@@ -145,10 +150,11 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
         path = work / point["dir"]
         loaded = load_model(model, dtype=dtype, device=device)
         if method.base == "cd-moe":
-            largest = max(k for (n, k) in plan if n == name)
-            if name not in searches:
-                searches[name] = run_search(loaded, calib_ids, SearchOptions(layers=largest, **method.search))
-            result = searches[name]
+            same = json.dumps(method.search, sort_keys=True)
+            largest = max(k for (n, k), p in plan.items() if json.dumps(p["method"].search, sort_keys=True) == same)
+            if same not in searches:
+                searches[same] = run_search(loaded, calib_ids, SearchOptions(layers=largest, **method.search))
+            result = searches[same]
             record = condense_layers(loaded, result.choices[:knob], base_model=str(model),
                                      search={**result.record, "layer_order": result.record["layer_order"][:knob]})
             record["variant"] = name
@@ -163,6 +169,13 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
             loaded, record["quantization"] = finish_quantized(loaded, method.quantize, storage)
         save(loaded, path, record, tokenizer=tokenizer, force=True, storage=storage)
         del loaded
+        if method.heal:  # in place, on the same calibration windows, the original loaded again
+            progress(f"[compare] healing {name} (N={knob})")
+            healed = heal_directory(path, path, record, model, calib_ids, calib.to_dict(), HealOptions(),
+                                    mode="whole", device=resolve_device(device), dtype=dtype,
+                                    state_dir=work / "heal-state")
+            write_condensed(path, healed, lambda d: None)
+            shutil.rmtree(work / "heal-state")
 
 
 @dataclass

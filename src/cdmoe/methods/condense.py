@@ -78,6 +78,7 @@ def condense(
     quantize: str | None = None,
     activations: str = "memory",
     activations_dir: str | Path | None = None,
+    heal=None,
 ) -> dict:
     """Condense ``search.layers`` MoE layers of ``model`` with CD-MoE and save to ``out``; return the record.
 
@@ -91,11 +92,17 @@ def condense(
     ``activations``: ``memory`` keeps the calibration hidden states in CPU memory, ``disk`` in
     safetensors files (:mod:`cdmoe.memory.activation_cache`) in a directory inside ``activations_dir``
     (default: ``.OUT.partial/``), deleted when the search ends; same result, less memory, slower.
+    ``heal`` (a :class:`~cdmoe.search.heal_fit.HealOptions`): then heal the condensed layers on the same
+    calibration source (:mod:`cdmoe.methods.heal`), resumable like the search.
     """
     check_activations(activations, activations_dir)
     search.check()
     dev = resolve_device(device)
     check_quantize(quantize)
+    if heal is not None:
+        heal.check()
+        if quantize:
+            raise CdmoeError("--heal and --quantize do not combine yet; heal, then quantise with cdmoe baseline slim")
     check_inputs(model, calib, {"--eval-text": evaluation.text})
     token_limit(evaluation.max_tokens)
     inputs = (model, calib.source, evaluation.text)
@@ -169,6 +176,13 @@ def condense(
                                      title=f"{model}: single-layer condensing")
 
         write_condensed(tmp, record, write_weights, tokenizer=tokenizer, extra_files=write_plots)
+        if heal is not None:
+            from .heal import heal_condensed_output
+
+            del loaded, store, write_weights  # healing loads the original model again (or layer by layer)
+            record = heal_condensed_output(tmp, record, model, calib, calib_ids, heal, mode=mode, device=dev,
+                                           dtype=dtype, tokenizer=tokenizer, activations=activations,
+                                           activations_dir=activations_dir, show_progress=show_progress)
     if quantize and "evaluation" in record:  # as a user loads it
         ev = record["evaluation"]
         ev["quantized_ppl"] = perplexity(load_model(out, device=device), token_stream(tokenizer, ev["text"], evaluation.max_tokens),

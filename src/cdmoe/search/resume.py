@@ -31,7 +31,7 @@ from ..errors import CdmoeError
 from .expert_search import ExpertSearchResult
 from .layer_search import LayerSearchResult
 
-__all__ = ["SearchState", "run_key", "tokens_key", "STATE_NAME"]
+__all__ = ["SearchState", "key_hash", "model_key", "run_key", "tokens_key", "STATE_NAME"]
 
 STATE_NAME = "state.json"
 
@@ -43,7 +43,7 @@ def tokens_key(calib_ids: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _model_key(model: str | Path) -> dict:
+def model_key(model: str | Path) -> dict:
     """The model's identity: its path and a hash of its config and weight files' names and sizes."""
     path = Path(str(model))
     digest = hashlib.sha256()
@@ -58,11 +58,11 @@ def _model_key(model: str | Path) -> dict:
 
 def run_key(model: str | Path, calib: dict, calib_ids: torch.Tensor, options, compute: dict) -> dict:
     """Everything that determines a search's result (see the module docstring)."""
-    return {"model": _model_key(model), "calibration": {**calib, "tokens_sha256": tokens_key(calib_ids)},
+    return {"model": model_key(model), "calibration": {**calib, "tokens_sha256": tokens_key(calib_ids)},
             "search": asdict(options), "compute": compute}
 
 
-def _hash(key: dict) -> str:
+def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -72,7 +72,7 @@ class SearchState:
     def __init__(self, directory: str | Path, key: dict):
         self.path = Path(directory) / STATE_NAME
         self.key = key
-        self.data = {"key": key, "key_hash": _hash(key), "expert_layers": {}, "layer_search": None}
+        self.data = {"key": key, "key_hash": key_hash(key), "expert_layers": {}, "layer_search": None}
         self.resumed: dict | None = None
         if self.path.exists():
             stored = self._read()

@@ -16,6 +16,8 @@ released after. Recording:
   serve every layer, except that families with per-layer attention types
   (``config.layer_types``, e.g. sliding-window layers) get one capture per type. Then the
   layers run one at a time over all batches.
+- ``inputs_only`` (either mode): the sequential capture alone, no layer run; the caller walks
+  the layers itself (healing, :mod:`cdmoe.search.heal_walk`).
 
 Cached hidden states live in an activation cache (:mod:`cdmoe.memory.activation_cache`): CPU
 memory by default, safetensors files with ``--activations disk``; a batch moves to the
@@ -64,7 +66,7 @@ class LayerRunner:
     """
 
     def __init__(self, model: nn.Module, spec: FamilySpec, batches: list[torch.Tensor], store=None,
-                 activations=None, cached_layers: Collection[int] | None = None):
+                 activations=None, cached_layers: Collection[int] | None = None, inputs_only: bool = False):
         self.model = model
         self.activations = activations if activations is not None else MemoryActivations()
         self.store = store if store is not None else ResidentStore(model, spec)
@@ -77,8 +79,8 @@ class LayerRunner:
         self.cached_layers = set(range(n) if cached_layers is None else cached_layers)
         self.kwargs: list[list[dict]] = [[None] * len(batches) for _ in range(n)]  # type: ignore[list-item]
         self.outputs: list[torch.Tensor] = [None] * len(batches)  # type: ignore[list-item]
-        if self.store.sequential:
-            self._record_layerwise()
+        if self.store.sequential or inputs_only:
+            self._record_layerwise(run=not inputs_only)
         else:
             self._record()
 
@@ -130,7 +132,7 @@ class LayerRunner:
         return caught["hidden"].detach(), without_cache(caught["kwargs"])
 
     @torch.no_grad()
-    def _record_layerwise(self) -> None:
+    def _record_layerwise(self, run: bool = True) -> None:
         config = self.model.config
         types = list(getattr(config, "layer_types", None) or [])
         distinct = sorted(set(types)) if len(set(types)) > 1 else [None]
@@ -147,6 +149,8 @@ class LayerRunner:
             finally:
                 if kind is not None:
                     config.layer_types = types
+        if not run:  # ``inputs_only``: layer 0's inputs and every layer's kwargs, no layer run
+            return
         self.outputs = [h.cpu() for h in self.run_all(0, record_from=1)]
         if 0 not in self.cached_layers:
             self.forget(0)
