@@ -35,6 +35,7 @@ from torch import nn
 from ..errors import CdmoeError
 from ..models.adapter import MoEBlock, attr_path, decoder_layers
 from ..models.families import FamilySpec
+from .host import return_freed_memory, sync_loading
 
 __all__ = ["ResidentStore", "SequentialStore", "checkpoint_tensor_files"]
 
@@ -102,6 +103,7 @@ class SequentialStore:
         from ..models import register  # noqa: F401  (condensed checkpoints as input)
         from ..models.adapter import family_spec
 
+        return_freed_memory()  # a released layer's memory goes back to the system (see memory.host)
         trust_remote_code = trusted() if trust_remote_code is None else trust_remote_code
         self.trust_remote_code = trust_remote_code
         self.path = Path(path)
@@ -168,7 +170,8 @@ class SequentialStore:
                        for name in sorted({self.files[k] for k in keys})}
             state = {k: handles[self.files[k]].get_slice(k) for k in keys}
             try:
-                info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
+                with sync_loading():  # one fused tensor's sources at a time (see memory.host)
+                    info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
             finally:
                 if bar:
                     hf_logging.enable_progress_bar()
