@@ -25,7 +25,7 @@ def condense(model: str | Path | nn.Module, out: str | Path, *, layers: int, exp
              shared_only: bool = False, calib: str = "c4", samples: int = 100, seq_len: int = 512, seed: int = 0,
              metric: str = "js", final: str = "hidden", expert_selector: str = "greedy", layer_selector: str = "greedy",
              batch_size: int = 8, eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto",
-             mode: str = "auto", device: str = "cpu", quantize: str | None = None, activations: str = "memory",
+             mode: str = "auto", device: str = "cpu", quantize: str | None = None, activations: str = "auto",
              force: bool = False, tokenizer=None, trust_remote_code: bool = False, progress: bool = False) -> dict:
     """Condense ``layers`` MoE layers of ``model`` with CD-MoE (Eq. 2, Algorithms 1 and 2) and save to
     ``out``; return the record (``cdmoe.json``).

@@ -19,7 +19,7 @@ once per step (or once per layer where cached); a candidate's condensed output i
 Shaped for an accelerator (:class:`SearchMemory` says how much it may use):
 
 - tokens go in chunks as large as ``work_bytes`` allows for one candidate's scoring
-  temporaries (``SCORE_COPIES`` fp32 copies of (chunk, H)); candidates are scored in
+  temporaries (:func:`~cdmoe.memory.estimate.scoring_bytes`); candidates are scored in
   groups that fill the same budget, so an expert is called ceil(T / chunk) times per step
   (DeepSeek-V3 on 100 x 512 tokens: 2 chunks per step with 4 GiB, where a fixed 256 MiB for
   all candidates together gave 36-token chunks and ~164 M expert calls per run);
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..memory.estimate import SCORE_COPIES, SearchMemory, scoring_bytes
 from ..models.adapter import MoEBlock
 import torch.nn.functional as F
 
@@ -69,18 +70,6 @@ class ExpertSearchResult:
     expert_passes: int = 0  # expert forward passes over all calibration tokens
 
 
-@dataclass(frozen=True)
-class SearchMemory:
-    """What Algorithm 1 may hold on the compute device besides the layer and its activations:
-    ``work_bytes`` for scoring temporaries, ``cache_bytes`` for expert outputs kept between steps."""
-
-    work_bytes: int = 256 * 2**20
-    cache_bytes: int = 2 * 2**30
-
-
-SCORE_COPIES = 4  # live fp32 (chunk, H) tensors per candidate while a group is scored (divergence_per_token: 3)
-
-
 @torch.no_grad()
 def fixed_gates(block: MoEBlock, x: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 2: (gates (E,) fp32, counts (E,) long) from the routing of x (T, H), on x's device."""
@@ -97,11 +86,9 @@ def fixed_gates(block: MoEBlock, x: torch.Tensor, chunk: int = 65536) -> tuple[t
 
 
 def token_chunk(tokens: int, hidden: int, inter: int, work_bytes: int) -> int:
-    """Tokens scored at once: one candidate's ``SCORE_COPIES`` fp32 (chunk, H) copies, the reference's
-    log-probabilities and probabilities (2 more) and one expert call's (chunk, I) intermediates fill
-    ``work_bytes``."""
-    per_token = 4 * hidden * (SCORE_COPIES + 2) + 4 * 3 * inter
-    return max(1, min(tokens, work_bytes // per_token))
+    """Tokens scored at once: the largest chunk whose scoring of one candidate
+    (:func:`~cdmoe.memory.estimate.scoring_bytes`) fits ``work_bytes``."""
+    return max(1, min(tokens, work_bytes // scoring_bytes(1, 1, hidden, inter)))
 
 
 def candidate_group(candidates: int, chunk: int, hidden: int, work_bytes: int) -> int:
