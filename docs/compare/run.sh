@@ -6,6 +6,8 @@
 #   ablations   the CD-MoE ablations at 80% / 65% (perplexity, lm-eval demo tasks)
 #   msmoe       only M-SMoE (MC-SMoE's reference) and its router-restricted variant at 80% / 65%, the same
 #               settings as methods (not run by default; methods includes both)
+#   reap        only Expert Drop and REAP at 80% / 65%, the same settings as methods (not run by default;
+#               methods includes both)
 # About 45 minutes for methods, 25 for quantized and 30 for ablations on 2 CPU cores (bitsandbytes
 # runs slowly on CPU). Name runs to redo only those: `bash docs/compare/run.sh quantized`.
 set -euo pipefail
@@ -21,7 +23,8 @@ for run in ${@:-methods quantized ablations}; do
                  --methods cd-moe,layer-drop,slim-int4,cd-moe+int4,layer-drop+int4 ;;
     ablations) cdmoe compare demo/model --out runs/compare-ablations --budget 0.8,0.65 --methods cd-moe,cd-moe-s,ablations $TASKS $COMMON ;;
     msmoe)     cdmoe compare demo/model --out runs/compare-msmoe --budget 0.8,0.65 --methods msmoe,msmoe-restricted $TASKS --peak-rss $COMMON ;;
-    *) echo "unknown run $run (methods | quantized | ablations | msmoe)" >&2; exit 2 ;;
+    reap)      cdmoe compare demo/model --out runs/compare-reap --budget 0.8,0.65 --methods expert-drop,reap $TASKS --peak-rss $COMMON ;;
+    *) echo "unknown run $run (methods | quantized | ablations | msmoe | reap)" >&2; exit 2 ;;
   esac
   mkdir -p docs/compare/$run
   cp runs/compare-$run/compare.md runs/compare-$run/compare.json runs/compare-$run/compare.png docs/compare/$run/

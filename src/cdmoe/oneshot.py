@@ -7,25 +7,38 @@
     scores = cdmoe.evaluate("out/", tasks="paper")
 
 Every keyword is the CLI option of the same name; each function returns the record or result
-the command writes. ``trust_remote_code=True`` is ``--trust-remote-code`` for that call.
+the command writes. ``trust_remote_code=True`` is ``--trust-remote-code`` for that call. Every
+argument is checked against its annotation when the call enters (:func:`cdmoe.io.arguments.checked`):
+a wrong type or value raises :class:`cdmoe.CdmoeError` (a ``ValueError``) naming the argument.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
-from torch import nn
+from transformers import PreTrainedModel
 
+from .io.arguments import checked
 from .io.remote_code import trust_remote_code as _trust
+from .models.placement import matmul_precision
 
 __all__ = ["baseline", "compare", "condense", "evaluate", "sweep"]
 
 
-def condense(model: str | Path | nn.Module, out: str | Path, *, layers: int, experts: int | None = None,
+@contextlib.contextmanager
+def _context(trust_remote_code: bool, dtype: str | None):
+    """What a CLI command sets for its whole run: the trust decision and the matmul precision (``dtype="tf32"``)."""
+    with _trust(trust_remote_code), matmul_precision(dtype):
+        yield
+
+
+@checked
+def condense(model: str | Path | PreTrainedModel, out: str | Path, *, layers: int, experts: int | None = None,
              shared_only: bool = False, calib: str = "c4", samples: int = 100, seq_len: int = 512, seed: int = 0,
              metric: str = "js", final: str = "hidden", expert_selector: str = "greedy", layer_selector: str = "greedy",
              batch_size: int = 8, eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto",
-             mode: str = "auto", device: str = "cpu", quantize: str | None = None, activations: str = "auto",
+             mode: str = "auto", device: str = "auto", quantize: str | None = None, activations: str = "auto",
              force: bool = False, tokenizer=None, trust_remote_code: bool = False, progress: bool = False) -> dict:
     """Condense ``layers`` MoE layers of ``model`` with CD-MoE (Eq. 2, Algorithms 1 and 2) and save to
     ``out``; return the record (``cdmoe.json``).
@@ -43,15 +56,15 @@ def condense(model: str | Path | nn.Module, out: str | Path, *, layers: int, exp
                            batch_size=batch_size, expert_selector=expert_selector, layer_selector=layer_selector,
                            seed=seed)
     spec = CalibSpec(calib, samples, seq_len, seed)
-    with _trust(trust_remote_code):
-        if isinstance(model, nn.Module):
+    with _context(trust_remote_code, dtype):
+        if isinstance(model, PreTrainedModel):
             return _condense_loaded(model, out, search, spec, tokenizer, force)
         return run_condense(model, out, search, spec, EvalOptions(text=eval_text, max_tokens=eval_tokens), dtype=dtype,
                             force=force, show_progress=progress, mode=mode, device=device, quantize=quantize,
                             activations=activations)
 
 
-def _condense_loaded(model: nn.Module, out, search, calib, tokenizer, force: bool) -> dict:
+def _condense_loaded(model: PreTrainedModel, out, search, calib, tokenizer, force: bool) -> dict:
     """The in-memory path of :func:`condense` for a model the caller has loaded."""
     from .checkpoint.record import condense_layers
     from .checkpoint.writer import check_output_dir, save
@@ -75,38 +88,45 @@ def _condense_loaded(model: nn.Module, out, search, calib, tokenizer, force: boo
     return record
 
 
+@checked
 def evaluate(model: str | Path, *, tasks: str = "paper", task_text: str | None = None, limit: int | None = None,
-             batch_size: str = "auto", out: str | Path | None = None, dtype: str = "auto", ppl_text: str | None = None,
+             batch_size: int | str = "auto", out: str | Path | None = None, dtype: str = "auto",
+             ppl_text: str | None = None,
              ppl_seq_len: int = 512, ppl_stride: int | None = None, ppl_tokens: int | None = None, force: bool = False,
-             trust_remote_code: bool = False) -> dict:
+             device: str = "auto", trust_remote_code: bool = False, backend: str = "hf",
+             vllm_python: str | None = None, tensor_parallel_size: int | None = None,
+             max_model_len: int | None = None) -> dict:
     """``cdmoe eval``: lm-evaluation-harness tasks (the paper's 8 by default; ``tasks="none"`` skips them)
     and held-out perplexity on ``ppl_text``; writes ``out`` (default ``./eval.json``) and returns the result."""
     from .evaluation.lmeval import run_eval
 
-    with _trust(trust_remote_code):
+    with _context(trust_remote_code, dtype):
         return run_eval(model, tasks, task_text, limit, str(batch_size), out, dtype, ppl_text, ppl_seq_len, ppl_stride,
-                        ppl_tokens, force=force)
+                        ppl_tokens, force=force, backend=backend, vllm_python=vllm_python,
+                        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, device=device)
 
 
+@checked
 def compare(model: str | Path, out: str | Path, *, budgets: list[float], methods: str = "default", calib: str = "c4",
             samples: int = 100, seq_len: int = 512, seed: int = 0, eval_text: str | None = None,
             eval_tokens: int = 50_000, tasks: str | None = None, task_text: str | None = None, dtype: str = "auto",
-            peak_rss: bool = False, force: bool = False, trust_remote_code: bool = False) -> dict:
+            peak_rss: bool = False, force: bool = False, device: str = "auto", trust_remote_code: bool = False) -> dict:
     """``cdmoe compare``: every method at matched memory ``budgets``, each point saved and scored from disk."""
     from .comparison.compare import compare as run_compare
     from .comparison.compare import parse_methods
     from .search.calibration import CalibSpec
 
-    with _trust(trust_remote_code):
+    with _context(trust_remote_code, dtype):
         return run_compare(model, out, list(budgets), parse_methods(methods), CalibSpec(calib, samples, seq_len, seed),
                            eval_text=eval_text, eval_tokens=eval_tokens, tasks=tasks, task_text=task_text, dtype=dtype,
-                           force=force, measure_rss=peak_rss, progress=lambda message: None)
+                           force=force, measure_rss=peak_rss, progress=lambda message: None, device=device)
 
 
+@checked
 def sweep(model: str | Path, out: str | Path, *, layers: list[int], experts: int | None = None, calib: str = "c4",
           samples: int = 100, seq_len: int = 512, seed: int = 0, metric: str = "js", final: str = "hidden",
           eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto", force: bool = False,
-          trust_remote_code: bool = False) -> dict:
+          device: str = "auto", trust_remote_code: bool = False) -> dict:
     """``cdmoe sweep``: one search, a condensed output per N in ``layers`` and a report; returns the report."""
     from .comparison.sweep import sweep as run_sweep
     from .methods.condense import EvalOptions
@@ -114,20 +134,21 @@ def sweep(model: str | Path, out: str | Path, *, layers: list[int], experts: int
     from .search.run import SearchOptions
 
     options = SearchOptions(layers=max(layers, default=1), experts=experts, metric=metric, final=final)
-    with _trust(trust_remote_code):
+    with _context(trust_remote_code, dtype):
         return run_sweep(model, out, list(layers), options, CalibSpec(calib, samples, seq_len, seed),
-                         EvalOptions(text=eval_text, max_tokens=eval_tokens), dtype=dtype, force=force)
+                         EvalOptions(text=eval_text, max_tokens=eval_tokens), dtype=dtype, force=force, device=device)
 
 
+@checked
 def baseline(method: str, model: str | Path, out: str | Path, *, layers: int | None = None,
              keep_experts: int | None = None, quantize: str | None = None, calib: str = "c4", samples: int = 100,
              seq_len: int = 512, seed: int = 0, eval_text: str | None = None, eval_tokens: int = 50_000,
-             dtype: str = "auto", force: bool = False, trust_remote_code: bool = False) -> dict:
-    """``cdmoe baseline``: ``layer-drop``, ``block-drop``, ``expert-drop``, ``msmoe``, ``msmoe-restricted`` or ``slim`` as an output directory."""
+             dtype: str = "auto", force: bool = False, device: str = "auto", trust_remote_code: bool = False) -> dict:
+    """``cdmoe baseline``: ``layer-drop``, ``block-drop``, ``expert-drop``, ``reap``, ``msmoe``, ``msmoe-restricted`` or ``slim`` as an output directory."""
     from .methods.baselines import BaselineOptions, run_baseline
     from .search.calibration import CalibSpec
 
-    with _trust(trust_remote_code):
+    with _context(trust_remote_code, dtype):
         return run_baseline(model, out, BaselineOptions(method, layers=layers, keep_experts=keep_experts,
                                                         quantize=quantize), CalibSpec(calib, samples, seq_len, seed),
-                            eval_text=eval_text, eval_tokens=eval_tokens, dtype=dtype, force=force)
+                            eval_text=eval_text, eval_tokens=eval_tokens, dtype=dtype, force=force, device=device)

@@ -1,21 +1,25 @@
-"""cdmoe compare: matched budgets, every point written and scored from disk."""
+"""cdmoe compare: a budget is a ceiling (each method's largest setting that fits), every point written and
+scored from disk, the measured memory beside each score."""
 
 import json
 
 import pytest
 from conftest import DEMO_CALIB, DEMO_TEXT
 
-from cdmoe.comparison.compare import compare, parse_methods
+from cdmoe.comparison.budgets import largest_fitting
+from cdmoe.comparison.compare import compare, markdown_table, parse_methods
 from cdmoe.errors import CdmoeError
 from cdmoe.evaluation.measure import disk_bytes
 from cdmoe.evaluation.perplexity import perplexity, token_stream
+from cdmoe.models.budget import model_params
 from cdmoe.models.loading import load_model, load_tokenizer
+from cdmoe.models.plan import plan
 from cdmoe.search.calibration import CalibSpec
 
 
 def test_parse_methods():
     names = [m.name for m in parse_methods("default")]
-    assert "cd-moe" in names and "slim-int4" in names and "layer-drop+int4" in names
+    assert "cd-moe" in names and "slim-int4" in names and "layer-drop+int4" in names and "reap" in names
     by_name = {m.name: m for m in parse_methods("cd-moe-s,cd-moe:l1,cd-moe:layer-rank,cd-moe:kl,slim-int8,cd-moe+int4")}
     assert by_name["cd-moe-s"].search == {"experts": 0}
     assert by_name["cd-moe:l1"].search == {"expert_selector": "l1"}
@@ -23,28 +27,68 @@ def test_parse_methods():
     assert by_name["cd-moe:kl"].search == {"metric": "kl"}
     assert by_name["slim-int8"].base == "slim" and by_name["slim-int8"].quantize == "int8"
     assert by_name["cd-moe+int4"].base == "cd-moe" and by_name["cd-moe+int4"].quantize == "int4"
+    reap = parse_methods("reap+int4")[0]
+    assert (reap.base, reap.knob, reap.quantize) == ("reap", "keep_experts", "int4")
     with pytest.raises(CdmoeError, match="unknown"):
         parse_methods("cd-moe:bogus")
 
 
-def test_compare_writes_matched_points(tiny_model_dir, tmp_path):
+def test_largest_fitting_is_a_ceiling():
+    ratios = {1: 0.90, 2: 0.81, 3: 0.70, 4: 0.60}
+    assert largest_fitting(ratios, 0.8) == 3  # the closest, 2 (81%), would exceed the budget
+    assert largest_fitting(ratios, 0.70) == 3  # equal fits
+    assert largest_fitting(ratios, 0.55) is None
+    assert largest_fitting({5: 0.7, 6: 0.7, 7: 0.8}, 0.75) == 5  # ties: the lower setting
+
+
+def test_compare_writes_the_largest_point_under_each_budget(tiny_model_dir, tmp_path):
     out = tmp_path / "cmp"
-    result = compare(tiny_model_dir, out, [0.8], parse_methods("cd-moe,layer-drop,expert-drop"),
+    budget = 0.8  # Layer Drop's closest setting, N=1, is 82.4% of the bytes: over it
+    result = compare(tiny_model_dir, out, [budget], parse_methods("cd-moe,layer-drop,expert-drop,reap"),
                      CalibSpec(str(DEMO_CALIB), 4, 32, 0), eval_text=str(DEMO_TEXT), eval_tokens=2000,
                      progress=lambda msg: None)
     saved = json.loads((out / "compare.json").read_text())
     assert (out / "compare.md").exists() and (out / "compare.png").exists()
     rows = {r["method"]: r for r in saved["rows"]}
-    assert set(rows) == {"original", "cd-moe", "layer-drop", "expert-drop"}
+    assert set(rows) == {"original", "cd-moe", "layer-drop", "expert-drop", "reap"}
+    params = model_params(load_model(tiny_model_dir))
+    moe = params.moe_layer_ids
+    ratio = {  # predicted ratio of a setting, from the parameter counts
+        "cd-moe": lambda n: plan(tiny_model_dir, layers=n)["memory_ratio"],
+        "layer-drop": lambda n: params.layer_dropped_total(moe[:n]) / params.total,
+        "expert-drop": lambda e: params.experts_reduced_total(e) / params.total,
+    }
+    ratio["reap"] = ratio["expert-drop"]
     original = disk_bytes(tiny_model_dir)
-    for name in ("cd-moe", "layer-drop", "expert-drop"):
+    table = (out / "compare.md").read_text()
+    for name in ("cd-moe", "layer-drop", "expert-drop", "reap"):
         row = rows[name]
+        assert row["predicted_ratio"] == pytest.approx(ratio[name](row["knob"]), abs=1e-12)
+        assert row["predicted_ratio"] <= budget
+        step = 1 if name in ("cd-moe", "layer-drop") else -1  # the next larger setting no longer fits
+        assert ratio[name](row["knob"] - step) > budget
         assert row["memory_ratio"] == pytest.approx(disk_bytes(out / row["dir"]) / original)
-        assert row["budgets"] == [0.8]
+        assert row["over_budgets"] == ([budget] if row["memory_ratio"] > budget else [])
+        assert f"| {100 * row['memory_ratio']:.1f}%{' **over**' if row['over_budgets'] else ''} |" in table
+        assert row["budgets"] == [budget]
         stream = token_stream(load_tokenizer(tiny_model_dir), str(DEMO_TEXT), 2000)  # scored from disk, as a user loads it
         assert row["ppl"] == pytest.approx(perplexity(load_model(out / row["dir"]), stream, 32), rel=1e-5)
         assert abs(row["predicted_ratio"] - row["memory_ratio"]) < 0.02  # the plan predicts the real bytes
-    assert result["rows"][0]["memory_ratio"] == 1.0
+    assert result["rows"][0]["memory_ratio"] == 1.0 and saved["unfit"] == []
+    assert rows["layer-drop"]["knob"] == 2 and rows["reap"]["knob"] == rows["expert-drop"]["knob"]
+
+
+def test_table_marks_points_over_budget_and_methods_that_do_not_fit():
+    row = {"knob": None, "budgets": [0.5], "active_params": 1e6, "speedup": 1.0, "ppl": 10.0}
+    result = {"model": "m", "budgets": [0.5], "rows": [
+        {**row, "method": "original", "budgets": [], "memory_ratio": 1.0},
+        {**row, "method": "a", "knob": 3, "knob_name": "layers", "memory_ratio": 0.49, "over_budgets": []},
+        {**row, "method": "b", "knob": 4, "knob_name": "keep_experts", "memory_ratio": 0.503, "over_budgets": [0.5]}],
+        "unfit": [{"method": "slim-int8", "budget": 0.5, "smallest_predicted_ratio": 0.696}]}
+    lines = markdown_table(result).splitlines()
+    assert "| a | N=3 | 1.00M | 49.0% | 1.00x | 10.00 |" in lines
+    assert "| b | E'=4 | 1.00M | 50.3% **over** | 1.00x | 10.00 |" in lines
+    assert "| slim-int8 | none fits | - | smallest setting: 69.6% (predicted) | - | - |" in lines
 
 
 def test_compare_peak_rss_and_tasks_columns(tiny_model_dir, tmp_path):
@@ -77,3 +121,42 @@ def test_compare_task_scores_equal_cdmoe_eval(tiny_model_dir, tmp_path):
         for task, value in direct.items():
             assert row["tasks"][task] == pytest.approx(value, rel=1e-4)
     assert "cdmoe_demo_cloze (%)" in (out / "compare.md").read_text()
+
+
+def test_compare_without_eval_text_or_tasks_scores_what_it_measured(tiny_model_dir, tmp_path):
+    """As the README's synopsis writes it (no --eval-text, no --tasks): every point was built, then the plot
+    crashed ("Number of columns must be a positive integer, not 0") and nothing was written. Now the table
+    has the measured memory and speed-up, the plot the speed-up against memory."""
+    from typer.testing import CliRunner
+
+    from cdmoe.cli import app
+
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", str(tiny_model_dir), "--out", str(out), "--budget", "0.9",
+                                      "--methods", "layer-drop", "--calib", str(DEMO_CALIB), "--samples", "2",
+                                      "--seq-len", "16"])
+    assert result.exit_code == 0, result.output
+    original, point = json.loads((out / "compare.json").read_text())["rows"]
+    assert point["method"] == "layer-drop" and "ppl" not in point and "tasks" not in point
+    assert point["memory_ratio"] == pytest.approx(disk_bytes(out / point["dir"]) / disk_bytes(tiny_model_dir))
+    assert point["speedup"] > 0 and original["speedup"] == 1.0
+    assert f"| layer-drop | N={point['knob']} |" in (out / "compare.md").read_text()
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("job", ["compare", "sweep"])
+def test_unreadable_calibration_is_refused_before_the_weights_load(tiny_model_dir, tmp_path, monkeypatch, job):
+    import cdmoe.comparison.compare as compare_module
+    import cdmoe.comparison.sweep as sweep_module
+    from cdmoe.search.run import SearchOptions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    module = compare_module if job == "compare" else sweep_module
+    monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    calib = CalibSpec("no-such-org/no-such-dataset", 4, 32, 0)
+    with pytest.raises(CdmoeError, match="cannot read calibration dataset"):
+        if job == "compare":
+            compare(tiny_model_dir, tmp_path / "out", [0.8], parse_methods("expert-drop"), calib)
+        else:
+            sweep_module.sweep(tiny_model_dir, tmp_path / "out", [1], SearchOptions(layers=1), calib)
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,8 @@ METHOD_TEXT = {
     "layer-drop": "Layer Drop (He et al., 2406.02500): the sparse MoE sub-layers listed in `cdmoe.json` were removed",
     "block-drop": "Block Drop (He et al., 2406.02500): the decoder layers listed in `cdmoe.json` were removed",
     "expert-drop": "Expert Drop: every MoE layer keeps the routed experts with the highest routing scores, router restricted to them",
+    "reap": "REAP (Lasby et al., 2510.13999): every MoE layer keeps the routed experts with the highest mean gate x "
+            "output norm over the calibration tokens routed to them, router restricted to them",
     "msmoe": "M-SMoE (Li et al., 2310.01334), as its reference code MC-SMoE runs it: each MoE layer's experts were merged "
              "into groups by routing-policy grouping, the number of groups per layer set by a global usage threshold; the "
              "full router is kept and every expert's id routes to its group's merged expert",

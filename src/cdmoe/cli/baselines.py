@@ -11,6 +11,7 @@ from rich.table import Table
 from ..errors import CdmoeError
 from .options import (
     Calib,
+    Device,
     Dtype,
     EvalText,
     EvalTokens,
@@ -28,14 +29,17 @@ from .options import (
 
 @_friendly
 def baseline(
-    method: Annotated[str, typer.Argument(help="layer-drop | block-drop | expert-drop | msmoe | msmoe-restricted | slim")],
+    method: Annotated[
+        str, typer.Argument(help="layer-drop | block-drop | expert-drop | reap | msmoe | msmoe-restricted | slim")
+    ],
     model: Annotated[str, typer.Argument(help="model directory or hub id")],
     out: Annotated[Path, typer.Option(help="output directory (must not exist, unless --force)")],
     layers: Annotated[
         Optional[int], typer.Option(help="N layers (layer-drop) or decoder blocks (block-drop) to drop")
     ] = None,
     keep_experts: Annotated[
-        Optional[int], typer.Option(help="E' routed experts kept per layer (expert-drop, msmoe-restricted; msmoe: the average)")
+        Optional[int],
+        typer.Option(help="E' routed experts kept per layer (expert-drop, reap, msmoe-restricted; msmoe: the average)"),
     ] = None,
     quantize: Quantize = None,
     calib: Calib = "c4",
@@ -43,12 +47,13 @@ def baseline(
     seq_len: SeqLen = 512,
     seed: Seed = 0,
     dtype: Dtype = "auto",
+    device: Device = "auto",
     eval_text: EvalText = None,
     eval_tokens: EvalTokens = 50_000,
     force: Force = False,
     trust_remote_code: TrustCode = False,
 ):
-    """Run a baseline (Layer/Block Drop, Expert Drop, M-SMoE, Expert Slimming) and save it like condense."""
+    """Run a baseline (Layer/Block Drop, Expert Drop, REAP, M-SMoE, Expert Slimming) and save it like condense."""
     from ..methods.baselines import BaselineOptions, run_baseline
     from ..search.calibration import CalibSpec
 
@@ -61,6 +66,7 @@ def baseline(
         eval_tokens,
         dtype,
         force,
+        device=device,
     )
     params = record["params"]
     table = Table(title=f"cdmoe baseline {method}")
@@ -79,7 +85,9 @@ def baseline(
 def compare(
     model: Annotated[str, typer.Argument(help="model directory or hub id")],
     out: Annotated[Path, typer.Option(help="output directory: compare.md/.json/.png and points/")],
-    budget: Annotated[str, typer.Option(help="memory ratios (weight bytes / original), e.g. 0.8,0.6")],
+    budget: Annotated[
+        str, typer.Option(help="memory ratios (weight bytes / original), e.g. 0.8,0.6; each a ceiling")
+    ],
     methods: Annotated[
         str, typer.Option(help="default | ablations | all | comma-separated names (see cdmoe.comparison.compare)")
     ] = "default",
@@ -99,6 +107,7 @@ def compare(
         ),
     ] = False,
     dtype: Dtype = "auto",
+    device: Device = "auto",
     force: Force = False,
     trust_remote_code: TrustCode = False,
 ):
@@ -125,7 +134,8 @@ def compare(
         force,
         measure_rss=peak_rss,
         task_batch_size=task_batch_size,
-        progress=lambda msg: console.print(msg, highlight=False, markup=False),
+        device=device,
+        progress=lambda msg: console.print(msg, highlight=False),
     )
     print((out / "compare.md").read_text())
     out_console.print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {result['plot']}")

@@ -12,6 +12,7 @@ from .evaluate import print_report
 from .options import (
     Activations,
     Calib,
+    Device,
     Dtype,
     EvalText,
     EvalTokens,
@@ -41,13 +42,14 @@ def apply(
     record: Annotated[Path, typer.Argument(help="a cdmoe.json record (or an output directory holding one)")],
     out: Annotated[Path, typer.Option(help="output directory")],
     dtype: Dtype = "auto",
+    device: Device = "auto",
     force: Force = False,
     trust_remote_code: TrustCode = False,
 ):
     """Apply the layers/experts/gates of an earlier record to a model and save it (no search)."""
     from ..methods.apply import apply_record
 
-    result = apply_record(model, record, out, dtype=dtype, force=force)
+    result = apply_record(model, record, out, dtype=dtype, force=force, device=device)
     out_console.print(f"wrote {result}")
 
 
@@ -74,9 +76,7 @@ def condense(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     quantize: Quantize = None,
     mode: Mode = "auto",
-    device: Annotated[
-        str, typer.Option(help="cpu | cuda | cuda:N | auto (several GPUs: accelerate device map)")
-    ] = "cpu",
+    device: Device = "auto",
     activations: Activations = "auto",
     activations_dir: Annotated[
         Optional[Path],
@@ -147,6 +147,7 @@ def finetune(
     eval_text: EvalText = None,
     eval_tokens: EvalTokens = 50_000,
     dtype: Dtype = "auto",
+    device: Device = "auto",
     force: Force = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     trust_remote_code: TrustCode = False,
@@ -186,6 +187,7 @@ def finetune(
         force=force,
         show_progress=not quiet,
         log=out_console.print,
+        device=device,
     )
     ft = record["finetune"]
     out_console.print(
@@ -210,6 +212,7 @@ def sweep(
     eval_text: EvalText = None,
     eval_tokens: EvalTokens = 50_000,
     dtype: Dtype = "auto",
+    device: Device = "auto",
     force: Force = False,
     trust_remote_code: TrustCode = False,
 ):
@@ -231,6 +234,7 @@ def sweep(
         EvalOptions(text=eval_text, max_tokens=eval_tokens),
         dtype=dtype,
         force=force,
+        device=device,
     )
     print_report(report, out / "report")
 

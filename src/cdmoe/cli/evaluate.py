@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import CdmoeError
-from .options import Dtype, TrustCode, _friendly, out_console
+from .options import Device, Dtype, TrustCode, _friendly, out_console
 
 
 @_friendly
@@ -22,6 +22,7 @@ def eval_cmd(
     batch_size: Annotated[str, typer.Option(help="lm-eval batch size, or auto")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="results JSON (default: ./eval.json)")] = None,
     dtype: Dtype = "auto",
+    device: Device = "auto",
     ppl_text: Annotated[
         Optional[str], typer.Option(help="also: perplexity on this text (.txt/.jsonl/.parquet or HF name:config:split)")
     ] = None,
@@ -29,13 +30,21 @@ def eval_cmd(
     ppl_stride: Annotated[
         Optional[int], typer.Option(help="perplexity stride (default: the window; non-overlapping)")
     ] = None,
-    ppl_tokens: Annotated[Optional[int], typer.Option(help="max tokens of --ppl-text")] = None,
+    ppl_tokens: Annotated[
+        Optional[int], typer.Option(help="max tokens of --ppl-text (default or 0: the whole text)")
+    ] = None,
     force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
     backend: Annotated[
         str, typer.Option(help="hf: transformers in this process | vllm: lm-eval's vLLM model in the vLLM venv")
     ] = "hf",
     vllm_python: Annotated[
         Optional[str], typer.Option(help="Python of the vLLM venv (default: $CDMOE_VLLM_PYTHON, .venv-vllm/bin/python)")
+    ] = None,
+    tensor_parallel_size: Annotated[
+        Optional[int], typer.Option(help="--backend vllm: GPUs to shard the model over (default 1)")
+    ] = None,
+    max_model_len: Annotated[
+        Optional[int], typer.Option(help="--backend vllm: context length of vLLM's KV cache (default: the model's)")
     ] = None,
     trust_remote_code: TrustCode = False,
 ):
@@ -57,6 +66,9 @@ def eval_cmd(
         force=force,
         backend=backend,
         vllm_python=vllm_python,
+        device=device,
+        tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_model_len,
     )
     table = Table(title=f"cdmoe eval: {model}")
     table.add_column("task")
@@ -73,6 +85,7 @@ def measure(
     original: Annotated[Path, typer.Argument(help="original model directory")],
     condensed: Annotated[Path, typer.Argument(help="condensed output directory")],
     dtype: Annotated[str, typer.Option(help="dtype to load both in (or auto: the checkpoint's)")] = "float32",
+    device: Annotated[str, typer.Option(help="auto | cpu (peak RSS) | cuda | cuda:N (also peak GPU memory)")] = "auto",
     repeats: Annotated[int, typer.Option(help="fresh processes per model; the median peak is reported")] = 3,
     out: Annotated[Path, typer.Option(help="results JSON")] = Path("memory.json"),
     force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
@@ -81,11 +94,13 @@ def measure(
     """Measured memory: bytes on disk and peak RSS loading + running each model (fresh process each)."""
     from ..evaluation.measure import measure_memory
     from ..io.output_dir import check_output_file, write_output_file
+    from ..models.placement import resolve_device
 
+    device = str(resolve_device(device))
     if repeats < 1:
         raise CdmoeError(f"--repeats must be at least 1, got {repeats}")
     check_output_file(out, force, inputs=(original, condensed))
-    result = measure_memory(original, condensed, dtype, repeats)
+    result = measure_memory(original, condensed, dtype, repeats, device=device)
     write_output_file(out, json.dumps(result, indent=2) + "\n")
     table = Table(title="cdmoe measure")
     for col in ("", "original", "condensed", "ratio"):
@@ -94,7 +109,11 @@ def measure(
         ("disk_bytes", "weights on disk"),
         ("load_bytes", "peak RSS after load"),
         ("load_and_run_bytes", "peak RSS load + forward"),
+        ("device_load_bytes", f"peak {device} memory after load"),
+        ("device_load_and_run_bytes", f"peak {device} memory load + forward"),
     ):
+        if key not in result["original"]:
+            continue
         table.add_row(
             label,
             f"{result['original'][key] / 2**20:.1f} MiB",
@@ -108,12 +127,13 @@ def measure(
 @_friendly
 def report(
     dirs: Annotated[list[Path], typer.Argument(help="cdmoe output directories")],
-    out: Annotated[Path, typer.Option(help="where report.json and the plots go")] = Path("report"),
+    out: Annotated[Path, typer.Option(help="output directory for report.json and the plots")] = Path("report"),
+    force: Annotated[bool, typer.Option(help="replace --out if an earlier report is there")] = False,
 ):
     """Gather condense records and evaluations of output directories into report.json and PNG plots."""
-    from ..comparison.report import build_report
+    from ..comparison.report import write_report
 
-    print_report(build_report(dirs, out), out)
+    print_report(write_report(dirs, out, force), out)
 
 
 def print_report(result: dict, out: Path) -> None:

@@ -7,11 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import CdmoeError
 
-console = Console(stderr=True)
-out_console = Console()
+# markup off: messages, paths and hints hold brackets (pip install 'cdmoe[quant]') that rich would eat as tags
+console = Console(stderr=True, markup=False)
+out_console = Console(markup=False)
 
 # options shared by several commands
 Experts = Annotated[Optional[int], typer.Option(help="K routed experts kept per layer (default: top-k)")]
@@ -23,8 +25,11 @@ Seed = Annotated[int, typer.Option(help="calibration sampling seed")]
 Metric = Annotated[str, typer.Option(help="search metric: js | kl | ppl")]
 Final = Annotated[str, typer.Option(help="final-output distribution for layer search: hidden | logits")]
 EvalText = Annotated[Optional[str], typer.Option(help="held-out text for perplexity before/after")]
-EvalTokens = Annotated[int, typer.Option(help="max tokens of --eval-text")]
-Dtype = Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32")]
+EvalTokens = Annotated[int, typer.Option(help="max tokens of --eval-text (0: the whole text)")]
+Dtype = Annotated[str, typer.Option(help="compute dtype: auto (the checkpoint's on a GPU, fp32 on CPU) | bf16 | fp16 | "
+                                          "fp32 | tf32 (fp32 with TF32 matmuls on a GPU)")]
+Device = Annotated[str, typer.Option(help="auto (GPU if present, else CPU; several GPUs: the model spread over all) | "
+                                           "cpu | cuda | cuda:N")]
 Force = Annotated[bool, typer.Option(help="replace the output if it exists")]
 ExpertSelector = Annotated[str, typer.Option(help="greedy (Alg. 1) | random | l1 | frequency | pl-alpha-hill")]
 LayerSelector = Annotated[str, typer.Option(help="greedy (Alg. 2) | layer-rank | global-layer-rank")]
@@ -56,17 +61,19 @@ def _experts(experts: int | None, shared_only: bool) -> int | None:
 
 
 def _friendly(fn):
-    """Turn a CdmoeError into a one-line message and exit code 2; apply ``--trust-remote-code`` to every load."""
+    """Turn a CdmoeError into a one-line message and exit code 2; apply ``--trust-remote-code`` to every load
+    and ``--dtype tf32`` (TF32 matmuls on a GPU) to the whole command."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from ..io.remote_code import trust_remote_code
+        from ..models.placement import matmul_precision
 
         try:
-            with trust_remote_code(kwargs.get("trust_remote_code", False)):  # one decision for every load
+            with trust_remote_code(kwargs.get("trust_remote_code", False)), matmul_precision(kwargs.get("dtype")):
                 return fn(*args, **kwargs)
         except CdmoeError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            console.print(Text("error:", style="bold red"), str(err), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

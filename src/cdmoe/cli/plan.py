@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .options import (
     Activations,
+    Device,
     Experts,
     Final,
     Metric,
@@ -38,7 +39,7 @@ def plan(
     dtype: Annotated[
         Optional[str], typer.Option(help="dtype of the bytes and of the compute (default: the config's; fp32 on a CPU)")
     ] = None,
-    device: Annotated[str, typer.Option(help="where condense would compute: cpu | cuda | cuda:N | auto")] = "cpu",
+    device: Device = "auto",
     mode: Mode = "auto",
     samples: Samples = 100,
     seq_len: SeqLen = 512,

@@ -3,7 +3,7 @@
 A method's knob is N (condensed or dropped layers, dropped blocks) or E' (experts per layer); the
 ratio is predicted from the parameter accounting alone (:mod:`cdmoe.models.budget`), bf16 weights
 against int8/int4 codes with their scales, so that :func:`cdmoe.comparison.compare.compare` can
-pick the setting closest to each memory budget before anything is run.
+pick, before anything is run, the largest setting that fits each memory budget (a ceiling).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from ..methods.msmoe import global_group_counts, usage_frequencies
 from ..models.budget import ModelParams
 from ..search.selectors import EXPERT_SELECTORS, LAYER_SELECTORS
 
-__all__ = ["ABLATION_METHODS", "DEFAULT_METHODS", "Method", "candidate_ratios", "parse_methods"]
+__all__ = ["ABLATION_METHODS", "DEFAULT_METHODS", "Method", "candidate_ratios", "largest_fitting", "parse_methods"]
 
 
-DEFAULT_METHODS = ("cd-moe", "cd-moe-s", "layer-drop", "block-drop", "expert-drop", "msmoe", "msmoe-restricted",
-                   "slim-int8", "slim-int4", "cd-moe+int4", "layer-drop+int4")
+DEFAULT_METHODS = ("cd-moe", "cd-moe-s", "layer-drop", "block-drop", "expert-drop", "reap", "msmoe",
+                   "msmoe-restricted", "slim-int8", "slim-int4", "cd-moe+int4", "layer-drop+int4")
 ABLATION_METHODS = ("cd-moe:random", "cd-moe:l1", "cd-moe:pl-alpha-hill", "cd-moe:frequency", "cd-moe:layer-rank",
                     "cd-moe:global-layer-rank", "cd-moe:kl", "cd-moe:ppl")
 INT4_BYTES, INT8_BYTES = 0.5 + 4 / 64, 1.0  # bytes per quantised weight (codes + scales)
@@ -29,7 +29,7 @@ INT4_BYTES, INT8_BYTES = 0.5 + 4 / 64, 1.0  # bytes per quantised weight (codes 
 @dataclass(frozen=True)
 class Method:
     name: str
-    base: str  # cd-moe | layer-drop | block-drop | expert-drop | msmoe | msmoe-restricted | slim
+    base: str  # cd-moe | layer-drop | block-drop | expert-drop | reap | msmoe | msmoe-restricted | slim
     search: dict  # SearchOptions overrides of a cd-moe variant
     quantize: str | None = None
 
@@ -67,6 +67,13 @@ def parse_methods(text: str) -> list[Method]:
                 raise CdmoeError(f"unknown quantisation {bits!r} in {name!r}; use +int8 or +int4")
             out.append(Method(name, base, search, bits or None))
     return out
+
+
+def largest_fitting(cands: dict[int, float], budget: float) -> int | None:
+    """The setting whose predicted ratio is the largest that does not exceed ``budget`` (ties: the lower
+    setting), or None when even the smallest is over: a budget is a ceiling, never a target to get near."""
+    fits = [knob for knob, ratio in cands.items() if ratio <= budget]
+    return max(fits, key=lambda knob: (cands[knob], -knob)) if fits else None
 
 
 def _bytes_ratio(params: ModelParams, total_after: int, targets: int, quantize: str | None) -> float:

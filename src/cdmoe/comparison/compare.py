@@ -1,9 +1,11 @@
 """``cdmoe compare``: CD-MoE, its ablations and the baselines at matched memory budgets.
 
-For every memory budget (weights on disk / original's) each method gets the setting of
-its knob (N condensed or dropped layers, E' experts per layer) whose *predicted* ratio is
-closest; quantisation-only methods have one setting. Every point is written as a normal
-output directory, reloaded from disk as a user would, and scored the same way: held-out
+A memory budget (weights on disk / original's) is a ceiling: each method gets the setting of
+its knob (N condensed or dropped layers, E' experts per layer) with the largest *predicted*
+ratio that does not exceed it (none, and a table row saying so, when even its smallest setting
+is over); quantisation-only methods have one setting. The table shows each point's *measured*
+ratio and marks it **over** when the written bytes exceed the budget. Every point is written as
+a normal output directory, reloaded from disk as a user would, and scored the same way: held-out
 perplexity, optional lm-eval tasks, prefill speed relative to the original (timed in the
 same run, interleaved), the measured ratio of weight bytes and, optionally, peak resident
 memory loading and running it (a fresh process per point, :func:`cdmoe.evaluation.measure.peak_rss`). One calibration set and one
@@ -13,7 +15,7 @@ for N layers is a prefix of the order for more).
 Method names: ``cd-moe`` (greedy experts K = top-k and layers), ``cd-moe-s`` (shared
 experts only), ``cd-moe:VARIANT`` with VARIANT an expert selector (random, l1,
 pl-alpha-hill, frequency), a layer selector (layer-rank, global-layer-rank) or a metric
-(kl, ppl); ``layer-drop``, ``block-drop``, ``expert-drop``, ``msmoe`` (E' is the average over
+(kl, ppl); ``layer-drop``, ``block-drop``, ``expert-drop``, ``reap``, ``msmoe`` (E' is the average over
 layers), ``msmoe-restricted``; ``slim-int8`` and
 ``slim-int4``; any structural method with ``+int8`` / ``+int4`` appended (condense or drop,
 then quantise).
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,10 @@ import torch
 from ..checkpoint.record import condense_layers
 from ..checkpoint.writer import atomic_output_dir, check_output_dir, save
 from ..errors import CdmoeError
+from ..evaluation.lmeval import check_tasks
 from ..evaluation.measure import disk_bytes, peak_rss
-from ..evaluation.perplexity import perplexity, token_stream
+from ..evaluation.perplexity import perplexity, token_limit, token_stream
+from ..io.write_rule import work_dir
 from ..methods.baselines import (
     BaselineOptions,
     apply_baseline,
@@ -42,61 +45,87 @@ from ..methods.baselines import (
     finish_quantized,
 )
 from ..methods.calib_stats import calibration_stats
+from ..methods.quantize import check_quantize
 from ..models.budget import model_params
 from ..models.input_checks import check_inputs
 from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
+from ..models.placement import resolve_device
 from ..search.calibration import CalibSpec, load_calibration
 from ..search.run import SearchOptions, run_search
-from .budgets import ABLATION_METHODS, DEFAULT_METHODS, Method, candidate_ratios, parse_methods
+from .budgets import ABLATION_METHODS, DEFAULT_METHODS, Method, candidate_ratios, largest_fitting, parse_methods
 
 __all__ = ["DEFAULT_METHODS", "ABLATION_METHODS", "Method", "parse_methods", "compare"]
 
 def _prefill_seconds(models: dict[str, torch.nn.Module], prompts: torch.Tensor, repeats: int = 3) -> dict[str, float]:
-    """Median prefill time of each model, the models interleaved in every repeat."""
+    """Median prefill time of each model, the models interleaved in every repeat (a GPU is synchronised
+    around each pass, so the time is the computation's, not the launch's)."""
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
+            ids = prompts.to(next(model.parameters()).device)
+            _synchronize(ids.device)
             start = time.perf_counter()
             with torch.no_grad():
-                model(input_ids=prompts, use_cache=False)
+                model(input_ids=ids, use_cache=False)
+            _synchronize(ids.device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def compare(model: str | Path, out: str | Path, budgets: list[float], methods: list[Method],
             calib: CalibSpec = CalibSpec(), eval_text: str | None = None, eval_tokens: int = 50_000,
             tasks: str | None = None, task_text: str | None = None, dtype: str = "auto", force: bool = False,
-            measure_rss: bool = False, task_batch_size: int = 32, progress=print) -> dict:
-    """Run ``methods`` at each budget on ``model``; write ``out/compare.{json,md,png}`` and the points."""
+            measure_rss: bool = False, task_batch_size: int = 32, progress=print, device: str = "auto") -> dict:
+    """Run ``methods`` at each budget on ``model`` (computed on ``device``); write ``out/compare.{json,md,png}``
+    and the points. One model is in memory at a time, except while a point's prefill speed is timed against
+    the original (two)."""
     if not budgets or not all(0 < b <= 1 for b in budgets):
         raise CdmoeError("--budget takes memory ratios in (0, 1], e.g. 0.8,0.6")
+    resolve_device(device)
     out = Path(out)
+    token_limit(eval_tokens)
+    for method in methods:  # every optional package the run will need, before any point is computed
+        check_quantize(method.quantize, f"{method.name} in --methods")
+    check_tasks(tasks, task_text)
     check_inputs(model, calib, {"--eval-text": eval_text, "--task-text": task_text})
     inputs = (model, calib.source, eval_text, task_text)
     check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)
-    base = load_model(model, dtype=dtype)
+    calib_ids = load_calibration(tokenizer, calib)  # an unreadable source is refused before the weights load
+    base = load_model(model, dtype=dtype, device=device)
     params = model_params(base)
-    calib_ids = load_calibration(tokenizer, calib)
-    stats = calibration_stats(base, calib_ids)
+    stats = calibration_stats(base, calib_ids, reap=any(m.base == "reap" for m in methods))
+    del base  # every point loads its own copy
     first = params.layers[0]
     plan: dict[tuple[str, int], dict] = {}
+    unfit: list[dict] = []  # (method, budget) pairs where even the smallest setting is over the budget
     for method in methods:
         cands = candidate_ratios(method, params, stats, first.top_k, first.num_experts)
         for budget in budgets:
-            knob = min(cands, key=lambda v: (abs(cands[v] - budget), v))
+            knob = largest_fitting(cands, budget)
+            if knob is None:
+                smallest = min(cands.values(), default=None)
+                unfit.append({"method": method.name, "budget": budget, "smallest_predicted_ratio": smallest})
+                progress(f"[compare] {method.name}: no setting fits {100 * budget:.0f}%"
+                         + (f" (smallest predicted {100 * smallest:.1f}%)" if smallest is not None else ""))
+                continue
             point = plan.setdefault((method.name, knob), {"method": method, "knob": knob, "budgets": [],
                                                           "predicted_ratio": cands[knob]})
             point["budgets"].append(budget)
 
     with atomic_output_dir(out, force, inputs=inputs) as work:  # nothing at ``out`` until every point is written and scored
-        _run_points(model, work, plan, calib_ids, tokenizer, stats, dtype, progress)
+        _run_points(model, work, plan, calib_ids, tokenizer, stats, dtype, progress, device)
         scorer = _Scorer(tokenizer, token_stream(tokenizer, eval_text, eval_tokens) if eval_text else None,
-                         calib.seq_len, tasks, task_text, task_batch_size, dtype if measure_rss else None)
-        rows = _evaluate(model, work, plan, scorer, dtype, progress)
+                         calib.seq_len, tasks, task_text, task_batch_size, dtype if measure_rss else None, device)
+        rows = _evaluate(model, work, plan, scorer, dtype, progress, device)
         result = {"model": str(model), "budgets": budgets, "calibration": calib.to_dict(), "eval_text": eval_text,
                   "eval_tokens": eval_tokens, "tasks": tasks, "task_batch_size": task_batch_size,
-                  "peak_rss_dtype": dtype if measure_rss else None, "rows": rows}
+                  "peak_rss_dtype": dtype if measure_rss else None, "rows": rows, "unfit": unfit}
         (work / "compare.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         (work / "compare.md").write_text(markdown_table(result))
         plot_compare(result, work / "compare.png")
@@ -104,7 +133,7 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
     return result
 
 
-def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtype, progress) -> None:
+def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtype, progress, device) -> None:
     """Write every planned point to ``work/points/...`` (its ``dir`` is relative to ``work``)."""
     searches: dict[str, object] = {}
     for (name, knob), point in plan.items():
@@ -114,7 +143,7 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
         progress(f"[compare] {name}{setting}: predicted memory {100 * point['predicted_ratio']:.1f}% for budget {budgets}")
         point["dir"] = f"points/{name.replace(':', '_').replace('+', '_')}-{knob}"
         path = work / point["dir"]
-        loaded = load_model(model, dtype=dtype)
+        loaded = load_model(model, dtype=dtype, device=device)
         if method.base == "cd-moe":
             largest = max(k for (n, k) in plan if n == name)
             if name not in searches:
@@ -147,6 +176,7 @@ class _Scorer:
     task_text: str | None
     task_batch_size: int
     rss_dtype: str | None  # dtype to measure peak RSS in, or None to skip
+    device: str = "auto"  # where peak memory is measured (a GPU: its peak too)
 
     def prompts(self) -> torch.Tensor:
         """(4, seq_len) token ids the prefill speed is timed on."""
@@ -160,17 +190,17 @@ class _Scorer:
         if self.stream is not None:
             scores["ppl"] = perplexity(model, self.stream, self.seq_len)
         if self.tasks:
-            with tempfile.TemporaryDirectory(prefix="cdmoe-tasks-") as work:
+            with work_dir("cdmoe-tasks-", "lm-eval task files") as work:
                 names, include = resolve_tasks(self.tasks, self.task_text, Path(work))
                 scores["tasks"] = summarize(evaluate(model, self.tokenizer, names, include,
                                                      batch_size=self.task_batch_size))
         if self.rss_dtype:
-            scores["peak_rss_bytes"] = peak_rss(path, self.rss_dtype)["load_and_run_bytes"]
+            scores["peak_rss_bytes"] = peak_rss(path, self.rss_dtype, device=self.device)["load_and_run_bytes"]
         return scores
 
 
-def _evaluate(model, work: Path, plan, scorer: _Scorer, dtype, progress) -> list[dict]:
-    original = load_model(model, dtype=dtype)
+def _evaluate(model, work: Path, plan, scorer: _Scorer, dtype, progress, device) -> list[dict]:
+    original = load_model(model, dtype=dtype, device=device)
     prompts = scorer.prompts()
     orig_bytes = disk_bytes(model)
     rows = [{"method": "original", "knob": None, "budgets": [], "dir": str(model), "memory_ratio": 1.0,
@@ -179,12 +209,14 @@ def _evaluate(model, work: Path, plan, scorer: _Scorer, dtype, progress) -> list
     for point in plan.values():
         progress(f"[compare] evaluating {point['dir'].removeprefix('points/')}")
         path = work / point["dir"]
-        loaded = load_model(path, dtype=dtype)
+        loaded = load_model(path, dtype=dtype, device=device)
         times = _prefill_seconds({"original": original, "point": loaded}, prompts)
         record = json.loads((path / "cdmoe.json").read_text())
+        ratio = disk_bytes(path) / orig_bytes
         rows.append({"method": point["method"].name, "knob": point["knob"], "knob_name": point["method"].knob,
-                     "budgets": point["budgets"], "dir": point["dir"], "predicted_ratio": point["predicted_ratio"],
-                     "memory_ratio": disk_bytes(path) / orig_bytes, "speedup": times["original"] / times["point"],
+                     "budgets": point["budgets"], "over_budgets": [b for b in point["budgets"] if ratio > b],
+                     "dir": point["dir"], "predicted_ratio": point["predicted_ratio"], "memory_ratio": ratio,
+                     "speedup": times["original"] / times["point"],
                      "active_params": record["params"]["condensed_active_params"], **scorer(loaded, path)})
         del loaded
     if scorer.rss_dtype:
@@ -207,7 +239,9 @@ def markdown_table(result: dict) -> str:
     rows = result["rows"]
     task_names = sorted({t for r in rows for t in (r.get("tasks") or {})})
     rss = all("peak_rss_ratio" in r for r in rows)
-    lines = [f"# cdmoe compare: {result['model']}", ""]
+    lines = [f"# cdmoe compare: {result['model']}", "",
+             "A budget is a ceiling: each method runs its largest setting whose predicted weight bytes fit it. "
+             "memory: the measured weight bytes on disk / the original's; **over**: above the budget.", ""]
     if task_names:
         lines += ["average: mean of the accuracy tasks (not the perplexities)", ""]
     for budget in result["budgets"]:
@@ -221,7 +255,9 @@ def markdown_table(result: dict) -> str:
             setting = "-" if row["knob"] is None else (
                 f"N={row['knob']}" if row.get("knob_name") == "layers" else
                 f"E'={row['knob']}" if row.get("knob_name") == "keep_experts" else "-")
-            cells = [row["method"], setting, f"{row['active_params'] / 1e6:.2f}M", f"{100 * row['memory_ratio']:.1f}%"]
+            over = " **over**" if budget in row.get("over_budgets", ()) else ""
+            cells = [row["method"], setting, f"{row['active_params'] / 1e6:.2f}M",
+                     f"{100 * row['memory_ratio']:.1f}%{over}"]
             cells += [f"{100 * row['peak_rss_ratio']:.0f}% ({row['peak_rss_bytes'] / 2**20:.0f} MiB)"] if rss else []
             cells += [f"{row['speedup']:.2f}x", f"{row['ppl']:.2f}" if row.get("ppl") else "-"]
             cells += [f"{row['tasks'][t]:.2f}" if t in (row.get("tasks") or {}) else "-" for t in task_names]
@@ -229,12 +265,18 @@ def markdown_table(result: dict) -> str:
                 avg = _average(row)
                 cells.append(f"{avg:.2f}" if avg is not None else "-")
             lines.append("| " + " | ".join(cells) + " |")
+        rest = rss + 2 + len(task_names) + bool(task_names)  # cells after the memory column
+        for miss in (m for m in result.get("unfit", ()) if m["budget"] == budget):
+            smallest = miss["smallest_predicted_ratio"]
+            memory = f"smallest setting: {100 * smallest:.1f}% (predicted)" if smallest is not None else "no setting"
+            lines.append(f"| {miss['method']} | none fits | - | {memory} |" + " - |" * rest)
         lines.append("")
     return "\n".join(lines)
 
 
 def plot_compare(result: dict, path: Path) -> Path:
-    """Every method's points against measured memory: perplexity, and average accuracy when tasks ran."""
+    """Every method's points against measured memory: perplexity, and average accuracy when tasks ran (neither
+    scored: the prefill speed-up)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,7 +287,8 @@ def plot_compare(result: dict, path: Path) -> Path:
         by_method.setdefault(row["method"], []).append(row)
     panels = [(lambda r: r.get("ppl"), "held-out perplexity (lower is better)"),
               (_average, "average accuracy (%, higher is better)")]
-    panels = [(value, label) for value, label in panels if any(value(r) is not None for r in result["rows"])]
+    panels = [(value, label) for value, label in panels if any(value(r) is not None for r in result["rows"])] or [
+        (lambda r: r.get("speedup"), "prefill speed-up (x; no --eval-text or --tasks: quality not scored)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     markers = "os^vD<>pPX*hH+x"
     for ax, (value, label) in zip(axes[0], panels):

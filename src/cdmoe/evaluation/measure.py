@@ -38,20 +38,28 @@ def status_kib(field):  # VmHWM: peak RSS, VmRSS: current RSS (Linux); ru_maxrss
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 def rss_kib():
     return status_kib("VmHWM")
-path, dtype, batch, seq, trust = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
-torch.set_num_threads(2)
+path, dtype, batch, seq, trust, device = (sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                                          sys.argv[5] == "1", sys.argv[6])
+gpu = device.startswith("cuda")
+if gpu:
+    torch.cuda.init()  # the CUDA context's host memory counts in the baseline, not in the model's load
+else:
+    torch.set_num_threads(2)
 try:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current RSS
 except OSError:
     pass
 base = status_kib("VmRSS")
-model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust).eval()
+model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust, **({"device_map": {"": device}} if gpu else {})).eval()
 loaded = rss_kib()
+device_loaded = torch.cuda.max_memory_allocated(device) if gpu else 0
 with torch.no_grad():
-    model(input_ids=torch.randint(0, model.config.vocab_size, (batch, seq)))
+    model(input_ids=torch.randint(0, model.config.vocab_size, (batch, seq), device=device))
 ran = rss_kib()
-print(json.dumps({"baseline_kib": base, "after_load_kib": loaded, "after_forward_kib": ran}))
+device_ran = torch.cuda.max_memory_allocated(device) if gpu else 0
+print(json.dumps({"baseline_kib": base, "after_load_kib": loaded, "after_forward_kib": ran,
+                  "device_load_bytes": device_loaded, "device_load_and_run_bytes": device_ran}))
 """
 
 
@@ -64,27 +72,37 @@ def disk_bytes(directory: str | Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def peak_rss(directory: str | Path, dtype: str = "float32", batch: int = 1, seq_len: int = 128) -> dict:
-    """Peak resident memory (bytes) above the import baseline, loading then running the model.
+def peak_rss(directory: str | Path, dtype: str = "float32", batch: int = 1, seq_len: int = 128,
+             device: str = "cpu") -> dict:
+    """Peak resident memory (bytes) above the import baseline, loading then running the model; on a GPU
+    (``device`` cuda or cuda:N, the weights loaded straight onto it) also the GPU's peak allocated bytes.
 
     ``dtype`` is a torch dtype name or ``auto`` (the checkpoint's own).
     """
+    from ..models.placement import resolve_device
+
+    device = str(resolve_device(device))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     from ..io.remote_code import trusted
 
     if not Path(directory).is_dir():
         raise CdmoeError(f"{directory} does not exist or is not a directory; pass a local model directory")
     run = subprocess.run([sys.executable, "-c", _SCRIPT, str(directory), dtype, str(batch), str(seq_len),
-                          "1" if trusted() else "0"], capture_output=True, text=True, env=env)
+                          "1" if trusted() else "0", device], capture_output=True, text=True, env=env)
     if run.returncode != 0:
         raise CdmoeError(f"measuring {directory} failed: {run.stderr.strip().splitlines()[-1]}")
     data = json.loads(run.stdout.strip().splitlines()[-1])
-    return {"load_bytes": 1024 * (data["after_load_kib"] - data["baseline_kib"]),
-            "load_and_run_bytes": 1024 * (data["after_forward_kib"] - data["baseline_kib"])}
+    result = {"load_bytes": 1024 * (data["after_load_kib"] - data["baseline_kib"]),
+              "load_and_run_bytes": 1024 * (data["after_forward_kib"] - data["baseline_kib"])}
+    if device.startswith("cuda"):
+        result.update(device_load_bytes=data["device_load_bytes"], device_load_and_run_bytes=data["device_load_and_run_bytes"])
+    return result
 
 
-def measure_memory(original: str | Path, condensed: str | Path, dtype: str = "float32", repeats: int = 3) -> dict:
-    """Disk bytes and peak RSS of both checkpoints, and their ratios (condensed / original).
+def measure_memory(original: str | Path, condensed: str | Path, dtype: str = "float32", repeats: int = 3,
+                   device: str = "cpu") -> dict:
+    """Disk bytes and peak RSS (and, on a GPU, peak GPU memory) of both checkpoints, and their ratios
+    (condensed / original).
 
     Peak RSS is the median of ``repeats`` fresh processes per checkpoint, alternating between
     the two (it varies by several MiB from run to run).
@@ -92,8 +110,8 @@ def measure_memory(original: str | Path, condensed: str | Path, dtype: str = "fl
     runs: dict[str, list[dict]] = {"original": [], "condensed": []}
     for _ in range(repeats):
         for name, path in (("original", original), ("condensed", condensed)):
-            runs[name].append(peak_rss(path, dtype))
-    out: dict = {"repeats": repeats}
+            runs[name].append(peak_rss(path, dtype, device=device))
+    out: dict = {"repeats": repeats, "device": device}
     for name, path in (("original", original), ("condensed", condensed)):
         out[name] = {"disk_bytes": disk_bytes(path),
                      **{key: statistics.median(r[key] for r in runs[name]) for key in runs[name][0]}}

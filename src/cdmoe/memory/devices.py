@@ -13,23 +13,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CdmoeError
+from ..models.placement import resolve_device  # noqa: F401  (re-exported: where --device is resolved)
 
 __all__ = ["available_bytes", "disk_free_bytes", "host_available_bytes", "resolve_device"]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` as a torch device, with a one-line error if unavailable."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise CdmoeError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or auto") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CdmoeError(f"--device {device} but no CUDA device is available; use --device cpu")
-    if resolved.type not in ("cpu", "cuda"):
-        raise CdmoeError(f"unsupported --device {device!r}; use cpu, cuda, cuda:N or auto")
-    return resolved
 
 
 def available_bytes(device: torch.device) -> int:

@@ -12,6 +12,9 @@
   (cdmoe-format checkpoint; see :mod:`cdmoe.methods.expert_reduce`).
 - ``msmoe-restricted``: variant, E' groups in every layer and the router restricted to the
   dominant experts' rows (native checkpoint).
+- ``reap``: REAP (Lasby et al., ICLR 2026): keep the E' experts with the highest mean
+  gate x output norm over the tokens routed to them, router restricted to them (native
+  checkpoint, see :mod:`cdmoe.methods.reap`).
 - ``slim``: Expert Slimming, weight-only quantisation of the experts (``--quantize``).
 
 Any of the structural methods can be followed by ``--quantize int8|int4`` (the experts and
@@ -30,31 +33,35 @@ from ..checkpoint.record import RECORD_FORMAT, family_name
 from ..checkpoint.writer import check_output_dir, save, write_record
 from ..errors import CdmoeError
 from ..evaluation.measure import disk_bytes
-from ..evaluation.perplexity import perplexity, token_stream
+from ..evaluation.perplexity import perplexity, token_limit, token_stream
 from ..models.adapter import moe_blocks
 from ..models.budget import model_params
 from ..models.input_checks import check_inputs
 from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
+from ..models.placement import resolve_device
 from ..search.calibration import CalibSpec, load_calibration
 from .calib_stats import CalibStats, calibration_stats
 from .expert_drop import expert_drop_plans
-from .expert_reduce import merge_experts, reduce_experts
+from .expert_reduce import check_kept, merge_experts, reduce_experts
 from .layer_drop import drop_blocks, drop_layers, most_similar_first, top_layers
 from .msmoe import msmoe_plans, msmoe_restricted_plans
 from .quantize import check_quantize, layers_quantized, quantize_model, quantized_bytes
+from .reap import reap_plans
 
 __all__ = ["METHODS", "EXPERT_METHODS", "BaselineOptions", "apply_baseline", "baseline_record", "finish_quantized", "most_similar_first",
            "run_baseline"]
 
-METHODS = ("layer-drop", "block-drop", "expert-drop", "msmoe", "msmoe-restricted", "slim")
-EXPERT_METHODS = ("expert-drop", "msmoe", "msmoe-restricted")  # the knob is --keep-experts E'
+METHODS = ("layer-drop", "block-drop", "expert-drop", "reap", "msmoe", "msmoe-restricted", "slim")
+EXPERT_METHODS = ("expert-drop", "reap", "msmoe", "msmoe-restricted")  # the knob is --keep-experts E'
+_EXPERT_PLANS = {"expert-drop": expert_drop_plans, "msmoe-restricted": msmoe_restricted_plans,  # router restricted
+                 "reap": lambda model, stats, kept: reap_plans(model, stats.reap, kept)}
 
 
 @dataclass(frozen=True)
 class BaselineOptions:
     method: str
     layers: int | None = None  # N for layer-drop / block-drop
-    keep_experts: int | None = None  # E' for expert-drop / msmoe-restricted, the average E' for msmoe
+    keep_experts: int | None = None  # E' for expert-drop / reap / msmoe-restricted, the average E' for msmoe
     quantize: str | None = None  # int8 | int4 (required by slim, optional after the others)
     batch_size: int = 8
 
@@ -67,6 +74,10 @@ class BaselineOptions:
             raise CdmoeError(f"{self.method} needs --keep-experts E' (routed experts kept per layer)")
         if self.method == "slim" and self.quantize is None:
             raise CdmoeError("slim needs --quantize int8 or int4")
+        for option, value, users in (("--layers", self.layers, ("layer-drop", "block-drop")),
+                                     ("--keep-experts", self.keep_experts, EXPERT_METHODS)):
+            if value is not None and self.method not in users:
+                raise CdmoeError(f"{self.method} does not use {option} (only {', '.join(users)} do); drop it")
         check_quantize(self.quantize)
         for option, value in (("--layers", self.layers), ("--keep-experts", self.keep_experts)):
             if value is not None and value < 1:
@@ -95,10 +106,12 @@ def apply_baseline(model: nn.Module, stats: CalibStats | None, options: Baseline
                    "predicted_params": params.experts_merged_total(groups)}
         model = merge_experts(model, plans)
     elif options.method in EXPERT_METHODS:
-        make = expert_drop_plans if options.method == "expert-drop" else msmoe_restricted_plans
-        plans = make(model, stats, options.keep_experts)
+        plans = _EXPERT_PLANS[options.method](model, stats, options.keep_experts)
         details = {"keep_experts": options.keep_experts, "plans": [p.to_dict() for p in plans],
                    "predicted_params": params.experts_reduced_total(options.keep_experts)}
+        if options.method == "reap":
+            details["saliency"] = {str(i): s.to_dict() for i, s in sorted(stats.reap.items())}
+            details["gates"] = "the family's routing, before its routed scaling factor"
         model = reduce_experts(model, plans)
     else:
         details = {"predicted_params": params.total}
@@ -124,18 +137,24 @@ def finish_quantized(model: nn.Module, bits: str, storage) -> tuple[nn.Module, d
 
 def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, calib: CalibSpec = CalibSpec(),
                  eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto",
-                 force: bool = False) -> dict:
-    """Run one baseline end to end on ``model`` and save it to ``out``; return its record."""
+                 force: bool = False, device: str = "auto") -> dict:
+    """Run one baseline end to end on ``model`` (computed on ``device``) and save it to ``out``; return its record."""
     options.validate()
+    resolve_device(device)
+    token_limit(eval_tokens)
     check_inputs(model, calib if options.method != "slim" else None, {"--eval-text": eval_text})
     inputs = (model, calib.source, eval_text)
     check_output_dir(out, force, inputs)
     started = time.perf_counter()
     tokenizer = load_tokenizer(model)
-    loaded = load_model(model, dtype=dtype)
+    calib_ids = load_calibration(tokenizer, calib) if options.method != "slim" else None  # before the weights load
+    loaded = load_model(model, dtype=dtype, device=device)
+    if options.method in _EXPERT_PLANS:  # E' out of range: refused before the calibration pass
+        for block in moe_blocks(loaded):
+            check_kept(block, options.keep_experts)
     stats = None
-    if options.method != "slim":
-        stats = calibration_stats(loaded, load_calibration(tokenizer, calib), options.batch_size)
+    if calib_ids is not None:
+        stats = calibration_stats(loaded, calib_ids, options.batch_size, reap=options.method == "reap")
     stream = token_stream(tokenizer, eval_text, eval_tokens) if eval_text else None
     evaluation = {}
     if stream is not None:
@@ -154,7 +173,7 @@ def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, c
     path = save(result, out, record, tokenizer=tokenizer, force=force, storage=storage, inputs=inputs)
     if stream is not None and options.quantize:
         del result
-        evaluation["ppl"] = perplexity(load_model(path), stream, calib.seq_len)
+        evaluation["ppl"] = perplexity(load_model(path, device=device), stream, calib.seq_len)
         write_record(path, record)
     record["weight_bytes"] = disk_bytes(path)
     return record

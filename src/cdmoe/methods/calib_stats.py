@@ -9,7 +9,9 @@ One forward pass per calibration batch, with hooks, accumulates:
 - per sparse MoE layer, each routed expert's summed routing score (softmax or sigmoid
   probability over all tokens; Expert Drop keeps the highest), its top-k selection count
   (M-SMoE's usage frequency) and the Gram matrix of router logits over tokens (M-SMoE
-  groups experts whose router logits are most similar).
+  groups experts whose router logits are most similar);
+- with ``reap=True``, per sparse MoE layer, REAP's saliency accumulators (sum over the tokens
+  routed to each expert of gate x output norm, and their count; :mod:`cdmoe.methods.reap`).
 
 Nothing is cached per token: memory is one batch of activations plus (E, E) per layer.
 """
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.adapter import config_value, decoder_layers, family_spec, moe_blocks
+from .reap import ExpertSaliency, expert_saliency
 
 __all__ = ["CalibStats", "calibration_stats"]
 
@@ -35,6 +38,7 @@ class CalibStats:
     score_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # (E,) summed routing probabilities
     counts: dict[int, torch.Tensor] = field(default_factory=dict)  # (E,) top-k selections
     logit_gram: dict[int, torch.Tensor] = field(default_factory=dict)  # (E, E) sum_t l_t l_t^T (router logits)
+    reap: dict[int, ExpertSaliency] = field(default_factory=dict)  # MoE layer -> REAP accumulators (reap=True)
 
     def logit_similarity(self, layer: int) -> torch.Tensor:
         """(E, E) cosine similarity between experts' router-logit vectors over the tokens."""
@@ -48,8 +52,9 @@ def _cos_sum(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def calibration_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8) -> CalibStats:
-    """Run ``model`` over ``calib_ids`` (N, S) and accumulate :class:`CalibStats`."""
+def calibration_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8,
+                      reap: bool = False) -> CalibStats:
+    """Run ``model`` over ``calib_ids`` (N, S) and accumulate :class:`CalibStats` (REAP's too if ``reap``)."""
     spec = family_spec(model)
     layers = decoder_layers(model, spec)
     blocks = {b.layer_idx: b for b in moe_blocks(model, spec)}
@@ -61,6 +66,8 @@ def calibration_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int
         stats.score_sums[i] = torch.zeros(block.num_experts, dtype=torch.float64)
         stats.counts[i] = torch.zeros(block.num_experts, dtype=torch.long)
         stats.logit_gram[i] = torch.zeros(block.num_experts, block.num_experts, dtype=torch.float64)
+        if reap:
+            stats.reap[i] = ExpertSaliency.zeros(block.num_experts)
     seen: dict[tuple[str, int], torch.Tensor] = {}  # ("in" | "moe", layer) -> this batch's tensor
 
     def layer_pre(idx):
@@ -83,10 +90,13 @@ def calibration_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int
             seen[("moe", idx)] = (output[0] if isinstance(output, tuple) else output).reshape(*args[0].shape)
             block = blocks[idx]
             routing = block.route(x)
-            stats.score_sums[idx] += routing.scores.double().sum(0)
-            stats.counts[idx] += torch.bincount(routing.indices.reshape(-1), minlength=block.num_experts)
+            # reduced on the block's device, one small (E,) / (E, E) transfer per batch
+            stats.score_sums[idx] += routing.scores.double().sum(0).cpu()
+            stats.counts[idx] += torch.bincount(routing.indices.reshape(-1), minlength=block.num_experts).cpu()
             logits = F.linear(x.float(), block.router_weight.float()).double()
-            stats.logit_gram[idx] += logits.T @ logits
+            stats.logit_gram[idx] += (logits.T @ logits).cpu()
+            if reap:
+                stats.reap[idx].add_(expert_saliency(block, x))
         return hook
 
     hooks = []
@@ -95,9 +105,10 @@ def calibration_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int
         hooks.append(layer.register_forward_hook(layer_post(i)))
     for i, block in blocks.items():
         hooks.append(block.module.register_forward_hook(block_post(i)))
+    device = next(model.parameters()).device  # the embeddings' (the first GPU when spread)
     try:
         for ids in calib_ids.split(batch_size):
-            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids.to(device), use_cache=False)
             stats.tokens += ids.numel()
     finally:
         for h in hooks:

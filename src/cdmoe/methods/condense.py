@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -10,12 +9,21 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.fp8_output import save_weights
 from ..checkpoint.record import condense_layers
 from ..checkpoint.stream_save import condensed_skeleton, write_streamed
-from ..checkpoint.writer import STATE_DIR, atomic_output_dir, check_output_dir, write_condensed, write_record
+from ..checkpoint.writer import (
+    STATE_DIR,
+    atomic_output_dir,
+    check_output_dir,
+    partial_dir,
+    write_condensed,
+    write_record,
+)
 from ..errors import CdmoeError
-from ..evaluation.perplexity import perplexity, token_stream
+from ..evaluation.perplexity import perplexity, token_limit, token_stream
 from ..evaluation.plots import plot_single_layer_scores
+from ..io.write_rule import check_write_path, remove_work_dir
 from ..memory.activation_cache import DIR_PREFIX, activation_cache, check_activations
 from ..memory.devices import resolve_device
 from ..memory.fit import Free, RunChoice, choose_run, free_now
@@ -24,6 +32,7 @@ from ..memory.layer_store import SequentialStore
 from ..models.input_checks import check_inputs
 from ..models.plan import config_dtype, count
 from ..models.loading import checkpoint_dtype, compute_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
+from ..models.placement import describe, place
 from ..models.storage_dtypes import cast_to_storage, plan_of
 from ..search.calibration import CalibSpec, load_calibration
 from ..search.resume import SearchState, run_key
@@ -68,7 +77,7 @@ def condense(
     force: bool = False,
     show_progress: bool = True,
     mode: str = "auto",
-    device: str = "cpu",
+    device: str = "auto",
     quantize: str | None = None,
     activations: str = "auto",
     activations_dir: str | Path | None = None,
@@ -90,14 +99,16 @@ def condense(
     """
     check_activations(activations, activations_dir)
     search.check()
+    dev = resolve_device(device)
     check_quantize(quantize)
     check_inputs(model, calib, {"--eval-text": evaluation.text})
-    if evaluation.max_tokens < 2:
-        raise CdmoeError(f"--eval-tokens must be at least 2, got {evaluation.max_tokens}")
+    token_limit(evaluation.max_tokens)
     inputs = (model, calib.source, evaluation.text)
     check_output_dir(out, force, inputs)
+    if activations_dir is not None:
+        check_write_path(activations_dir, option="--activations-dir", inputs=inputs, kind="parent",
+                         avoid=(out, partial_dir(out)))
     started = time.perf_counter()
-    dev = resolve_device(device)
     compute = compute_dtype(dtype, str(dev))
     stored = checkpoint_dtype(model)
     if compute == "auto":  # GPU: compute in the checkpoint's dtype
@@ -132,10 +143,12 @@ def condense(
         if state.resumed:  # printed even with --quiet: the user should know the run continues an old one
             progress_note(f"resuming the interrupted run in {tmp / STATE_DIR}: {state.resumed}")
         for stale in tmp.glob(f"{DIR_PREFIX}*"):  # a killed run's activation cache, never part of the output
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_work_dir(stale)
+        placement = place(device, whole=mode == "whole")
+        if placement.device.type == "cuda":
+            progress_note(f"computing in {str(compute).removeprefix('torch.')} on {describe(placement)}")
         if mode == "whole":
-            multi_gpu = device == "auto" and torch.cuda.device_count() > 1
-            loaded = load_model(model, dtype=dtype, device=str(dev), device_map="auto" if multi_gpu else None)
+            loaded = load_model(model, dtype=dtype, device=device)
             store = None
         else:
             store = SequentialStore(model, device=dev, dtype=compute)
@@ -168,7 +181,7 @@ def condense(
         write_condensed(tmp, record, write_weights, tokenizer=tokenizer, extra_files=write_plots)
     if quantize and "evaluation" in record:  # as a user loads it
         ev = record["evaluation"]
-        ev["quantized_ppl"] = perplexity(load_model(out), token_stream(tokenizer, ev["text"], evaluation.max_tokens),
+        ev["quantized_ppl"] = perplexity(load_model(out, device=device), token_stream(tokenizer, ev["text"], evaluation.max_tokens),
                                          ev["seq_len"])
         write_record(out, record)
     return record
@@ -194,7 +207,7 @@ def run_choice(known, device_type: str, compute: torch.dtype, search: SearchOpti
 def progress_note(text: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(text, highlight=False)
+    Console(stderr=True, markup=False).print(text, highlight=False)
 
 
 def _whole(loaded, model, result, search_record: dict, evaluation: EvalOptions, calib: CalibSpec, tokenizer,
@@ -224,6 +237,7 @@ def _whole(loaded, model, result, search_record: dict, evaluation: EvalOptions, 
         from .baselines import finish_quantized
 
         loaded, record["quantization"] = finish_quantized(loaded, quantize, storage)
+        storage = None  # written as bitsandbytes holds it
     else:
         cast_to_storage(loaded, storage)  # computed in fp32 on CPU; saved in the source's dtypes, tensor by tensor
-    return record, lambda directory: loaded.save_pretrained(directory, max_shard_size="5GB")
+    return record, lambda directory: save_weights(loaded, directory, storage)

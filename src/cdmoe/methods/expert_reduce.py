@@ -10,6 +10,7 @@ either the router rows kept (Expert Drop, restricted M-SMoE) or the map E -> E' 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from ..models.adapter import MoEBlock, attr_path, family_spec, moe_blocks
 from ..models.condensed import to_cdmoe_format
 from ..models.modeling_cdmoe import merge_routed_experts
 
-__all__ = ["ExpertPlan", "check_kept", "merge_experts", "reduce_experts"]
+__all__ = ["ExpertPlan", "check_kept", "keep_top_plans", "merge_experts", "reduce_experts"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,20 @@ def check_kept(block: MoEBlock, kept: int) -> None:
     n_group = getattr(block.config, "n_group", 1) or 1
     if block.spec.routing.group_score is not None and n_group > 1:
         raise CdmoeError("Expert Drop / M-SMoE with group-limited routing (n_group > 1) is not supported")
+
+
+def keep_top_plans(model: nn.Module, scores: dict[int, torch.Tensor], kept: int) -> list[ExpertPlan]:
+    """Plans keeping the ``kept`` experts of each MoE layer with the highest ``scores[layer]`` (E,)
+    (ties: lower id), router restricted to their rows (Expert Drop, REAP)."""
+    plans = []
+    for block in moe_blocks(model):
+        check_kept(block, kept)
+        layer = scores[block.layer_idx]
+        keep = sorted(sorted(range(block.num_experts), key=lambda e: (-float(layer[e]), e))[:kept])
+        mix = torch.zeros(kept, block.num_experts, dtype=torch.float64)
+        mix[torch.arange(kept), torch.tensor(keep)] = 1.0
+        plans.append(ExpertPlan(block.layer_idx, mix, tuple(keep)))
+    return plans
 
 
 def _expert_stacks(block: MoEBlock, prefix: str) -> dict[str, torch.Tensor]:
@@ -100,10 +115,8 @@ def reduce_experts(model: nn.Module, plans: list[ExpertPlan]) -> nn.Module:
             for e in range(block.num_experts) if "{}" in old else ():
                 state.pop(old.format(e))
         state.update(_merged_tensors(block, plan.mix, prefix))
-    config = type(model.config).from_dict({**model.config.to_dict(), key: new_e})
-    for name, value in vars(model.config).items():  # runtime settings such as _attn_implementation
-        if name.startswith("_"):
-            config.__dict__[name] = value
+    config = copy.deepcopy(model.config)  # keeps runtime settings such as _attn_implementation
+    setattr(config, key, new_e)  # through the config's attribute_map (qwen3_moe: num_experts -> num_local_experts)
     new = type(model)._from_config(config, dtype=model.dtype)
     new.load_state_dict(state, strict=True)
     return new.eval()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -24,10 +23,14 @@ from torch import nn
 from ..checkpoint.record import RECORD_NAME, read_record
 from ..checkpoint.writer import check_output_dir, save_condensed
 from ..errors import CdmoeError
-from ..evaluation.perplexity import perplexity, token_stream
+from ..evaluation.perplexity import perplexity, token_limit, token_stream
+from ..io.optional_deps import require
+from ..io.output_dir import partial_dir
+from ..io.write_rule import check_write_path, claim_work_dir, remove_work_dir
 from ..models.adapter import attr_path, family_spec
-from ..models.input_checks import check_text_file
+from ..models.input_checks import check_inputs
 from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
+from ..models.placement import trainer_device
 from .condense import EvalOptions
 from .finetune_data import build_dataset, collate
 
@@ -77,6 +80,8 @@ class FinetuneOptions:
         if self.seq_len < 2:
             raise CdmoeError(f"--seq-len must be at least 2, got {self.seq_len}")
         resolve_dtype(self.dtype)
+        if self.lora:
+            require("peft", "--lora")
 
 
 def condensed_record(directory: str | Path) -> dict:
@@ -116,10 +121,19 @@ def prepare_trainable(model: nn.Module, record: dict, options: FinetuneOptions) 
                             target_modules=_lora_targets(mlps), bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
     else:
+        master_fp32 = _autocast(model)  # half-precision weights train as fp32 master copies under bf16 autocast
         for mlp in mlps.values():
+            if master_fp32:
+                mlp.float()
             for p in mlp.parameters():
                 p.requires_grad_(True)
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _autocast(model: nn.Module) -> bool:
+    """Whether Trainer runs ``model`` under bf16 autocast: a half-precision model on a GPU."""
+    first = next(model.parameters())
+    return first.device.type == "cuda" and first.dtype in (torch.bfloat16, torch.float16)
 
 
 def _progress_callback():
@@ -141,7 +155,8 @@ def _checkpoints(directory: Path) -> list[Path]:
 
 
 def _prepare_checkpoint_dir(directory: Path, options: FinetuneOptions, resume: bool, force: bool) -> None:
-    """Refuse to mix runs: resuming needs this run's checkpoints, a fresh run an unused directory."""
+    """Refuse to mix runs: resuming needs this run's checkpoints, a fresh run an unused directory. The
+    directory is one cdmoe created (checked up front by :func:`~cdmoe.io.write_rule.check_write_path`)."""
     saved = directory / ARGS_NAME
     mine = {k: v for k, v in asdict(options).items() if k not in ("save_steps", "logging_steps")}
     if resume:
@@ -163,18 +178,20 @@ def _prepare_checkpoint_dir(directory: Path, options: FinetuneOptions, resume: b
         if not force:
             raise CdmoeError(f"{directory} holds checkpoints of an earlier run; pass --resume to continue it or "
                              "--force to start over")
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+        remove_work_dir(directory)
+    claim_work_dir(directory, "fine-tuning checkpoints", "--checkpoint-dir")
     saved.write_text(json.dumps(mine, indent=2) + "\n")
 
 
 def finetune_model(model: nn.Module, dataset, pad_id: int, options: FinetuneOptions, checkpoint_dir: Path,
                    resume: bool = False, show_progress: bool = True, callbacks=()):
-    """Run Trainer on ``model`` (prepared by :func:`prepare_trainable`); return Trainer's TrainOutput and state."""
+    """Run Trainer on ``model`` (prepared by :func:`prepare_trainable`, on the CPU or the first GPU) and return
+    Trainer's TrainOutput and state. On a GPU, a half-precision model trains under bf16 autocast with its
+    trainable weights in fp32 (:func:`prepare_trainable`); an fp32 one in fp32."""
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    cuda = torch.cuda.is_available()
+    cuda = next(model.parameters()).device.type == "cuda"
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         max_steps=options.steps if options.steps else -1,
@@ -185,7 +202,7 @@ def finetune_model(model: nn.Module, dataset, pad_id: int, options: FinetuneOpti
         lr_scheduler_type=options.schedule,
         warmup_steps=options.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=0.0,
-        bf16=cuda,
+        bf16=_autocast(model),
         use_cpu=not cuda,
         seed=options.seed,
         save_strategy="steps",
@@ -197,6 +214,8 @@ def finetune_model(model: nn.Module, dataset, pad_id: int, options: FinetuneOpti
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
+    if cuda:
+        args._n_gpu = 1  # one GPU, as Trainer itself sets for model-parallel models: never nn.DataParallel copies
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=partial(collate, pad_id=pad_id),
                       callbacks=list(callbacks))
     trainer.remove_callback(ProgressCallback)
@@ -225,6 +244,7 @@ def finetune(
     show_progress: bool = True,
     callbacks=(),
     log=print,
+    device: str = "auto",
 ) -> dict:
     """Fine-tune the condensed layers of the condensed checkpoint ``directory``; save to ``out``; return the record.
 
@@ -233,15 +253,20 @@ def finetune(
     from transformers import set_seed
 
     options.check()
-    check_text_file(options.data, "--data")
+    train_on = trainer_device(device)
+    token_limit(evaluation.max_tokens)
+    check_inputs(directory, texts={"--data": options.data, "--eval-text": evaluation.text},
+                 seq_lens={"--seq-len": options.seq_len, "EvalOptions.seq_len": evaluation.seq_len})
     record = condensed_record(directory)
-    inputs = (directory, options.data)
+    inputs = (directory, options.data, evaluation.text)
     check_output_dir(out, force, inputs)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else Path(f"{out}.checkpoints")
+    check_write_path(checkpoint_dir, option="--checkpoint-dir", inputs=inputs, kind="work",
+                     avoid=(out, partial_dir(out)))
     tokenizer = load_tokenizer(directory)
     data = build_dataset(tokenizer, options.data, options.format, options.seq_len)
     _prepare_checkpoint_dir(checkpoint_dir, options, resume, force)
-    model = load_model(directory, dtype=options.dtype)
+    model = load_model(directory, dtype=options.dtype, device=train_on)  # straight to the device, compute dtype
     total = sum(p.numel() for p in model.parameters())
 
     ev_seq_len = evaluation.seq_len or options.seq_len
@@ -253,6 +278,7 @@ def finetune(
         stream, ppl_before = _evaluate(model, tokenizer, evaluation, ev_seq_len)
         log(f"held-out perplexity before fine-tuning: {ppl_before:.2f} ({len(stream):,} tokens)")
 
+    compute = next(model.parameters()).dtype
     set_seed(options.seed)  # LoRA's initial A matrices
     trained, trainable = prepare_trainable(model, record, options)
     log(f"data: {options.data} ({data.format}, {data.records:,} records -> {len(data.dataset):,} examples, "
@@ -262,6 +288,8 @@ def finetune(
     result, state = finetune_model(trained, data.dataset, pad_id, options, checkpoint_dir, resume, show_progress,
                                    callbacks)
     model = trained.merge_and_unload() if options.lora else trained
+    for mlp in condensed_mlps(model, record).values():  # fp32 master weights (autocast) back to the compute dtype
+        mlp.to(compute)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -313,5 +341,5 @@ def finetune(
     new_record["finetune"] = entry
     save_condensed(model, out, new_record, tokenizer=tokenizer, force=force, storage=storage, inputs=inputs)
     if not keep_checkpoints:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        remove_work_dir(checkpoint_dir)
     return new_record

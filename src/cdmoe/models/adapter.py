@@ -124,6 +124,12 @@ class MoEBlock:
         return 0 if self.shared is None else self.shared.gate_proj.weight.shape[0]
 
     @property
+    def routed_scale(self) -> float:
+        """The family's routed scaling factor (1.0 when it has none): the last factor of every gate."""
+        key = self.spec.routing.scaling_key
+        return 1.0 if key is None else float(getattr(self.config, key) or 1.0)
+
+    @property
     def router_weight(self) -> torch.Tensor:
         return attr_path(self.router, self.spec.router_weight)  # (E, H)
 
@@ -159,7 +165,7 @@ class MoEBlock:
                 denom = denom.clamp(min=getattr(cfg, r.renorm_min_key))
             gates = gates / denom
         if r.scaling_key is not None:
-            gates = gates * float(getattr(cfg, r.scaling_key) or 1.0)
+            gates = gates * self.routed_scale
         return Routing(indices=indices, gates=gates, scores=scores)
 
     # experts -----------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from ..io.remote_code import remote_code_error, trusted
 
 __all__ = ["checkpoint_dtype", "compute_dtype", "load_model", "load_tokenizer", "resolve_dtype", "round_to_checkpoint_dtype"]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}  # tf32: see models.placement
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | str:
@@ -30,7 +30,7 @@ def _check_path(name_or_path: str | Path, weights: bool = False) -> None:
     check_model_dir(name_or_path, weights=weights)
 
 
-def compute_dtype(dtype: str | None, device: str) -> torch.dtype | str:
+def compute_dtype(dtype: str | None, device: str | torch.device) -> torch.dtype | str:
     """``auto`` computes in the checkpoint's dtype, except half precision on CPU, which is
     slow there and imprecise for divergences: fp32 (the checkpoint is saved back in its dtype)."""
     resolved = resolve_dtype(dtype)
@@ -39,26 +39,40 @@ def compute_dtype(dtype: str | None, device: str) -> torch.dtype | str:
     return resolved
 
 
-def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str = "cpu",
+def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str | torch.device = "auto",
                trust_remote_code: bool | None = None, device_map: str | dict | None = None):
     """``AutoModelForCausalLM.from_pretrained`` in eval mode, with one-line errors.
 
+    ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`cdmoe.models.placement.place`): a GPU
+    receives the weights straight from the files (accelerate's device map), never through a CPU copy
+    in another dtype; ``auto`` with several GPUs spreads the layers over all of them. ``device_map``
+    overrides that placement. The compute dtype is :func:`compute_dtype` of ``dtype`` on that device.
     ``trust_remote_code``: run Python code shipped in the checkpoint (default: the command's
     decision, :func:`cdmoe.io.remote_code.trusted`, off unless ``--trust-remote-code``).
 
     The checkpoint's own dtype is kept in ``model.config.dtype`` whatever the compute dtype.
-    ``device_map`` (e.g. ``"auto"`` for several GPUs) places the layers with accelerate instead of ``device``.
     """
+    from .placement import place
+
+    placement = place(device)  # a one-line error before anything is read
+    if device_map is not None:
+        placement = type(placement)(placement.device, device_map, spread=device_map == "auto")
     _check_path(name_or_path, weights=True)
     from . import register  # noqa: F401  (condensed checkpoints load natively)
 
+    trust = trusted() if trust_remote_code is None else trust_remote_code
+    device_map = {"device_map": placement.device_map} if placement.device_map is not None else {}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=compute_dtype(dtype, device),
-            trust_remote_code=trusted() if trust_remote_code is None else trust_remote_code,
-            output_loading_info=True, ignore_mismatched_sizes=True,  # mismatches are refused below, by name
-            **({"device_map": device_map} if device_map is not None else {}),
-        )
+        fp8_config = _without_fp8_entry(name_or_path, trust)
+        if fp8_config is not None:  # block FP8 (or a cast that kept the entry): read as its bf16 cast
+            model, info = _load_block_fp8(name_or_path, fp8_config, compute_dtype(dtype, placement.device), trust,
+                                          device_map)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(name_or_path), dtype=compute_dtype(dtype, placement.device), trust_remote_code=trust,
+                output_loading_info=True, ignore_mismatched_sizes=True,  # mismatches are refused below, by name
+                **device_map,
+            )
     except OSError as err:
         raise CdmoeError(
             f"cannot load {name_or_path} ({str(err).splitlines()[0]}); if the hub is unreachable, pass a local directory"
@@ -76,9 +90,69 @@ def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str
     from .storage_dtypes import attach_storage_plan
 
     attach_storage_plan(model, name_or_path, dtype)  # how it will be saved: per tensor, as the source stores it
-    if device_map is not None:  # placed by from_pretrained
+    if placement.device_map is not None:  # placed by from_pretrained
         return model.eval()
-    return model.to(device).eval()
+    return model.to(placement.device).eval()
+
+
+def _without_fp8_entry(name_or_path, trust: bool):
+    """The config of a local checkpoint whose config.json declares fp8 quantisation, without that entry
+    (the weights are read as bf16, :mod:`cdmoe.models.fp8_blocks`; the storage plan keeps the entry for
+    FP8 outputs); None for any other checkpoint."""
+    from transformers import AutoConfig
+
+    from .fp8_blocks import declares_fp8, quantization_entry
+    from .input_checks import looks_local, read_config
+
+    if not looks_local(name_or_path):
+        if declares_fp8(getattr(AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust),
+                                "quantization_config", None)):
+            raise CdmoeError(f"{name_or_path} is an FP8 checkpoint on the hub; cdmoe reads FP8 weights from a local "
+                             "directory: download it first (hf download) and pass that directory")
+        return None
+    path = Path(str(name_or_path))
+    if not declares_fp8(quantization_entry(read_config(path))):
+        return None
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    del config.quantization_config
+    return config
+
+
+def _load_block_fp8(path, config, dtype, trust: bool, placement: dict):
+    """``from_pretrained`` of a block-FP8 checkpoint with every fp8 weight dequantised by Eq. (1) of
+    :mod:`cdmoe.models.fp8_blocks` (bf16, then the compute dtype), as if its bf16 cast were loaded."""
+    import contextlib
+
+    from safetensors import safe_open
+    from transformers import GenerationConfig
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    from .fp8_blocks import block_fp8, dequantizing_state
+    from .input_checks import read_config
+
+    path = Path(str(path))
+    fp8 = block_fp8(path, read_config(path))
+    if dtype == "auto":  # the checkpoint's declared dtype, not the fp8 storage
+        dtype = checkpoint_dtype(path) or torch.bfloat16
+    with contextlib.ExitStack() as stack:
+        if fp8 is None:  # no float8 tensor on disk: a bf16 cast that kept the entry, loaded without it
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path), config=config, dtype=dtype, trust_remote_code=trust, output_loading_info=True,
+                ignore_mismatched_sizes=True, **placement)
+        else:
+            mapping = AutoModelForCausalLM._model_mapping
+            if type(config) not in mapping:
+                raise CdmoeError(f"{path} is an FP8 checkpoint of a family transformers does not have ({config.model_type}); "
+                                 "cdmoe reads FP8 weights of native families only: dequantise it to bf16 first")
+            handles = {name: stack.enter_context(safe_open(path / name, "pt")) for name in sorted(set(fp8.files.values()))}
+            state = dequantizing_state(fp8.files, lambda k: handles[fp8.files[k]].get_slice(k), fp8)
+            model, info = _get_model_class(config, mapping).from_pretrained(  # the Auto class needs a path
+                None, config=config, state_dict=state, dtype=dtype, output_loading_info=True,
+                ignore_mismatched_sizes=True, **placement)
+    model.config._name_or_path = str(path)
+    if (path / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model, info
 
 
 def _check_loading_info(name_or_path, info: dict) -> None:
@@ -119,11 +193,34 @@ def round_to_checkpoint_dtype(model, source: str | Path | None, dtype: str | Non
     return plan
 
 
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.model", "*.tiktoken")
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    """A local model directory has a tokenizer's vocabulary, and its tokenizer JSON files parse (one line
+    naming the file otherwise)."""
+    if not path.is_dir():
+        return
+    if not any(next(path.glob(pattern), None) for pattern in _VOCAB_FILES):
+        raise CdmoeError(f"{path} has no tokenizer files (tokenizer.json, or tokenizer.model, or vocab.json and "
+                         "merges.txt); copy them from the original model's directory")
+    from .input_checks import read_json_object
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (path / name).exists():
+            read_json_object(path / name, f"restore {name} from the original model's directory")
+
+
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool | None = None):
     """``AutoTokenizer.from_pretrained`` with one-line errors (``trust_remote_code`` as in :func:`load_model`)."""
     _check_path(name_or_path)
+    _check_tokenizer_files(Path(str(name_or_path)).expanduser())
     try:
         return AutoTokenizer.from_pretrained(
             str(name_or_path), trust_remote_code=trusted() if trust_remote_code is None else trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise remote_code_error(name_or_path, err) or CdmoeError(f"cannot load a tokenizer from {name_or_path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # tokenizers fail in many types (OSError, ValueError, KeyError on a bad tokenizer.json)
+        found = remote_code_error(name_or_path, err) if isinstance(err, (OSError, ValueError)) else None
+        message = " ".join(str(err).split()) or "no message"
+        raise found or CdmoeError(f"cannot load a tokenizer from {name_or_path} ({type(err).__name__}: {message}); "
+                                  "check its tokenizer.json and tokenizer_config.json, or copy them from the "
+                                  "original model's directory") from None
