@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import DEMO_CALIB, make_tiny, tiny_tokenizer
+from fp8_checks import fp8_checkpoints
 from torch.profiler import ProfilerActivity, profile
 from typer.testing import CliRunner
 
@@ -16,7 +17,7 @@ from cdmoe.cli import app
 from cdmoe.errors import CdmoeError
 from cdmoe.io.output_dir import partial_dir
 from cdmoe.memory import devices
-from cdmoe.memory.estimate import IMPORTS_BYTES, RunShape, SearchMemory, estimate, load_peak
+from cdmoe.memory.estimate import IMPORTS_BYTES, OUTPUT_FILES_BYTES, RunShape, SearchMemory, estimate, load_peak
 from cdmoe.memory.fit import FIT_FRACTION, Free, choose_run
 from cdmoe.memory.layer_store import SequentialStore
 from cdmoe.methods.condense import condense
@@ -41,16 +42,17 @@ def bf16_model(tmp_path_factory):
     return path
 
 
-def _live_peak(prof, file_bytes: int) -> int:
+def _live_peak(prof, file_bytes) -> int:
     """Most bytes of CPU tensors alive at once during a profile (its allocation events, in time order),
     the checkpoint file's own mapping left out if it shows (safetensors maps a whole file each time it
     opens one; only the pages read become resident)."""
     from torch._C._profiler import _EventType
 
+    files = {file_bytes} if isinstance(file_bytes, int) else set(file_bytes)
     events, nodes = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while nodes:
         node = nodes.pop()
-        if node.typed[0] == _EventType.Allocation and abs(node.typed[1].alloc_size) != file_bytes:
+        if node.typed[0] == _EventType.Allocation and abs(node.typed[1].alloc_size) not in files:
             events.append((node.start_time_ns, node.typed[1].alloc_size))
         nodes.extend(node.children)
     live = peak = 0
@@ -89,6 +91,23 @@ def test_estimate_bounds_the_tensors_of_a_real_run(bf16_model, tmp_path, mode, a
     measured = _live_peak(prof, _file_bytes(bf16_model))
     predicted = planned["host_need_bytes"] - IMPORTS_BYTES  # tensors only: no interpreter, no file pages
     assert 0.6 <= measured / predicted <= 1.15, (measured, predicted, planned["phases"])
+
+
+def test_an_fp8_source_costs_its_bf16_cast_in_memory_and_its_own_bytes_on_disk(tmp_path):
+    """A block-FP8 checkpoint is computed dequantised (4 bytes a weight here, never its file's 1), and its
+    FP8 output is the size of its fp8 bytes and scales, not of its config's bf16."""
+    fp8, _ = fp8_checkpoints(tmp_path, "deepseek_v3", (16, 24), hidden_size=128, moe_intermediate_size=256,
+                             intermediate_size=256)
+    out = tmp_path / "out"
+    with _profiled() as prof:
+        record = condense(fp8, out, SearchOptions(layers=1, batch_size=2), CalibSpec(str(DEMO_CALIB), samples=4,
+                          seq_len=32), show_progress=False, mode="sequential", activations="memory")
+    planned = record["search"]["memory_plan"]
+    measured = _live_peak(prof, [f.stat().st_size for f in fp8.glob("*.safetensors")])
+    assert 0.6 <= measured / (planned["host_need_bytes"] - IMPORTS_BYTES) <= 1.15, (measured, planned)
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    weights = planned["output_bytes"] - OUTPUT_FILES_BYTES  # the checkpoint's bytes: an upper bound
+    assert 0.6 <= written / weights <= 1, (written, weights)
 
 
 def _params(model):

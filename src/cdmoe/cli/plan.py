@@ -60,7 +60,7 @@ def plan(
 
     known = count(model)
     result = run_plan(model, layers, _experts(experts, shared_only), _int_list(layer_ids), dtype, known=known)
-    result.update(_memory(known, device, dtype, layers or result["moe_layers"], _experts(experts, shared_only),
+    result.update(_memory(model, known, device, dtype, layers or result["moe_layers"], _experts(experts, shared_only),
                           mode, samples, seq_len, batch_size, activations, final, metric, out))
     if as_json:
         print(json.dumps(result))
@@ -83,8 +83,8 @@ def plan(
     print_memory(result)
 
 
-def _memory(known, device: str, dtype: str | None, layers: int, experts: int | None, mode: str, samples: int,
-            seq_len: int, batch_size: int, activations: str, final: str, metric: str, out: Path) -> dict:
+def _memory(model: str, known, device: str, dtype: str | None, layers: int, experts: int | None, mode: str,
+            samples: int, seq_len: int, batch_size: int, activations: str, final: str, metric: str, out: Path) -> dict:
     """What :func:`cdmoe.methods.condense.run_choice` decides for this run, with the free memory of this
     machine when ``device`` is here (else unknown: nothing is checked)."""
     import torch
@@ -104,7 +104,7 @@ def _memory(known, device: str, dtype: str | None, layers: int, experts: int | N
         compute = config_dtype(known[0]) or torch.float32
     search = SearchOptions(layers=layers, experts=experts, metric=metric, final=final, batch_size=batch_size)
     search.check()
-    choice = run_choice(known, dev.type, compute, search, CalibSpec(samples=samples, seq_len=seq_len), mode,
+    choice = run_choice(model, known, dev.type, compute, search, CalibSpec(samples=samples, seq_len=seq_len), mode,
                         activations, free_now(dev, out) if here else None, check=False)
     return {**choice.to_dict(), "device": str(dev), "compute_dtype": str(compute).replace("torch.", ""),
             "calibration_tokens": samples * seq_len}

@@ -42,13 +42,14 @@ from dataclasses import dataclass
 
 from ..models.budget import ModelParams
 
-__all__ = ["IMPORTS_BYTES", "CUDA_CONTEXT_BYTES", "CUDA_HOST_BYTES", "SCORE_COPIES", "RunShape", "SearchMemory",
+__all__ = ["IMPORTS_BYTES", "OUTPUT_FILES_BYTES", "CUDA_CONTEXT_BYTES", "CUDA_HOST_BYTES", "SCORE_COPIES", "RunShape", "SearchMemory",
            "Estimate", "estimate", "forward_bytes", "load_peak", "scoring_bytes"]
 
 GiB = 2**30
 IMPORTS_BYTES = int(0.4 * GiB)  # python + torch (CPU build) + transformers + cdmoe after import: 0.36 GiB measured
 CUDA_CONTEXT_BYTES = 1 * GiB  # CUDA context and cuBLAS workspace on the GPU (assumed, not measured here)
 CUDA_HOST_BYTES = int(1.5 * GiB)  # CUDA libraries in host memory (assumed, not measured here)
+OUTPUT_FILES_BYTES = 2**20  # config, code, tokenizer and record beside the weights
 VOCAB_CHUNK = 1024  # tokens whose logits are scored at once (search.layer_search)
 SCORE_COPIES = 4  # live fp32 (chunk, H) tensors per candidate while Algorithm 1 scores a group (divergence_per_token: 3)
 
@@ -78,6 +79,7 @@ class RunShape:
     final: str = "hidden"
     metric: str = "js"
     search: SearchMemory = SearchMemory()
+    dequant_bytes: int = 0  # a block-FP8 source: Eq. (1)'s fp32 and bf16 copies of its largest fp8 tensor
 
     @property
     def tokens(self) -> int:
@@ -110,14 +112,15 @@ class Estimate:
                 "phases": {name: {"device_bytes": d, "host_bytes": h} for name, (d, h) in self.phases.items()}}
 
 
-def load_peak(tensors: tuple[int, ...], c: int, s: float, cpu: bool) -> tuple[int, int]:
+def load_peak(tensors: tuple[int, ...], c: int, s: float, cpu: bool, dequant: int = 0) -> tuple[int, int]:
     """(device bytes, host bytes) at the peak of loading ``tensors`` (elements, largest first) one at a
     time: on the device the ones already loaded and 2 x the one being built (its sources and the built
-    copy); on the host its bytes in the file (mapped) and, for a GPU, one source read out before it moves."""
+    copy); on the host its bytes in the file (mapped) and, for a GPU, one source read out before it
+    moves; ``dequant``: bytes of an FP8 source's dequantisation, on the host (where Eq. (1) runs)."""
     done, device, host = 0, 0, 0
     for t in tensors:
-        device = max(device, c * (done + 2 * t))
-        host = max(host, int((1 if cpu else 2) * s * t))
+        device = max(device, c * (done + 2 * t) + (dequant if cpu else 0))
+        host = max(host, int((1 if cpu else 2) * s * t) + (0 if cpu else dequant))
         done += t
     return device, host
 
@@ -169,7 +172,8 @@ def estimate(params: ModelParams, run: RunShape) -> Estimate:
                                                     moe.expert_intermediate))
     alg1 += work + min(run.search.cache_bytes, moe.num_experts * act)
     scoring = _scoring_bytes(params, run) + (act if run.final == "hidden" and run.metric != "ppl" else 0)
-    layer_load = max(load_peak(kind, c, s, on_cpu) for kind in params.layer_tensors)
+    dq = run.dequant_bytes
+    layer_load = max(load_peak(kind, c, s, on_cpu, dq) for kind in params.layer_tensors)
     phases: dict[str, tuple[int, int]] = {}
     if run.mode == "sequential":
         phases["load the non-layer weights"] = load_peak(params.non_layer_tensors, c, s, on_cpu)
@@ -185,7 +189,8 @@ def estimate(params: ModelParams, run: RunShape) -> Estimate:
         on_device = cached if run.activations == "memory" else batch
         mapped = int(params.total * s)
         biggest = max(max(kind) for kind in params.layer_tensors)
-        phases["load the model"] = (whole + c * biggest, mapped + (0 if on_cpu else int(2 * s * biggest)))
+        phases["load the model"] = (whole + c * biggest + (dq if on_cpu else 0),
+                                    mapped + (0 if on_cpu else int(2 * s * biggest) + dq))
         phases["calibration pass"] = (whole + on_device + fwd, 0)
         phases["algorithm 1"] = (whole + on_device + alg1, 0)
         phases["algorithm 2"] = (whole + m * fused + on_device + act + fwd + scoring, 0)
@@ -199,6 +204,6 @@ def estimate(params: ModelParams, run: RunShape) -> Estimate:
         host = IMPORTS_BYTES + CUDA_HOST_BYTES + max(h for _, h in phases.values())
         need = IMPORTS_BYTES + CUDA_HOST_BYTES + max(h - droppable[name] for name, (_, h) in phases.items())
     return Estimate(peak_device_bytes=int(device), peak_host_bytes=int(host), host_need_bytes=int(need),
-                    output_bytes=int(params.total * s) + 2**20,  # an upper bound (N = 0); + config, code, record
+                    output_bytes=int(params.total * s) + OUTPUT_FILES_BYTES,  # an upper bound (N = 0)
                     activation_disk_bytes=(2 * m + 1) * act if run.activations == "disk" else 0,  # cache + streams
                     phases={k: (int(d), int(h)) for k, (d, h) in phases.items()})

@@ -30,7 +30,7 @@ from ..memory.fit import Free, RunChoice, choose_run, free_now
 from ..memory.host import return_freed_memory
 from ..memory.layer_store import SequentialStore
 from ..models.input_checks import check_inputs
-from ..models.plan import config_dtype, count
+from ..models.plan import count, declares_block_fp8, storage_bytes
 from ..models.loading import checkpoint_dtype, compute_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
 from ..models.placement import describe, place
 from ..models.storage_dtypes import cast_to_storage, plan_of
@@ -113,7 +113,7 @@ def condense(
     stored = checkpoint_dtype(model)
     if compute == "auto":  # GPU: compute in the checkpoint's dtype
         compute = stored or torch.float32
-    choice = run_choice(count(model), dev.type, compute, search, calib, mode, activations,
+    choice = run_choice(model, count(model), dev.type, compute, search, calib, mode, activations,
                         free_now(dev, out, activations_dir), memory_check)
     mode, activations, why = choice.mode, choice.activations, choice.why
     if mode == "sequential" and evaluation.text:
@@ -187,20 +187,23 @@ def condense(
     return record
 
 
-def run_choice(known, device_type: str, compute: torch.dtype, search: SearchOptions, calib: CalibSpec, mode: str,
-               activations: str, free: Free | None, check: bool = True) -> RunChoice:
-    """Mode, activation place and Algorithm 1's budgets for condensing the model ``known``
-    (:func:`cdmoe.models.plan.count`) on ``device_type`` in ``compute``, from the estimate (config
+def run_choice(source, known, device_type: str, compute: torch.dtype, search: SearchOptions, calib: CalibSpec,
+               mode: str, activations: str, free: Free | None, check: bool = True) -> RunChoice:
+    """Mode, activation place and Algorithm 1's budgets for condensing the model ``source`` (counted:
+    ``known``, :func:`cdmoe.models.plan.count`) on ``device_type`` in ``compute``, from the estimate (config
     only: nothing is loaded) and what is ``free`` (None: unknown, no check)."""
     from ..memory.estimate import RunShape
 
     if mode not in ("auto", "whole", "sequential"):
         raise CdmoeError(f"unknown --mode {mode!r}; use auto, whole or sequential")
     check_activations(activations)
-    stored = config_dtype(known[0]) or compute
-    base = RunShape(mode="whole", device=device_type, compute_bytes=compute.itemsize, storage_bytes=stored.itemsize,
-                    samples=calib.samples, seq_len=calib.seq_len, batch_size=search.batch_size, experts=search.experts,
-                    final="logits" if search.metric == "ppl" else search.final, metric=search.metric)
+    config, params = known[0], known[1]
+    # weights cost the compute dtype's bytes (an FP8 source is dequantised: 2x its file in bf16), the file its own
+    base = RunShape(mode="whole", device=device_type, compute_bytes=compute.itemsize,
+                    storage_bytes=storage_bytes(source, config, params), samples=calib.samples, seq_len=calib.seq_len,
+                    batch_size=search.batch_size, experts=search.experts,
+                    final="logits" if search.metric == "ppl" else search.final, metric=search.metric,
+                    dequant_bytes=(4 + 2) * params.largest_source if declares_block_fp8(config) else 0)
     return choose_run(known[1], base, mode, activations, free, check=check)
 
 

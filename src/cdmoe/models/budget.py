@@ -90,6 +90,7 @@ class ModelParams:
     # what loading one tensor at a time holds (cdmoe.memory.estimate.load_peak)
     layer_tensors: tuple[tuple[int, ...], ...] = ()
     non_layer_tensors: tuple[int, ...] = ()
+    largest_source: int = 0  # the largest checkpoint tensor of a layer (one expert's matrix of a fused tensor)
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -175,4 +176,6 @@ def model_params(model: nn.Module) -> ModelParams:
                        vocab_size=getattr(config, "vocab_size", 0) or 0,
                        attention_heads=getattr(config, "num_attention_heads", 0) or 0,
                        layer_tensors=tuple(dict.fromkeys(tensor_sizes(layer) for layer in layers)),
-                       non_layer_tensors=tuple(rest))
+                       non_layer_tensors=tuple(rest),
+                       largest_source=max(p.numel() // (p.shape[0] if p.dim() == 3 else 1)
+                                          for layer in layers for p in layer.parameters()))

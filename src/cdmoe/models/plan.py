@@ -23,7 +23,7 @@ from .families import spec_for_model_type, supported_model_types
 from .input_checks import check_family_keys, read_config, read_json_object
 from .loading import resolve_dtype
 
-__all__ = ["config_dtype", "count", "load_config", "params_from_config", "plan", "DTYPE_BYTES"]
+__all__ = ["config_dtype", "count", "declares_block_fp8", "storage_bytes", "load_config", "params_from_config", "plan", "DTYPE_BYTES"]
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "float8_e4m3fn": 1}
 
@@ -105,7 +105,8 @@ def _analytic(data: dict) -> ModelParams:
         largest = max(largest, total - before)
     return ModelParams(total=total, layers=tuple(layers), largest_layer=largest, non_layer=non_layer,
                        num_layers=n_layers, hidden_size=h, vocab_size=v, attention_heads=heads,
-                       layer_tensors=tuple(kinds), non_layer_tensors=tuple([v * h] * (1 if tied else 2) + [h]))
+                       layer_tensors=tuple(kinds), non_layer_tensors=tuple([v * h] * (1 if tied else 2) + [h]),
+                       largest_source=max(attn_tensors + [h * inter, h * shared_inter, h * data["intermediate_size"]]))
 
 
 def params_from_config(config: PretrainedConfig | dict) -> tuple[ModelParams, str]:
@@ -126,6 +127,26 @@ def config_dtype(config: PretrainedConfig | dict) -> torch.dtype | None:
     name = str(get("dtype", None) or get("torch_dtype", None) or "").replace("torch.", "")
     found = getattr(torch, name, None) if name else None
     return found if isinstance(found, torch.dtype) else None
+
+
+def storage_bytes(model_or_config: str | Path, config: PretrainedConfig | dict, params: ModelParams) -> float:
+    """Bytes per parameter the checkpoint stores: of a local directory, its safetensors files' size over
+    the parameter count (mixed dtypes, an FP8 release's 1-byte weights and their scales included);
+    from a config alone, its dtype's size, 1 byte for the decoder layers of a declared block-FP8 one."""
+    files = list(Path(str(model_or_config)).glob("*.safetensors")) if Path(str(model_or_config)).is_dir() else []
+    if files:
+        return sum(f.stat().st_size for f in files) / params.total
+    dtype = config_dtype(config) or torch.bfloat16
+    if declares_block_fp8(config):
+        return (params.non_layer * dtype.itemsize + params.total - params.non_layer) / params.total
+    return dtype.itemsize
+
+
+def declares_block_fp8(config: PretrainedConfig | dict) -> bool:
+    """Whether the config declares block-FP8 weights (read as their bf16 cast, :mod:`cdmoe.models.fp8_blocks`)."""
+    from .fp8_blocks import declares_fp8, quantization_entry
+
+    return declares_fp8(quantization_entry(config if isinstance(config, dict) else config.to_dict()))
 
 
 def count(model_or_config: str | Path) -> tuple[PretrainedConfig | dict, ModelParams, str]:
