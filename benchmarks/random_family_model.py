@@ -30,6 +30,16 @@ from cdmoe.models.adapter import config_value, family_spec
 from cdmoe.models.condensed import LayerChoice
 
 
+def random_model(config: Path, layers: int, dtype: str = "bfloat16", seed: int = 0):
+    """A model of ``config``'s family and sizes with ``layers`` decoder layers and random weights (seeded)."""
+    data = json.loads(config.read_text())
+    data = {k: v for k, v in data.items() if k not in ("auto_map", "architectures", "quantization_config")}
+    data["num_hidden_layers"] = layers
+    cfg = AutoConfig.for_model(data.pop("model_type"), **data)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype)).eval()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", type=Path, help="a real config.json (tests/fixtures/configs/)")
@@ -42,13 +52,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.out.exists():
         raise SystemExit(f"error: {args.out} exists; pass a new --out")
-    data = json.loads(args.config.read_text())
-    data = {k: v for k, v in data.items() if k not in ("auto_map", "architectures", "quantization_config")}
-    data["num_hidden_layers"] = args.layers
-    cfg = AutoConfig.for_model(data.pop("model_type"), **data)
-    torch.manual_seed(args.seed)
-    dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    model = random_model(args.config, args.layers, args.dtype, args.seed)
+    cfg = model.config
     model.save_pretrained(args.out / "original")
     layers = [int(i) for i in args.condense.split(",")]
     num_experts = config_value(cfg, family_spec(model).num_experts_keys)

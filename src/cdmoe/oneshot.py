@@ -38,7 +38,7 @@ def condense(model: str | Path | PreTrainedModel, out: str | Path, *, layers: in
              shared_only: bool = False, calib: str = "c4", samples: int = 100, seq_len: int = 512, seed: int = 0,
              metric: str = "js", final: str = "hidden", expert_selector: str = "greedy", layer_selector: str = "greedy",
              batch_size: int = 8, eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto",
-             mode: str = "auto", device: str = "auto", quantize: str | None = None, activations: str = "memory",
+             mode: str = "auto", device: str = "auto", quantize: str | None = None, activations: str = "auto",
              force: bool = False, tokenizer=None, trust_remote_code: bool = False, progress: bool = False,
              heal: bool = False, heal_samples: int | None = None) -> dict:
     """Condense ``layers`` MoE layers of ``model`` with CD-MoE (Eq. 2, Algorithms 1 and 2) and save to
@@ -101,7 +101,7 @@ def heal(directory: str | Path, out: str | Path, *, original: str | Path | None 
          samples: int | None = None, seq_len: int | None = None, seed: int | None = None, steps: int = 300,
          lr: float = 0.05, batch_tokens: int = 4096, val_share: float = 0.1, eval_every: int = 25, patience: int = 4,
          eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto", mode: str = "auto",
-         device: str = "auto", activations: str = "memory", force: bool = False, trust_remote_code: bool = False,
+         device: str = "auto", activations: str = "auto", force: bool = False, trust_remote_code: bool = False,
          progress: bool = False) -> dict:
     """``cdmoe heal``: train the condensed layers of the condensed directory ``directory`` to reproduce the
     original MoE blocks (layer-local distillation on calibration text; the original from the record's

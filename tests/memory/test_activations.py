@@ -140,7 +140,8 @@ def test_cli_condense_with_disk_activations(mode, own_dir, tiny_model_dir, tmp_p
 
 
 @pytest.mark.parametrize("extra,message", [(["--activations", "ram"], "unknown --activations 'ram'"),
-                                           (["--activations-dir", "x"], "--activations-dir")])
+                                           (["--activations", "memory", "--activations-dir", "x"],
+                                            "--activations-dir")])
 def test_cli_bad_activations_is_one_line(extra, message, tiny_model_dir, tmp_path):
     out = tmp_path / "o"
     result = cli.invoke(app, _cli_args(tiny_model_dir, out, *extra))

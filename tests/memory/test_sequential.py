@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from cdmoe.cli import app
 from cdmoe.io.output_dir import STATE_DIR, partial_dir
-from cdmoe.memory.devices import choose_mode
 from cdmoe.memory.layer_store import SequentialStore
 from cdmoe.methods.condense import condense
 from cdmoe.models.loading import load_model
@@ -221,16 +220,6 @@ def test_mismatched_resume_state_is_refused_then_force_starts_over(tiny_model_di
     assert not partial_dir(out).exists()
 
 
-def test_auto_mode_is_sequential_when_the_weights_do_not_fit(tiny_model_dir, monkeypatch):
-    weights = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
-    monkeypatch.setattr("cdmoe.memory.devices.available_bytes", lambda device: weights)  # 1x: over the 70% budget
-    assert choose_mode("auto", tiny_model_dir, torch.device("cpu"), torch.float32, torch.float32)[0] == "sequential"
-    monkeypatch.setattr("cdmoe.memory.devices.available_bytes", lambda device: 2 * weights)
-    assert choose_mode("auto", tiny_model_dir, torch.device("cpu"), torch.float32, torch.float32)[0] == "whole"
-    # bf16 on disk computed in fp32 needs twice the bytes
-    assert choose_mode("auto", tiny_model_dir, torch.device("cpu"), torch.float32, torch.bfloat16)[0] == "sequential"
-
-
 def test_sequential_refuses_eval_text_with_one_line(tiny_model_dir, tmp_path):
     result = cli.invoke(app, ["condense", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--layers", "1",
                               "--calib", str(DEMO_CALIB), "--samples", "2", "--seq-len", "16", "--quiet",
@@ -246,10 +235,12 @@ def test_unknown_mode_and_device(tiny_model_dir, tmp_path):
     assert res.exit_code == 2 and "--device" in res.output
 
 
-def test_plan_sequential_memory_counts_a_real_model(tmp_path):
+def test_plan_memory_counts_a_real_model(tmp_path):
+    """What sequential mode holds, counted from the config alone, is a real model's largest layer and
+    non-layer weights; ``cdmoe plan`` shows the run's phases and the disk it needs."""
     from conftest import FAMILY_SOURCES
 
-    from cdmoe.models.plan import plan
+    from cdmoe.models.plan import count
     from cdmoe.models.testing import shrink_config
 
     config = shrink_config(FAMILY_SOURCES["deepseek_v2"], num_hidden_layers=5)
@@ -257,16 +248,14 @@ def test_plan_sequential_memory_counts_a_real_model(tmp_path):
     model = make_tiny("deepseek_v2", num_hidden_layers=5)
     per_layer = [sum(t.numel() for t in layer.state_dict().values()) for layer in model.model.layers]
     stored = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
-    non_layer = sum(v.numel() for v in stored.values())  # embed_tokens, norm, lm_head (untied here)
-    result = plan(tmp_path / "config.json", layers=1, dtype="float32", calib_tokens=1000)
-    assert result["largest_layer_bytes"] == 4 * max(per_layer)
-    assert result["non_layer_bytes"] == 4 * non_layer
-    assert result["sequential_device_bytes"] == 4 * (max(per_layer) + non_layer)
-    moe = sum(hasattr(layer.mlp, "experts") for layer in model.model.layers)  # layer 0 is dense
-    assert moe == 4 and result["activation_cache_bytes"] == moe * 1000 * config["hidden_size"] * 4  # MoE inputs
-    streams = result["candidate_stream_bytes"]  # Algorithm 2, step 1: one stream per MoE layer
-    assert streams == moe * 1000 * config["hidden_size"] * 4
-    assert result["activation_disk_bytes"] == result["activation_cache_bytes"] + streams
-    shown = cli.invoke(app, ["plan", str(tmp_path / "config.json"), "--layers", "1", "--dtype", "float32"])
+    _, params, _ = count(tmp_path / "config.json")
+    assert params.largest_layer == max(per_layer)
+    assert params.non_layer == sum(v.numel() for v in stored.values())  # embed_tokens, norm, lm_head (untied here)
+    assert params.non_layer_tensors == tuple(sorted((v.numel() for v in stored.values()), reverse=True))
+    largest = max(model.model.layers, key=lambda layer: sum(t.numel() for t in layer.state_dict().values()))
+    assert tuple(sorted((t.numel() for t in largest.state_dict().values()), reverse=True)) in params.layer_tensors
+    shown = cli.invoke(app, ["plan", str(tmp_path / "config.json"), "--layers", "1", "--dtype", "float32",
+                             "--mode", "sequential", "--activations", "disk"])
     assert shown.exit_code == 0, shown.output
-    assert "--activations disk" in " ".join(shown.output.split())
+    text = " ".join(shown.output.split())
+    assert "--mode sequential --activations disk" in text and "algorithm 2: a layer loads" in text

@@ -8,6 +8,7 @@ from naive_reference import naive_experts, naive_layers, recorded_gates
 from cdmoe.errors import CdmoeError
 from cdmoe.models.adapter import moe_blocks
 from cdmoe.models.condensed import fuse_condensed_mlp
+from cdmoe.search.expert_search import SearchMemory
 from cdmoe.search.run import SearchOptions, run_search
 
 
@@ -77,9 +78,31 @@ def test_uncached_expert_outputs_give_the_same_choice():
     model = make_tiny("mixtral", seed=4)
     ids = _calib()
     cached = run_search(model, ids, SearchOptions(layers=2, experts=2))
-    streamed = run_search(model, ids, SearchOptions(layers=2, experts=2, cache_bytes=0))
+    streamed = run_search(model, ids, SearchOptions(layers=2, experts=2), memory=SearchMemory(cache_bytes=0))
     assert cached.choices == streamed.choices
     assert streamed.record["cost"]["expert_forward_passes"] > cached.record["cost"]["expert_forward_passes"]
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "mixtral"])
+def test_partly_cached_expert_outputs_and_small_chunks_equal_naive(family):
+    """Where the expert outputs do not all fit: 3 of 8 cached, the rest recomputed per step, in
+    7-token chunks and one-candidate groups (uneven last chunk): Algorithm 1 as written chooses the same."""
+    model = make_tiny(family, seed=4)
+    ids = _calib()
+    tokens, hidden, inter = ids.numel(), model.config.hidden_size, moe_blocks(model)[0].expert_weights(0)[0].shape[0]
+    memory = SearchMemory(work_bytes=7 * (4 * hidden * 6 + 12 * inter), cache_bytes=3 * tokens * hidden * 4)
+    result = run_search(model, ids, SearchOptions(layers=1, experts=3), memory=memory)
+    whole = run_search(model, ids, SearchOptions(layers=1, experts=3))  # all cached, one chunk
+    for layer, found in result.record["expert_search"].items():
+        assert found["step_scores"] == pytest.approx(whole.record["expert_search"][layer]["step_scores"], rel=1e-5)
+    passes = 0
+    for block in moe_blocks(model):
+        all_gates, _ = recorded_gates(model, ids, block.layer_idx)
+        expected = naive_experts(model, ids, block.layer_idx, 3, all_gates)
+        assert result.record["expert_search"][str(block.layer_idx)]["experts"] == expected, f"layer {block.layer_idx}"
+        # experts 0-2 computed once (cached); the others once per step while they are candidates
+        passes += 3 + sum(sum(1 for e in range(3, 8) if e not in expected[:step]) for step in range(3))
+    assert result.record["cost"]["expert_forward_passes"] == passes
 
 
 @pytest.mark.parametrize(

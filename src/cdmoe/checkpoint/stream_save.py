@@ -72,6 +72,8 @@ def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice],
     # save_pretrained writes config, generation config and code, and the non-layer tensors as model.safetensors
     with fp8_config(skeleton, storage):
         skeleton.save_pretrained(directory, state_dict=rest, max_shard_size="10000GB")
+    rest_bytes = {k: v.numel() * v.element_size() for k, v in rest.items()}
+    del rest, cast  # written: the layers must not wait beside a second copy of the embeddings
     rest_file = shard.format(n + 1, n + 1)
     (directory / SINGLE_NAME).rename(directory / rest_file)
     with_original_keys = getattr(skeleton.config, "cdmoe", None) is None  # native format: per-expert keys, as saved whole
@@ -99,8 +101,10 @@ def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice],
     with safe_open(directory / rest_file, "pt") as f:
         for key in f.keys():
             weight_map[key] = rest_file
-            tensor = rest[key] if key in rest else f.get_tensor(key)
-            total += tensor.numel() * tensor.element_size()
+            if key not in rest_bytes:
+                tensor = f.get_tensor(key)
+                rest_bytes[key] = tensor.numel() * tensor.element_size()
+            total += rest_bytes[key]
     index = {"metadata": {"total_parameters": skeleton.num_parameters(), "total_size": total},
              "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

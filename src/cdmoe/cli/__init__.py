@@ -10,9 +10,10 @@ import sys
 import typer
 
 from .baselines import baseline, compare
-from .condense import apply, condense, finetune, plan, print_summary, sweep
+from .condense import apply, condense, finetune, print_summary, sweep
 from .evaluate import eval_cmd, measure, report
 from .heal import heal
+from .plan import plan
 
 __all__ = ["app", "main", "print_summary"]
 

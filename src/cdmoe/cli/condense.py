@@ -1,8 +1,7 @@
-"""``cdmoe plan``, ``condense``, ``apply``, ``sweep`` and ``finetune``: the CD-MoE commands."""
+"""``cdmoe condense``, ``apply``, ``sweep`` and ``finetune``: the CD-MoE commands."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +11,7 @@ from rich.table import Table
 from .evaluate import print_report
 from .heal import HealSamples
 from .options import (
+    Activations,
     Calib,
     Device,
     Dtype,
@@ -23,6 +23,7 @@ from .options import (
     Force,
     LayerSelector,
     Metric,
+    Mode,
     Quantize,
     Samples,
     Seed,
@@ -34,54 +35,6 @@ from .options import (
     _int_list,
     out_console,
 )
-
-
-@_friendly
-def plan(
-    model: Annotated[str, typer.Argument(help="config.json, model directory or hub id")],
-    layers: Annotated[Optional[int], typer.Option(help="number of MoE layers to condense (default: all)")] = None,
-    experts: Experts = None,
-    shared_only: SharedOnly = False,
-    layer_ids: Annotated[Optional[str], typer.Option(help="exact layers, e.g. 3,5,7")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="dtype for bytes (default: the config's)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    trust_remote_code: TrustCode = False,
-):
-    """Memory of a condensing plan, from the config alone (no weights are read)."""
-    from ..models.plan import plan as run_plan
-
-    result = run_plan(model, layers, _experts(experts, shared_only), _int_list(layer_ids), dtype)
-    if as_json:
-        print(json.dumps(result))
-        return
-    table = Table(title=f"cdmoe plan: {result['model']}", show_header=True)
-    table.add_column("")
-    table.add_column("original", justify="right")
-    table.add_column("condensed", justify="right")
-    table.add_row("parameters", f"{result['total_params']:,}", f"{result['condensed_params']:,}")
-    table.add_row(
-        f"bytes ({result['dtype']})",
-        f"{result['total_bytes'] / 2**30:.2f} GiB",
-        f"{result['condensed_bytes'] / 2**30:.2f} GiB",
-    )
-    table.add_row("activated params / token", f"{result['active_params']:,}", f"{result['condensed_active_params']:,}")
-    table.add_row("memory ratio", "100%", f"{100 * result['memory_ratio']:.1f}%")
-    out_console.print(table)
-    gib = 2**30
-    out_console.print(
-        f"sequential mode (--mode sequential): {(result['sequential_device_bytes']) / gib:.2f} GiB on the device "
-        f"(largest decoder layer {result['largest_layer_bytes'] / gib:.2f} GiB + embeddings/norm/lm_head "
-        f"{result['non_layer_bytes'] / gib:.2f} GiB; whole mode needs {result['total_bytes'] / gib:.2f} GiB), plus in "
-        f"CPU memory a {result['activation_cache_bytes'] / gib:.1f} GiB layer-input cache for "
-        f"{result['calibration_tokens']:,} calibration tokens ({result['dtype']}) and up to "
-        f"{result['candidate_stream_bytes'] / gib:.1f} GiB of Algorithm 2 candidate streams; --activations disk "
-        f"moves both to disk ({result['activation_disk_bytes'] / gib:.1f} GiB of disk, slower)."
-    )
-    out_console.print(
-        f"{len(result['condensed_layers'])} of {result['moe_layers']} MoE layers condensed "
-        f"({result['condensed_layers']}), routed experts kept per layer: {result['experts_kept']} of "
-        f"{result['routed_experts']} (top-k {result['top_k']}); counted from a {result['counted']}."
-    )
 
 
 @_friendly
@@ -123,26 +76,18 @@ def condense(
     force: Force = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     quantize: Quantize = None,
-    mode: Annotated[
-        str,
-        typer.Option(
-            help="whole | sequential (one decoder layer in memory at a time) | auto "
-            "(sequential when the weights do not fit the device)"
-        ),
-    ] = "auto",
+    mode: Mode = "auto",
     device: Device = "auto",
-    activations: Annotated[
-        str,
-        typer.Option(
-            help="memory | disk: where calibration hidden states wait between layers (disk: less RAM, slower)"
-        ),
-    ] = "memory",
+    activations: Activations = "auto",
     activations_dir: Annotated[
         Optional[Path],
         typer.Option(help="where --activations disk writes (default: inside .OUT.partial/ beside --out)"),
     ] = None,
     heal: Annotated[bool, typer.Option("--heal", help="then heal the condensed layers (see cdmoe heal)")] = False,
     heal_samples: HealSamples = None,
+    memory_check: Annotated[
+        bool, typer.Option(help="stop before loading when the estimated memory or disk does not fit (cdmoe plan)")
+    ] = True,
     trust_remote_code: TrustCode = False,
 ):
     """Condense N MoE layers with CD-MoE (greedy experts and layers on calibration data) and save."""
@@ -176,6 +121,7 @@ def condense(
         activations=activations,
         activations_dir=activations_dir,
         heal=HealOptions(samples=heal_samples) if heal or heal_samples is not None else None,
+        memory_check=memory_check,
     )
     print_summary(record, out)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .options import Device, Dtype, EvalText, EvalTokens, Force, TrustCode, _friendly, out_console
+from .options import Activations, Device, Dtype, EvalText, EvalTokens, Force, Mode, TrustCode, _friendly, out_console
 
 HealSamples = Annotated[
     Optional[int],
@@ -34,13 +34,9 @@ def heal(
     eval_every: Annotated[int, typer.Option(help="steps between held-out scores")] = 25,
     patience: Annotated[int, typer.Option(help="held-out scores without improvement before stopping")] = 4,
     dtype: Dtype = "auto",
-    mode: Annotated[
-        str, typer.Option(help="whole | sequential (one decoder layer in memory at a time) | auto")
-    ] = "auto",
+    mode: Mode = "auto",
     device: Device = "auto",
-    activations: Annotated[
-        str, typer.Option(help="memory | disk: where calibration hidden states wait between layers")
-    ] = "memory",
+    activations: Activations = "auto",
     activations_dir: Annotated[Optional[Path], typer.Option(help="where --activations disk writes")] = None,
     eval_text: EvalText = None,
     eval_tokens: EvalTokens = 50_000,

@@ -39,6 +39,16 @@ TrustCode = Annotated[
         "--trust-remote-code", help="run Python code shipped inside the checkpoint (auto_map); off by default"
     ),
 ]
+Mode = Annotated[
+    str,
+    typer.Option(help="whole | sequential (one decoder layer in memory at a time) | auto (whole when its estimated "
+                 "peak fits the device, else sequential; see cdmoe plan)"),
+]
+Activations = Annotated[
+    str,
+    typer.Option(help="auto | memory | disk: where calibration hidden states wait between layers (disk: less RAM, "
+                 "slower; auto: memory when it fits)"),
+]
 Quantize = Annotated[
     Optional[str], typer.Option(help="then quantise experts / condensed MLPs: int8 | int4 (bitsandbytes)")
 ]

@@ -138,15 +138,17 @@ class DiskActivations:
 
 def check_activations(kind: str, directory: str | Path | None = None) -> None:
     """One-line errors for a bad ``--activations`` / ``--activations-dir`` (before any heavy work)."""
-    if kind not in ACTIVATION_BACKENDS:
-        raise CdmoeError(f"unknown --activations {kind!r}; use {' or '.join(ACTIVATION_BACKENDS)}")
-    if directory is not None and kind != "disk":
+    if kind not in ("auto", *ACTIVATION_BACKENDS):
+        raise CdmoeError(f"unknown --activations {kind!r}; use auto, {' or '.join(ACTIVATION_BACKENDS)}")
+    if directory is not None and kind == "memory":
         raise CdmoeError("--activations-dir is where --activations disk writes; add --activations disk or drop it")
 
 
 def activation_cache(kind: str, parent: str | Path | None = None) -> MemoryActivations | DiskActivations:
     """A cache of the ``kind`` given (``memory`` | ``disk``); ``disk`` writes into a new directory in ``parent``."""
     check_activations(kind)
+    if kind not in ACTIVATION_BACKENDS:
+        raise CdmoeError(f"--activations {kind} must be decided (memory or disk) before a cache is made")
     if kind == "memory":
         return MemoryActivations()
     if parent is None:

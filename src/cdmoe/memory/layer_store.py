@@ -35,6 +35,7 @@ from torch import nn
 from ..errors import CdmoeError
 from ..models.adapter import MoEBlock, attr_path, decoder_layers
 from ..models.families import FamilySpec
+from .host import return_freed_memory
 
 __all__ = ["ResidentStore", "SequentialStore", "checkpoint_tensor_files"]
 
@@ -103,6 +104,7 @@ class SequentialStore:
         from ..models.adapter import family_spec
         from ..models.fp8_blocks import declares_fp8
 
+        return_freed_memory()  # a released layer's memory goes back to the system (see memory.host)
         trust_remote_code = trusted() if trust_remote_code is None else trust_remote_code
         self.trust_remote_code = trust_remote_code
         self.path = Path(path)
@@ -146,7 +148,9 @@ class SequentialStore:
         pattern = re.compile(re.escape(self._prefix) + r"(\d+)\.")
         by_layer: dict[int, list[str]] = {}
         rest = []
-        for key, target in checkpoint_model_keys(self.model, self.files).items():
+        self._targets = checkpoint_model_keys(self.model, self.files)
+        self._sizes = {name: t.numel() for name, t in self.model.state_dict().items()}
+        for key, target in self._targets.items():
             found = pattern.match(target)
             if found is None:
                 rest.append(key)
@@ -155,7 +159,19 @@ class SequentialStore:
         return by_layer, rest
 
     def _load(self, keys: list[str], what: str) -> None:
-        """Read ``keys`` from their shards into the skeleton (converted, cast, on the device)."""
+        """Read ``keys`` from their shards into the skeleton (converted, cast, on the device), one model
+        tensor at a time, largest first: while a tensor is built from its sources (e.g. 2E per-expert
+        matrices stacked into one fused gate_up tensor) the memory holds the tensors loaded before it,
+        its sources in the compute dtype, the built tensor and its bytes in the file, which is least
+        when the largest goes first (see :func:`cdmoe.memory.estimate.load_peak`)."""
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            groups.setdefault(self._targets.get(key, key), []).append(key)
+        for target in sorted(groups, key=lambda t: (-self._sizes.get(t, 0), t)):
+            self._load_group(groups[target], what)
+
+    def _load_group(self, keys: list[str], what: str) -> None:
+        """Read ``keys`` (the sources of one model tensor) into the skeleton."""
         from safetensors import safe_open
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -168,7 +184,7 @@ class SequentialStore:
                                      weight_mapping=get_model_conversion_mapping(self.model))
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
-        # shards are opened per load and closed after: mapped pages of layers already used must not stay resident
+        # shards are opened per tensor and closed after: their mapped pages must not stay resident
         scales = [self.fp8.scales[k] for k in keys if k in self.fp8.scales] if self.fp8 is not None else []
         with contextlib.ExitStack() as stack:
             handles = {name: stack.enter_context(safe_open(self.path / name, "pt"))

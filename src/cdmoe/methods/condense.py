@@ -25,9 +25,12 @@ from ..evaluation.perplexity import perplexity, token_limit, token_stream
 from ..evaluation.plots import plot_single_layer_scores
 from ..io.write_rule import check_write_path, remove_work_dir
 from ..memory.activation_cache import DIR_PREFIX, activation_cache, check_activations
-from ..memory.devices import choose_mode, resolve_device
+from ..memory.devices import resolve_device
+from ..memory.fit import Free, RunChoice, choose_run, free_now
+from ..memory.host import return_freed_memory
 from ..memory.layer_store import SequentialStore
 from ..models.input_checks import check_inputs
+from ..models.plan import count, declares_block_fp8, storage_bytes
 from ..models.loading import checkpoint_dtype, compute_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
 from ..models.placement import describe, place
 from ..models.storage_dtypes import cast_to_storage, plan_of
@@ -37,7 +40,7 @@ from ..search.run import SearchOptions, run_search
 from .ablations import DroppedBlock, fused_modules, random_choices, swapped_blocks
 from .quantize import check_quantize
 
-__all__ = ["EvalOptions", "condense"]
+__all__ = ["EvalOptions", "condense", "run_choice"]
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,10 @@ def condense(
     mode: str = "auto",
     device: str = "auto",
     quantize: str | None = None,
-    activations: str = "memory",
+    activations: str = "auto",
     activations_dir: str | Path | None = None,
     heal=None,
+    memory_check: bool = True,
 ) -> dict:
     """Condense ``search.layers`` MoE layers of ``model`` with CD-MoE and save to ``out``; return the record.
 
@@ -91,7 +95,8 @@ def condense(
     quantised (:mod:`cdmoe.methods.quantize`) and the quantised model's perplexity is measured from disk.
     ``activations``: ``memory`` keeps the calibration hidden states in CPU memory, ``disk`` in
     safetensors files (:mod:`cdmoe.memory.activation_cache`) in a directory inside ``activations_dir``
-    (default: ``.OUT.partial/``), deleted when the search ends; same result, less memory, slower.
+    (default: ``.OUT.partial/``), deleted when the search ends; same result, less memory, slower;
+    ``auto``: memory when that fits, else disk.
     ``heal`` (a :class:`~cdmoe.search.heal_fit.HealOptions`): then heal the condensed layers on the same
     calibration source (:mod:`cdmoe.methods.heal`), resumable like the search.
     """
@@ -115,13 +120,16 @@ def condense(
     stored = checkpoint_dtype(model)
     if compute == "auto":  # GPU: compute in the checkpoint's dtype
         compute = stored or torch.float32
-    mode, why = choose_mode(mode, model, dev, compute, stored)
+    choice = run_choice(model, count(model), dev.type, compute, search, calib, mode, activations,
+                        free_now(dev, out, activations_dir), memory_check)
+    mode, activations, why = choice.mode, choice.activations, choice.why
     if mode == "sequential" and evaluation.text:
         raise CdmoeError("--eval-text needs the whole model in memory; drop it (evaluate the output with "
                          "cdmoe eval) or use --mode whole")
     if mode == "sequential" and quantize:
         raise CdmoeError("--quantize needs the whole model in memory for now; use --mode whole, or quantise the "
                          "condensed output with cdmoe baseline slim")
+    return_freed_memory()  # freed tensors go back to the system (see memory.host)
     tokenizer = load_tokenizer(model)
     calib_ids = load_calibration(tokenizer, calib)
     key = run_key(model, calib.to_dict(), calib_ids, search, {"dtype": str(compute), "device": dev.type})
@@ -153,9 +161,11 @@ def condense(
             store = SequentialStore(model, device=dev, dtype=compute)
             loaded = store.model
         with progress or nullcontext(), activation_cache(activations, activations_dir or tmp) as cache:
-            result = run_search(loaded, calib_ids, search, report, store=store, state=state, activations=cache)
+            result = run_search(loaded, calib_ids, search, report, store=store, state=state, activations=cache,
+                                memory=choice.search)
         search_record = {**result.record, "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())},
-                         "mode": mode, "mode_reason": why, "device": str(dev), "activations": activations}
+                         "mode": mode, "mode_reason": why, "device": str(dev), "activations": activations,
+                         "memory_plan": choice.to_dict()}
         if store is not None:
             search_record["cost"]["decoder_layer_loads"] = store.loads
         if mode == "whole":
@@ -189,6 +199,26 @@ def condense(
                                          ev["seq_len"])
         write_record(out, record)
     return record
+
+
+def run_choice(source, known, device_type: str, compute: torch.dtype, search: SearchOptions, calib: CalibSpec,
+               mode: str, activations: str, free: Free | None, check: bool = True) -> RunChoice:
+    """Mode, activation place and Algorithm 1's budgets for condensing the model ``source`` (counted:
+    ``known``, :func:`cdmoe.models.plan.count`) on ``device_type`` in ``compute``, from the estimate (config
+    only: nothing is loaded) and what is ``free`` (None: unknown, no check)."""
+    from ..memory.estimate import RunShape
+
+    if mode not in ("auto", "whole", "sequential"):
+        raise CdmoeError(f"unknown --mode {mode!r}; use auto, whole or sequential")
+    check_activations(activations)
+    config, params = known[0], known[1]
+    # weights cost the compute dtype's bytes (an FP8 source is dequantised: 2x its file in bf16), the file its own
+    base = RunShape(mode="whole", device=device_type, compute_bytes=compute.itemsize,
+                    storage_bytes=storage_bytes(source, config, params), samples=calib.samples, seq_len=calib.seq_len,
+                    batch_size=search.batch_size, experts=search.experts,
+                    final="logits" if search.metric == "ppl" else search.final, metric=search.metric,
+                    dequant_bytes=(4 + 2) * params.largest_source if declares_block_fp8(config) else 0)
+    return choose_run(known[1], base, mode, activations, free, check=check)
 
 
 def progress_note(text: str) -> None:

@@ -31,7 +31,8 @@ from ..evaluation.perplexity import perplexity, token_stream
 from ..io.output_dir import partial_dir
 from ..io.write_rule import check_write_path, remove_work_dir
 from ..memory.activation_cache import DIR_PREFIX, activation_cache, check_activations
-from ..memory.devices import choose_mode, resolve_device
+from ..memory.devices import resolve_device
+from ..memory.fit import free_now
 from ..memory.layer_store import ResidentStore, SequentialStore, checkpoint_tensor_files
 from ..models.adapter import family_spec
 from ..models.condensed import fuse_condensed_mlp
@@ -43,7 +44,9 @@ from ..search.heal_fit import HealOptions
 from ..search.heal_state import HealState
 from ..search.heal_walk import heal_walk
 from ..search.resume import model_key, tokens_key
-from .condense import EvalOptions, _rich_progress, progress_note
+from ..models.plan import count
+from ..search.run import SearchOptions
+from .condense import EvalOptions, _rich_progress, progress_note, run_choice
 
 __all__ = ["HealOptions", "heal", "heal_condensed_output", "heal_directory"]
 
@@ -54,7 +57,7 @@ HEAL_STATE = "heal"  # inside the partial directory's state/
 def heal(directory: str | Path, out: str | Path, options: HealOptions = HealOptions(), *,
          original: str | Path | None = None, calib: str | None = None, seq_len: int | None = None,
          seed: int | None = None, evaluation: EvalOptions = EvalOptions(),
-         dtype: str = "auto", mode: str = "auto", device: str = "auto", activations: str = "memory",
+         dtype: str = "auto", mode: str = "auto", device: str = "auto", activations: str = "auto",
          activations_dir: str | Path | None = None, force: bool = False, show_progress: bool = True) -> dict:
     """Heal the condensed directory ``directory`` into ``out``; return the new record.
 
@@ -75,7 +78,10 @@ def heal(directory: str | Path, out: str | Path, options: HealOptions = HealOpti
                          avoid=(out, partial_dir(out)))
     dev = resolve_device(device)
     compute = _compute(dtype, dev, original)
-    mode, why = choose_mode(mode, original, dev, compute, checkpoint_dtype(original))
+    # planned as a one-layer condense of the original on the same windows: its search working set bounds healing's
+    choice = run_choice(original, count(original), dev.type, compute, SearchOptions(layers=1), calib, mode,
+                        activations, free_now(dev, out, activations_dir))
+    mode, activations, why = choice.mode, choice.activations, choice.why
     if mode == "sequential" and evaluation.text:
         raise CdmoeError("--eval-text needs the whole model in memory; drop it (evaluate the output with cdmoe eval) "
                          "or use --mode whole")

@@ -16,7 +16,7 @@ from torch import nn
 
 from .adapter import MoEBlock, decoder_layers, family_spec, moe_blocks
 
-__all__ = ["MoELayerParams", "ModelParams", "tensor_count", "model_params"]
+__all__ = ["MoELayerParams", "ModelParams", "tensor_count", "tensor_sizes", "model_params"]
 
 
 def tensor_count(module: nn.Module | None) -> int:
@@ -84,6 +84,13 @@ class ModelParams:
     non_layer: int = 0  # embeddings, final norm, lm_head (tied once): always resident in sequential mode
     num_layers: int = 0  # decoder layers
     hidden_size: int = 0
+    vocab_size: int = 0
+    attention_heads: int = 0
+    # tensor sizes (elements, largest first) of each distinct kind of decoder layer and of the rest:
+    # what loading one tensor at a time holds (cdmoe.memory.estimate.load_peak)
+    layer_tensors: tuple[tuple[int, ...], ...] = ()
+    non_layer_tensors: tuple[int, ...] = ()
+    largest_source: int = 0  # the largest checkpoint tensor of a layer (one expert's matrix of a fused tensor)
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -141,31 +148,34 @@ class ModelParams:
             "condensed_layers": sorted(condensed),
         }
 
-    def sequential(self, bytes_per_param: float, tokens: int, activation_bytes: int) -> dict:
-        """Sequential-mode memory: on the device one decoder layer plus the non-layer weights; the
-        layer-input cache of ``tokens`` calibration tokens (``activation_bytes`` per element; the
-        MoE layers' inputs) and, in Algorithm 2's shared pass, up to as much again in candidate
-        streams (one set per MoE layer), both in CPU memory or, with ``--activations disk``, on disk."""
-        cache = len(self.layers) * tokens * self.hidden_size * activation_bytes
-        return {
-            "largest_layer_bytes": int(self.largest_layer * bytes_per_param),
-            "non_layer_bytes": int(self.non_layer * bytes_per_param),
-            "sequential_device_bytes": int((self.largest_layer + self.non_layer) * bytes_per_param),
-            "calibration_tokens": tokens,
-            "activation_cache_bytes": cache,
-            "candidate_stream_bytes": cache,
-            "activation_disk_bytes": 2 * cache,
-        }
-
     def to_dict(self) -> dict:
         return {"total": self.total, "layers": [asdict(layer) for layer in self.layers]}
+
+
+def tensor_sizes(module: nn.Module) -> tuple[int, ...]:
+    """Elements of each parameter (shared ones once) and persistent buffer of ``module``, largest first."""
+    sizes = [p.numel() for p in module.parameters()]
+    for mod in module.modules():
+        sizes += [buf.numel() for name, buf in mod.named_buffers(recurse=False)
+                  if buf is not None and name not in mod._non_persistent_buffers_set]
+    return tuple(sorted(sizes, reverse=True))
 
 
 def model_params(model: nn.Module) -> ModelParams:
     """Count a (possibly meta-device) model."""
     spec = family_spec(model)
-    sizes = [tensor_count(layer) for layer in decoder_layers(model, spec)]
+    layers = decoder_layers(model, spec)
+    sizes = [tensor_count(layer) for layer in layers]
     total = tensor_count(model)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    rest = sorted((p.numel() for p in model.parameters() if id(p) not in in_layers), reverse=True)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return ModelParams(total=total, layers=tuple(MoELayerParams.of_block(b) for b in moe_blocks(model, spec)),
                        largest_layer=max(sizes), non_layer=total - sum(sizes), num_layers=len(sizes),
-                       hidden_size=model.config.hidden_size, blocks=tuple(sizes))
+                       hidden_size=model.config.hidden_size, blocks=tuple(sizes),
+                       vocab_size=getattr(config, "vocab_size", 0) or 0,
+                       attention_heads=getattr(config, "num_attention_heads", 0) or 0,
+                       layer_tensors=tuple(dict.fromkeys(tensor_sizes(layer) for layer in layers)),
+                       non_layer_tensors=tuple(rest),
+                       largest_source=max(p.numel() // (p.shape[0] if p.dim() == 3 else 1)
+                                          for layer in layers for p in layer.parameters()))

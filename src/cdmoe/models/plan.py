@@ -23,7 +23,7 @@ from .families import spec_for_model_type, supported_model_types
 from .input_checks import check_family_keys, read_config, read_json_object
 from .loading import resolve_dtype
 
-__all__ = ["load_config", "params_from_config", "plan", "DTYPE_BYTES"]
+__all__ = ["config_dtype", "count", "declares_block_fp8", "storage_bytes", "load_config", "params_from_config", "plan", "DTYPE_BYTES"]
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "float8_e4m3fn": 1}
 
@@ -73,7 +73,8 @@ def _analytic(data: dict) -> ModelParams:
     kv = data.get("num_key_value_heads") or heads
     hd = data.get("head_dim") or h // heads
     bias = bool(data.get("attention_bias", False))
-    attn = h * heads * hd + 2 * h * kv * hd + heads * hd * h + (heads * hd + 2 * kv * hd if bias else 0)
+    attn_tensors = [h * heads * hd, h * kv * hd, h * kv * hd, heads * hd * h] + ([heads * hd, kv * hd, kv * hd] if bias else [])
+    attn = sum(attn_tensors)
     norms = 2 * h
     dense_mlp = 3 * h * data["intermediate_size"]
     n_exp = next(data[k] for k in spec.num_experts_keys if data.get(k))
@@ -81,12 +82,14 @@ def _analytic(data: dict) -> ModelParams:
     shared_inter = data.get("shared_expert_intermediate_size") or inter * (data.get("n_shared_experts") or 0)
     first_dense = data.get("first_k_dense_replace", 0) or 0
     freq = data.get("moe_layer_freq", 1) or 1
-    total = v * h * (1 if data.get("tie_word_embeddings", True) else 2) + h
+    tied = data.get("tie_word_embeddings", True)
+    total = v * h * (1 if tied else 2) + h
     non_layer, largest = total, 0
-    layers = []
+    layers, kinds = [], {}
     for i in range(n_layers):
         before = total
         total += attn + norms
+        tensors = attn_tensors + [h, h]
         if i >= first_dense and i % freq == 0:
             layer = MoELayerParams(
                 layer=i, num_experts=n_exp, top_k=data[spec.top_k_key], expert=3 * h * inter,
@@ -94,11 +97,16 @@ def _analytic(data: dict) -> ModelParams:
             )
             layers.append(layer)
             total += layer.total
+            tensors += [h * inter] * (3 * n_exp) + [h * shared_inter] * (3 if shared_inter else 0) + [n_exp * h]
         else:
             total += dense_mlp
+            tensors += [h * data["intermediate_size"]] * 3
+        kinds[tuple(sorted(tensors, reverse=True))] = None
         largest = max(largest, total - before)
     return ModelParams(total=total, layers=tuple(layers), largest_layer=largest, non_layer=non_layer,
-                       num_layers=n_layers, hidden_size=h)
+                       num_layers=n_layers, hidden_size=h, vocab_size=v, attention_heads=heads,
+                       layer_tensors=tuple(kinds), non_layer_tensors=tuple([v * h] * (1 if tied else 2) + [h]),
+                       largest_source=max(attn_tensors + [h * inter, h * shared_inter, h * data["intermediate_size"]]))
 
 
 def params_from_config(config: PretrainedConfig | dict) -> tuple[ModelParams, str]:
@@ -113,22 +121,56 @@ def params_from_config(config: PretrainedConfig | dict) -> tuple[ModelParams, st
     return model_params(model), "meta-device model"
 
 
+def config_dtype(config: PretrainedConfig | dict) -> torch.dtype | None:
+    """The dtype a config says its checkpoint stores (``dtype`` / ``torch_dtype``), None if it says none."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    name = str(get("dtype", None) or get("torch_dtype", None) or "").replace("torch.", "")
+    found = getattr(torch, name, None) if name else None
+    return found if isinstance(found, torch.dtype) else None
+
+
+def storage_bytes(model_or_config: str | Path, config: PretrainedConfig | dict, params: ModelParams) -> float:
+    """Bytes per parameter the checkpoint stores: of a local directory, its safetensors files' size over
+    the parameter count (mixed dtypes, an FP8 release's 1-byte weights and their scales included);
+    from a config alone, its dtype's size, 1 byte for the decoder layers of a declared block-FP8 one."""
+    files = list(Path(str(model_or_config)).glob("*.safetensors")) if Path(str(model_or_config)).is_dir() else []
+    if files:
+        return sum(f.stat().st_size for f in files) / params.total
+    dtype = config_dtype(config) or torch.bfloat16
+    if declares_block_fp8(config):
+        return (params.non_layer * dtype.itemsize + params.total - params.non_layer) / params.total
+    return dtype.itemsize
+
+
+def declares_block_fp8(config: PretrainedConfig | dict) -> bool:
+    """Whether the config declares block-FP8 weights (read as their bf16 cast, :mod:`cdmoe.models.fp8_blocks`)."""
+    from .fp8_blocks import declares_fp8, quantization_entry
+
+    return declares_fp8(quantization_entry(config if isinstance(config, dict) else config.to_dict()))
+
+
+def count(model_or_config: str | Path) -> tuple[PretrainedConfig | dict, ModelParams, str]:
+    """(config, parameter breakdown, how it was counted) of a config.json, model directory or hub id."""
+    config = load_config(model_or_config)
+    params, how = params_from_config(config)
+    if not params.layers:
+        raise CdmoeError("this model has no sparse MoE layer (a dense model?); nothing to condense")
+    return config, params, how
+
+
 def plan(
     model_or_config: str | Path,
     layers: int | None = None,
     experts: int | None = None,
     layer_ids: list[int] | None = None,
     dtype: str | None = None,
-    calib_tokens: int = 100 * 512,
+    known: tuple[PretrainedConfig | dict, ModelParams, str] | None = None,
 ) -> dict:
-    """Memory of condensing ``layers`` MoE layers (or ``layer_ids``) to ``experts`` routed experts each.
-
-    ``experts=None`` keeps top-k routed experts per layer; ``experts=0`` is CD-MoE-S. Also the
-    sequential-mode memory (:meth:`~cdmoe.models.budget.ModelParams.sequential`) for ``calib_tokens``
-    calibration tokens, with activations cached in ``dtype`` (what a GPU computes in).
-    """
-    config = load_config(model_or_config)
-    params, counted = params_from_config(config)
+    """Parameters and bytes of condensing ``layers`` MoE layers (or ``layer_ids``) to ``experts`` routed
+    experts each, in ``dtype`` (default: the config's). ``experts=None`` keeps top-k routed experts per
+    layer; ``experts=0`` is CD-MoE-S. ``known``: :func:`count` of the model, if the caller has it.
+    What a run needs in memory is :mod:`cdmoe.memory.estimate`'s."""
+    config, params, counted = known or count(model_or_config)
     if not params.layers:
         raise CdmoeError("this model has no sparse MoE layer (a dense model?); nothing to condense")
     moe_ids = params.moe_layer_ids
@@ -154,7 +196,6 @@ def plan(
     else:
         dtype = str(get("dtype", None) or get("torch_dtype", None) or "bfloat16").replace("torch.", "")
     result = params.summary(per_layer, DTYPE_BYTES.get(dtype, 2))
-    result.update(params.sequential(DTYPE_BYTES.get(dtype, 2), calib_tokens, DTYPE_BYTES.get(dtype, 2)))
     first = params.layers[0]
     result.update(
         model=str(model_or_config),

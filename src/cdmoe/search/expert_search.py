@@ -13,9 +13,23 @@ For one MoE layer with calibration block inputs X (T, H):
 
 Speed: the literal algorithm evaluates the layer sum_{k<K}(E-k) times (the official code
 runs the whole model each time). Here each routed expert's output E_i(X) is computed
-once; a candidate's condensed output is then ``base + g_i E_i(X)``, so all candidates of
-a step are scored with one batched softmax. Tokens are processed in chunks that bound
-memory; if the expert outputs do not fit ``cache_bytes`` they are recomputed per step.
+once per step (or once per layer where cached); a candidate's condensed output is then
+``base + g_i E_i(X)``, and candidates are scored together with one batched softmax.
+
+Shaped for an accelerator (:class:`SearchMemory` says how much it may use):
+
+- tokens go in chunks as large as ``work_bytes`` allows for one candidate's scoring
+  temporaries (:func:`~cdmoe.memory.estimate.scoring_bytes`); candidates are scored in
+  groups that fill the same budget, so an expert is called ceil(T / chunk) times per step
+  (DeepSeek-V3 on 100 x 512 tokens: 2 chunks per step with 4 GiB, where a fixed 256 MiB for
+  all candidates together gave 36-token chunks and ~164 M expert calls per run);
+- the outputs of as many experts as ``cache_bytes`` holds are kept between steps in the
+  compute dtype (E_i(X) is computed in that dtype and only widened to fp32 for scoring, so a
+  cached output gives the same numbers as a recomputed one); the others are recomputed each
+  step, chunk by chunk;
+- everything stays on the compute device (gates, scores, the running condensed output); the
+  host sees one (C,) score vector per step. Scores are summed over tokens in float64, so the
+  choice does not depend on how tokens were chunked.
 """
 
 from __future__ import annotations
@@ -24,10 +38,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..memory.estimate import SCORE_COPIES, SearchMemory, scoring_bytes
 from ..models.adapter import MoEBlock
-from .metrics import divergence_sum
+import torch.nn.functional as F
 
-__all__ = ["LayerActivations", "fixed_gates", "greedy_experts", "layer_divergence", "ExpertSearchResult"]
+from .metrics import divergence_per_token, divergence_sum
+
+__all__ = ["LayerActivations", "SearchMemory", "fixed_gates", "greedy_experts", "layer_divergence", "ExpertSearchResult",
+           "token_chunk", "candidate_group", "cached_experts"]
 
 
 @dataclass
@@ -54,20 +72,60 @@ class ExpertSearchResult:
 
 @torch.no_grad()
 def fixed_gates(block: MoEBlock, x: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 2: (gates (E,), counts (E,)) from the routing of x (T, H)."""
-    sums = torch.zeros(block.num_experts, dtype=torch.float64)
-    counts = torch.zeros(block.num_experts, dtype=torch.long)
+    """Eq. 2: (gates (E,) fp32, counts (E,) long) from the routing of x (T, H), on x's device."""
+    sums = torch.zeros(block.num_experts, dtype=torch.float64, device=x.device)
+    counts = torch.zeros(block.num_experts, dtype=torch.long, device=x.device)
     for start in range(0, x.shape[0], chunk):
         routing = block.route(x[start : start + chunk])
-        sums.index_add_(0, routing.indices.reshape(-1).cpu(), routing.gates.reshape(-1).double().cpu())
-        counts.index_add_(0, routing.indices.reshape(-1).cpu(), torch.ones(routing.indices.numel(), dtype=torch.long))
+        index = routing.indices.reshape(-1)
+        sums.index_add_(0, index, routing.gates.reshape(-1).double())
+        counts.index_add_(0, index, torch.ones_like(index))
     fallback = sums.sum() / counts.sum().clamp(min=1)
     gates = torch.where(counts > 0, sums / counts.clamp(min=1), fallback)
     return gates.float(), counts
 
 
-def _token_chunk(num_candidates: int, hidden: int, budget_bytes: int = 256 * 2**20) -> int:
-    return max(1, budget_bytes // (4 * max(1, num_candidates) * hidden))
+def token_chunk(tokens: int, hidden: int, inter: int, work_bytes: int) -> int:
+    """Tokens scored at once: the largest chunk whose scoring of one candidate
+    (:func:`~cdmoe.memory.estimate.scoring_bytes`) fits ``work_bytes``."""
+    return max(1, min(tokens, work_bytes // scoring_bytes(1, 1, hidden, inter)))
+
+
+def candidate_group(candidates: int, chunk: int, hidden: int, work_bytes: int) -> int:
+    """Candidates scored together on a ``chunk``-token chunk within ``work_bytes``."""
+    fits = (work_bytes // (4 * hidden * chunk) - 2) // SCORE_COPIES
+    return max(1, min(candidates, fits))
+
+
+def cached_experts(num_experts: int, tokens: int, hidden: int, itemsize: int, cache_bytes: int) -> int:
+    """How many experts' outputs (T, H) in the compute dtype fit ``cache_bytes``."""
+    return max(0, min(num_experts, cache_bytes // max(1, tokens * hidden * itemsize)))
+
+
+class _ExpertOutputs:
+    """E_e(X) chunk by chunk: from the cache for the first ``n_cached`` experts, else computed."""
+
+    def __init__(self, block: MoEBlock, x: torch.Tensor, chunk: int, cache_bytes: int):
+        self.block, self.x = block, x
+        dtype = block.expert_weights(0)[0].dtype  # what expert_output computes in
+        n_cached = cached_experts(block.num_experts, x.shape[0], x.shape[1], dtype.itemsize, cache_bytes)
+        self.cache = torch.empty(n_cached, x.shape[0], x.shape[1], dtype=dtype, device=x.device) if n_cached else None
+        for e in range(n_cached):
+            for start in range(0, x.shape[0], chunk):
+                self.cache[e, start : start + chunk] = block.expert_output(e, x[start : start + chunk])
+
+    @property
+    def n_cached(self) -> int:
+        return 0 if self.cache is None else self.cache.shape[0]
+
+    def get(self, e: int, sl: slice) -> torch.Tensor:
+        """E_e(X[sl]) in fp32, (chunk, H)."""
+        if e < self.n_cached:
+            return self.cache[e, sl].float()
+        return self.block.expert_output(e, self.x[sl]).float()
+
+    def uncached(self, experts: list[int]) -> int:
+        return sum(1 for e in experts if e >= self.n_cached)
 
 
 @torch.no_grad()
@@ -77,49 +135,59 @@ def greedy_experts(
     gates: torch.Tensor,
     k: int,
     metric: str = "js",
-    cache_bytes: int = 2 * 2**30,
+    memory: SearchMemory = SearchMemory(),
 ) -> ExpertSearchResult:
-    """Algorithm 1 on one layer: choose ``k`` routed experts to keep with the shared ones."""
-    x, h = acts.x, acts.h.float()
-    m = acts.residual_scale
+    """Algorithm 1 on one layer: choose ``k`` routed experts to keep with the shared ones.
+
+    Everything is computed on ``acts.x``'s device; ``gates`` (E,) may be anywhere.
+    """
+    x, m = acts.x, acts.residual_scale
     tokens, hidden = x.shape
-    num_experts = block.num_experts
+    gates = gates.to(x.device)
+    chunk = token_chunk(tokens, hidden, block.expert_weights(0)[0].shape[0], memory.work_bytes)
     shared = block.shared_output(x)
-    # condensed output so far: residual + m * (shared + sum of chosen g_i E_i(x))
+    h = acts.h.float()
+    # condensed output so far: residual + m * (shared + sum of chosen g_i E_i(x)), fp32 (T, H)
     base = h - m * acts.y.float() + (m * shared.float() if shared is not None else 0.0)
+    del shared
     result = ExpertSearchResult(layer=block.layer_idx, experts=(), gates=())
-    result.shared_only_score = float(divergence_sum(h, base, metric) / tokens)
+    shared_only = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, tokens, chunk):
+        sl = slice(start, start + chunk)
+        shared_only += divergence_per_token(F.log_softmax(h[sl], -1), base[sl], metric).sum(dtype=torch.float64)
+    result.shared_only_score = float(shared_only / tokens)
     if k == 0:
         return result
 
-    cached = num_experts * tokens * hidden * 4 <= cache_bytes
-    outputs = None
-    if cached:
-        outputs = torch.stack([block.expert_output(e, x).float() for e in range(num_experts)])  # (E, T, H)
-        result.expert_passes += num_experts
-
+    outputs = _ExpertOutputs(block, x, chunk, memory.cache_bytes)
+    result.expert_passes += outputs.n_cached
     chosen: list[int] = []
     for _ in range(k):
-        candidates = [e for e in range(num_experts) if e not in chosen]
-        scale = (m * gates[candidates]).view(-1, 1, 1)
-        scores = torch.zeros(len(candidates), dtype=torch.float64)
-        step = _token_chunk(len(candidates), hidden)
-        for start in range(0, tokens, step):
-            sl = slice(start, start + step)
-            if cached:
-                cand_out = outputs[candidates, sl]
-            else:
-                cand_out = torch.stack([block.expert_output(e, x[sl]).float() for e in candidates])
-            scores += divergence_sum(h[sl], base[sl].unsqueeze(0) + scale * cand_out, metric).double()
-        if not cached:
-            result.expert_passes += len(candidates)
-        best = candidates[int(torch.argmin(scores))]
+        candidates = [e for e in range(block.num_experts) if e not in chosen]
+        scale = (m * gates[torch.tensor(candidates, device=x.device)]).view(-1, 1, 1)
+        group = candidate_group(len(candidates), chunk, hidden, memory.work_bytes)
+        scores = torch.zeros(len(candidates), dtype=torch.float64, device=x.device)
+        for start in range(0, tokens, chunk):
+            sl = slice(start, start + chunk)
+            log_p = F.log_softmax(h[sl], -1)
+            p = log_p.exp()
+            for g in range(0, len(candidates), group):
+                members = candidates[g : g + group]
+                out = torch.stack([outputs.get(e, sl) for e in members])  # (G, chunk, H) fp32
+                cand = out.mul_(scale[g : g + group]).add_(base[sl])
+                scores[g : g + group] += divergence_per_token(log_p, cand, metric, p).sum(-1, dtype=torch.float64)
+                del out, cand
+        result.expert_passes += outputs.uncached(candidates)
+        host = scores.cpu()  # the step's one transfer to the host
+        best = candidates[int(host.argmin())]
         chosen.append(best)
-        best_out = outputs[best] if cached else block.expert_output(best, x).float()
-        base = base + m * gates[best] * best_out
-        result.step_scores.append(float(scores.min() / tokens))
+        weight = m * gates[best]
+        for start in range(0, tokens, chunk):
+            sl = slice(start, start + chunk)
+            base[sl] += weight * outputs.get(best, sl)
+        result.step_scores.append(float(host.min() / tokens))
     result.experts = tuple(chosen)
-    result.gates = tuple(float(gates[e]) for e in chosen)
+    result.gates = tuple(gates.cpu()[list(chosen)].tolist())
     return result
 
 

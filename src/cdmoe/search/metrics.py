@@ -9,12 +9,15 @@ done in fp32.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Metric", "divergence_sum", "sample_perplexity"]
+__all__ = ["Metric", "divergence_per_token", "divergence_sum", "sample_perplexity"]
+
+LN2 = math.log(2.0)
 
 Metric = Literal["js", "kl", "ppl"]
 
@@ -26,15 +29,28 @@ def divergence_sum(reference: torch.Tensor, candidate: torch.Tensor, metric: str
     dimensions (e.g. one per candidate expert), in which case the result keeps them:
     (C, ...) tokens summed -> (C,).
     """
-    log_p = F.log_softmax(reference.float(), dim=-1)
-    log_q = F.log_softmax(candidate.float(), dim=-1)
+    per_token = divergence_per_token(F.log_softmax(reference.float(), dim=-1), candidate, metric)
     extra = candidate.dim() - reference.dim()
-    if metric == "kl":
-        per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-    else:
-        log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0))
-        per_token = 0.5 * ((log_p.exp() * (log_p - log_m)).sum(-1) + (log_q.exp() * (log_q - log_m)).sum(-1))
     return per_token.reshape(*per_token.shape[:extra], -1).sum(-1) if extra else per_token.sum()
+
+
+def divergence_per_token(log_p: torch.Tensor, candidate: torch.Tensor, metric: str = "js",
+                         p: torch.Tensor | None = None) -> torch.Tensor:
+    """JS(P, Q) or KL(P || Q) of each token, fp32: ``log_p`` = log softmax of the reference (T, D)
+    (and optionally ``p`` = its exp), Q = softmax(``candidate``) (..., T, D) -> (..., T).
+
+    Works in place where it can: about three candidate-sized fp32 tensors are alive at once,
+    with the same values (bit for bit) as the textbook expressions.
+    """
+    log_q = F.log_softmax(candidate.float(), dim=-1)
+    p = log_p.exp() if p is None else p
+    if metric == "kl":
+        return torch.sub(log_p, log_q).mul_(p).sum(-1)
+    log_m = torch.logaddexp(log_p, log_q).sub_(LN2)
+    p_term = torch.sub(log_p, log_m).mul_(p).sum(-1)
+    diff = log_m.neg_().add_(log_q)  # log_q - log_m, in log_m's memory
+    q_term = log_q.exp_().mul_(diff).sum(-1)
+    return p_term.add_(q_term).mul_(0.5)
 
 
 def sample_perplexity(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

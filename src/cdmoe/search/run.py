@@ -22,7 +22,14 @@ from ..errors import CdmoeError
 from ..memory.layer_store import ResidentStore
 from ..models.adapter import MoEBlock, config_value, family_spec, moe_blocks
 from ..models.condensed import LayerChoice
-from .expert_search import ExpertSearchResult, LayerActivations, fixed_gates, greedy_experts, layer_divergence
+from .expert_search import (
+    ExpertSearchResult,
+    LayerActivations,
+    SearchMemory,
+    fixed_gates,
+    greedy_experts,
+    layer_divergence,
+)
 from .layer_search import greedy_layers
 from .resume import SearchState
 from .runner import LayerRunner
@@ -38,7 +45,6 @@ class SearchOptions:
     metric: str = "js"  # js | kl | ppl (ppl applies to layer selection; experts then use js)
     final: str = "hidden"  # final-output distribution for Alg. 2: hidden | logits
     batch_size: int = 8
-    cache_bytes: int = 2 * 2**30
     expert_selector: str = "greedy"  # greedy | random | l1 | frequency (see cdmoe.search.selectors)
     layer_selector: str = "greedy"  # greedy | layer-rank | global-layer-rank
     seed: int = 0  # for the random expert selector
@@ -117,6 +123,7 @@ def run_search(
     store=None,
     state: SearchState | None = None,
     activations=None,
+    memory: SearchMemory = SearchMemory(),
 ) -> SearchResult:
     """Run gates + Algorithm 1 on every MoE layer and Algorithm 2 for ``options.layers`` layers.
 
@@ -128,6 +135,8 @@ def run_search(
     :class:`~cdmoe.memory.activation_cache.MemoryActivations` (default) or
     :class:`~cdmoe.memory.activation_cache.DiskActivations`; the selections are the same bits either way.
     Not a search option: it does not change the result (nor the resume key).
+    ``memory``: what Algorithm 1 may use on the compute device (token chunks, expert-output cache);
+    likewise not an option: the selections do not depend on it.
     """
     spec = family_spec(model)
     blocks = moe_blocks(model, spec)
@@ -160,7 +169,7 @@ def run_search(
             found, counts, gates = done
         else:
             with store.resident(block.layer_idx):
-                found, counts, gates = _expert_search(runner, block, scale, k, options, expert_metric)
+                found, counts, gates = _expert_search(runner, block, scale, k, options, expert_metric, memory)
             if state is not None:
                 state.save_expert_layer(block.layer_idx, found, counts, gates)
         all_gates[block.layer_idx] = gates
@@ -240,14 +249,17 @@ def run_search(
 
 
 def _expert_search(runner: LayerRunner, block: MoEBlock, scale: float, k: int, options: SearchOptions,
-                   metric: str) -> tuple[ExpertSearchResult, torch.Tensor, torch.Tensor]:
-    """Gates (Eq. 2) and the kept experts of one MoE layer (its weights must be resident)."""
+                   metric: str, memory: SearchMemory) -> tuple[ExpertSearchResult, torch.Tensor, torch.Tensor]:
+    """Gates (Eq. 2) and the kept experts of one MoE layer (its weights must be resident); the
+    gates and counts are returned on the CPU."""
     acts = layer_activations(runner, block, scale)
     gates, counts = fixed_gates(block, acts.x)
     if options.expert_selector == "greedy":
-        return greedy_experts(block, acts, gates, k, metric, options.cache_bytes), counts, gates
-    chosen = select_experts(options.expert_selector, block, counts, k, options.seed)
-    found = ExpertSearchResult(layer=block.layer_idx, experts=chosen, gates=tuple(float(gates[e]) for e in chosen))
-    found.step_scores = [layer_divergence(block, acts, chosen, gates, metric)] if k else []
-    found.shared_only_score = layer_divergence(block, acts, (), gates, metric)
-    return found, counts, gates
+        found = greedy_experts(block, acts, gates, k, metric, memory)
+    else:
+        counts = counts.cpu()
+        chosen = select_experts(options.expert_selector, block, counts, k, options.seed)
+        found = ExpertSearchResult(layer=block.layer_idx, experts=chosen, gates=tuple(gates.cpu()[list(chosen)].tolist()))
+        found.step_scores = [layer_divergence(block, acts, chosen, gates, metric)] if k else []
+        found.shared_only_score = layer_divergence(block, acts, (), gates, metric)
+    return found, counts.cpu(), gates.cpu()
