@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..checkpoint.record import condense_layers
 from ..checkpoint.stream_save import condensed_skeleton, write_streamed
-from ..checkpoint.writer import STATE_DIR, atomic_output_dir, check_output_dir, write_condensed, write_record
+from ..checkpoint.writer import write_condensed, write_record
 from ..errors import CdmoeError
 from ..evaluation.perplexity import perplexity, token_stream
 from ..evaluation.plots import plot_single_layer_scores
-from ..memory.activation_cache import DIR_PREFIX, activation_cache, check_activations
-from ..memory.devices import choose_mode, resolve_device
-from ..memory.layer_store import SequentialStore
-from ..models.input_checks import check_inputs
-from ..models.loading import checkpoint_dtype, compute_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
-from ..models.placement import describe, place
+from ..models.loading import load_model, round_to_checkpoint_dtype
 from ..models.storage_dtypes import cast_to_storage, plan_of
-from ..search.calibration import CalibSpec, load_calibration
+from ..search.calibration import CalibSpec
 from ..search.resume import SearchState, run_key
 from ..search.run import SearchOptions, run_search
 from .ablations import DroppedBlock, fused_modules, random_choices, swapped_blocks
 from .quantize import check_quantize
+from .session import rich_progress, start_session
 
 __all__ = ["EvalOptions", "condense"]
 
@@ -40,20 +33,6 @@ class EvalOptions:
     max_tokens: int = 50_000
     seq_len: int | None = None  # default: the calibration sequence length
     baselines: bool = True  # also: same layers with random experts, same layers dropped
-
-
-def _rich_progress():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), transient=False)
 
 
 def condense(
@@ -84,32 +63,23 @@ def condense(
     safetensors files (:mod:`cdmoe.memory.activation_cache`) in a directory inside ``activations_dir``
     (default: ``.OUT.partial/``), deleted when the search ends; same result, less memory, slower.
     """
-    check_activations(activations, activations_dir)
     search.check()
-    dev = resolve_device(device)
     check_quantize(quantize)
-    check_inputs(model, calib, {"--eval-text": evaluation.text})
     if evaluation.max_tokens < 2:
         raise CdmoeError(f"--eval-tokens must be at least 2, got {evaluation.max_tokens}")
-    inputs = (model, calib.source, evaluation.text)
-    check_output_dir(out, force, inputs)
-    started = time.perf_counter()
-    compute = compute_dtype(dtype, str(dev))
-    stored = checkpoint_dtype(model)
-    if compute == "auto":  # GPU: compute in the checkpoint's dtype
-        compute = stored or torch.float32
-    mode, why = choose_mode(mode, model, dev, compute, stored)
-    if mode == "sequential" and evaluation.text:
+    session = start_session(model, out, calib, {"--eval-text": evaluation.text}, dtype=dtype, device=device,
+                            mode=mode, force=force, activations=activations, activations_dir=activations_dir)
+    if session.mode == "sequential" and evaluation.text:
         raise CdmoeError("--eval-text needs the whole model in memory; drop it (evaluate the output with "
                          "cdmoe eval) or use --mode whole")
-    if mode == "sequential" and quantize:
+    if session.mode == "sequential" and quantize:
         raise CdmoeError("--quantize needs the whole model in memory for now; use --mode whole, or quantise the "
                          "condensed output with cdmoe baseline slim")
-    tokenizer = load_tokenizer(model)
-    calib_ids = load_calibration(tokenizer, calib)
-    key = run_key(model, calib.to_dict(), calib_ids, search, {"dtype": str(compute), "device": dev.type})
+    calib_ids = session.calibrate()
+    tokenizer = session.tokenizer
+    key = run_key(model, calib.to_dict(), calib_ids, search, {"dtype": str(session.compute), "device": session.dev.type})
 
-    progress = _rich_progress() if show_progress else None
+    progress = rich_progress() if show_progress else None
     tasks: dict[str, int] = {}
 
     def report(stage: str, done: int, total: int) -> None:
@@ -120,37 +90,25 @@ def condense(
             tasks[stage] = progress.add_task(label, total=total)
         progress.update(tasks[stage], completed=done)
 
-    with atomic_output_dir(out, force=force, resumable=True, inputs=inputs) as tmp:
-        state = SearchState(tmp / STATE_DIR, key)
-        if state.resumed:  # printed even with --quiet: the user should know the run continues an old one
-            progress_note(f"resuming the interrupted run in {tmp / STATE_DIR}: {state.resumed}")
-        for stale in tmp.glob(f"{DIR_PREFIX}*"):  # a killed run's activation cache, never part of the output
-            shutil.rmtree(stale, ignore_errors=True)
-        placement = place(device, whole=mode == "whole")
-        if placement.device.type == "cuda":
-            progress_note(f"computing in {str(compute).removeprefix('torch.')} on {describe(placement)}")
-        if mode == "whole":
-            loaded = load_model(model, dtype=dtype, device=device)
-            store = None
-        else:
-            store = SequentialStore(model, device=dev, dtype=compute)
-            loaded = store.model
-        with progress or nullcontext(), activation_cache(activations, activations_dir or tmp) as cache:
+    with session.open(key, SearchState) as (tmp, state, loaded, store, cache):
+        with progress or nullcontext():
             result = run_search(loaded, calib_ids, search, report, store=store, state=state, activations=cache)
         search_record = {**result.record, "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())},
-                         "mode": mode, "mode_reason": why, "device": str(dev), "activations": activations}
+                         "mode": session.mode, "mode_reason": session.why, "device": str(session.dev),
+                         "activations": activations}
         if store is not None:
             search_record["cost"]["decoder_layer_loads"] = store.loads
-        if mode == "whole":
+        if session.mode == "whole":
             record, write_weights = _whole(loaded, model, result, search_record, evaluation, calib, tokenizer, dtype,
                                            quantize)
         else:
             skeleton, record = condensed_skeleton(store, result.choices, str(model), search_record)
 
             def write_weights(directory: Path) -> None:
-                write_streamed(store, skeleton, result.choices, directory, plan_of(store.model, model, dtype))
+                write_streamed(store, skeleton, {c.layer: (c.experts, c.gates) for c in result.choices}, directory,
+                               plan_of(store.model, model, dtype))
 
-        record["search"]["timings"]["total_s"] = time.perf_counter() - started
+        record["search"]["timings"]["total_s"] = time.perf_counter() - session.started
 
         def write_plots(directory: Path) -> None:
             if not record["search"]["single_layer_scores"]:  # layer-rank computes no single-layer final scores
@@ -165,12 +123,6 @@ def condense(
                                          ev["seq_len"])
         write_record(out, record)
     return record
-
-
-def progress_note(text: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(text, highlight=False)
 
 
 def _whole(loaded, model, result, search_record: dict, evaluation: EvalOptions, calib: CalibSpec, tokenizer,

@@ -1,0 +1,116 @@
+"""What the resumable searches share (``cdmoe condense`` with ``--layers`` or ``--budget``): the checks before any
+work, the calibration tokens, the resumable output directory, the model whole or layer by layer, progress.
+
+    session = start_session(model, out, calib, texts, dtype, device, mode, force, activations, activations_dir)
+    with session.open(key, state_cls) as (tmp, state, loaded, store, cache):
+        ...search, write the output into tmp...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.writer import STATE_DIR, atomic_output_dir, check_output_dir
+from ..memory.activation_cache import DIR_PREFIX, activation_cache, check_activations
+from ..memory.devices import choose_mode, resolve_device
+from ..memory.layer_store import SequentialStore
+from ..models.input_checks import check_inputs
+from ..models.loading import checkpoint_dtype, compute_dtype, load_model, load_tokenizer
+from ..models.placement import describe, place
+from ..search.calibration import CalibSpec, load_calibration
+
+__all__ = ["Session", "progress_note", "rich_progress", "start_session"]
+
+
+def rich_progress():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+
+
+def progress_note(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False)
+
+
+@dataclass
+class Session:
+    """One resumable run: where it computes and what it read (made by :func:`start_session`)."""
+
+    model: str | Path
+    out: Path
+    calib: CalibSpec
+    dtype: str
+    device: str
+    dev: torch.device
+    compute: torch.dtype
+    mode: str
+    why: str
+    force: bool
+    inputs: tuple
+    activations: str
+    activations_dir: str | Path | None
+    tokenizer: object = None
+    calib_ids: torch.Tensor | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def calibrate(self) -> torch.Tensor:
+        self.tokenizer = load_tokenizer(self.model)
+        self.calib_ids = load_calibration(self.tokenizer, self.calib)
+        return self.calib_ids
+
+    @contextlib.contextmanager
+    def open(self, key: dict, state_cls) -> Iterator[tuple]:
+        """(tmp dir, state, model, store or None, activation cache): the partial output directory with the
+        resumable ``state_cls`` progress of ``key``, the model (whole: loaded; sequential: a skeleton whose
+        layers load on demand) and where calibration activations wait."""
+        with atomic_output_dir(self.out, force=self.force, resumable=True, inputs=self.inputs) as tmp:
+            state = state_cls(tmp / STATE_DIR, key)
+            if state.resumed:  # printed even with --quiet: the user should know the run continues an old one
+                progress_note(f"resuming the interrupted run in {tmp / STATE_DIR}: {state.resumed}")
+            for stale in tmp.glob(f"{DIR_PREFIX}*"):  # a killed run's activation cache, never part of the output
+                shutil.rmtree(stale, ignore_errors=True)
+            placement = place(self.device, whole=self.mode == "whole")
+            if placement.device.type == "cuda":
+                progress_note(f"computing in {str(self.compute).removeprefix('torch.')} on {describe(placement)}")
+            if self.mode == "whole":
+                loaded, store = load_model(self.model, dtype=self.dtype, device=self.device), None
+            else:
+                store = SequentialStore(self.model, device=self.dev, dtype=self.compute)
+                loaded = store.model
+            with activation_cache(self.activations, self.activations_dir or tmp) as cache:
+                yield tmp, state, loaded, store, cache
+
+
+def start_session(model: str | Path, out: str | Path, calib: CalibSpec, texts: dict, *, dtype: str, device: str,
+                  mode: str, force: bool, activations: str, activations_dir) -> Session:
+    """Check everything that needs no model (inputs, output directory, device, mode) and pick the mode."""
+    check_activations(activations, activations_dir)
+    dev = resolve_device(device)
+    check_inputs(model, calib, texts)
+    inputs = (model, calib.source, *texts.values())
+    check_output_dir(out, force, inputs)
+    compute = compute_dtype(dtype, str(dev))
+    stored = checkpoint_dtype(model)
+    if compute == "auto":  # GPU: compute in the checkpoint's dtype
+        compute = stored or torch.float32
+    chosen, why = choose_mode(mode, model, dev, compute, stored)
+    return Session(model=model, out=Path(out), calib=calib, dtype=dtype, device=device, dev=dev, compute=compute,
+                   mode=chosen, why=why, force=force, inputs=inputs, activations=activations,
+                   activations_dir=activations_dir)
