@@ -179,3 +179,34 @@ def naive_budget_plan(model, ids, ladders: dict[int, list[dict]], fixed: int, bu
         state[best[1]] = best[2]
         plan.append((best[1], best[2], best[3]))
         current = best[3]
+
+
+@torch.no_grad()
+def restricted_routing(fn, kept: dict[int, list[int]], blocks, monkeypatch):
+    """``fn()`` with the router of every block in ``blocks`` listed in ``kept`` ({layer: kept expert ids})
+    restricted to those rows: the other experts' router logits (and correction bias) at -inf, through the
+    family's own code (``F.linear`` patched for those router weights only); the biases are restored after."""
+    masks, saved = {}, []
+    for block in blocks:
+        if block.layer_idx not in kept:
+            continue
+        mask = torch.full((block.num_experts,), float("-inf"))
+        mask[kept[block.layer_idx]] = 0.0
+        masks[block.router_weight.data_ptr()] = mask
+        bias = getattr(block.router, "e_score_correction_bias", None)
+        if bias is not None:
+            saved.append((bias, bias.clone()))
+            bias += mask
+    linear = F.linear
+
+    def routed_linear(x, weight, bias=None):
+        out = linear(x, weight, bias)
+        return out + masks[weight.data_ptr()].to(out.dtype) if weight.data_ptr() in masks else out
+
+    monkeypatch.setattr(F, "linear", routed_linear)
+    try:
+        return fn()
+    finally:
+        monkeypatch.setattr(F, "linear", linear)
+        for bias, value in saved:
+            bias.copy_(value)

@@ -8,6 +8,8 @@
 #               settings as methods (not run by default; methods includes both)
 #   reap        only Expert Drop and REAP at 80% / 65%, the same settings as methods (not run by default;
 #               methods includes both)
+#   budget      the budget planner against each single method at 80% / 65% / 50% (perplexity; not run by
+#               default; about 10 minutes)
 # About 45 minutes for methods, 25 for quantized and 30 for ablations on 2 CPU cores (bitsandbytes
 # runs slowly on CPU). Name runs to redo only those: `bash docs/compare/run.sh quantized`.
 set -euo pipefail
@@ -24,7 +26,9 @@ for run in ${@:-methods quantized ablations}; do
     ablations) cdmoe compare demo/model --out runs/compare-ablations --budget 0.8,0.65 --methods cd-moe,cd-moe-s,ablations $TASKS $COMMON ;;
     msmoe)     cdmoe compare demo/model --out runs/compare-msmoe --budget 0.8,0.65 --methods msmoe,msmoe-restricted $TASKS --peak-rss $COMMON ;;
     reap)      cdmoe compare demo/model --out runs/compare-reap --budget 0.8,0.65 --methods expert-drop,reap $TASKS --peak-rss $COMMON ;;
-    *) echo "unknown run $run (methods | quantized | ablations | msmoe | reap)" >&2; exit 2 ;;
+    budget)    cdmoe compare demo/model --out runs/compare-budget --budget 0.8,0.65,0.5 $COMMON \
+                 --methods budget,cd-moe,cd-moe-s,expert-drop,reap,layer-drop ;;
+    *) echo "unknown run $run (methods | quantized | ablations | msmoe | reap | budget)" >&2; exit 2 ;;
   esac
   mkdir -p docs/compare/$run
   cp runs/compare-$run/compare.md runs/compare-$run/compare.json runs/compare-$run/compare.png docs/compare/$run/

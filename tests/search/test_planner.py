@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from cdmoe.cli import app
 from cdmoe.io.output_dir import STATE_DIR, partial_dir
+from cdmoe.methods.apply import apply_record
 from cdmoe.methods.budget_plan import condense_budget, reap_saliency
 from cdmoe.models.byte_budget import ByteTable
 from cdmoe.models.storage_dtypes import storage_plan
@@ -30,13 +31,7 @@ from cdmoe.search.resume import STATE_NAME
 cli = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread; the machine is shared
 
 
 @pytest.mark.parametrize("name,overrides", [("deepseek_v2", {}), ("mixtral", {"num_hidden_layers": 4})])
@@ -121,10 +116,14 @@ def test_budget_is_a_ceiling_and_sequential_equals_whole(tiny_model_dir, tmp_pat
     a, b = _tensors(outs["whole"]), _tensors(outs["sequential"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert {str(t.dtype) for k, t in a.items() if k.endswith("gate.weight")} == {"torch.float32"}  # routers stay fp32
+    outs["applied"] = apply_record(path, outs["whole"], tmp_path / "applied")  # cdmoe apply replays every action
+    applied = _tensors(outs["applied"])
+    assert applied.keys() == a.keys() and all(torch.equal(applied[k], a[k]) for k in a)
     ids = torch.randint(0, 300, (2, 16))
     models = {m: AutoModelForCausalLM.from_pretrained(o, attn_implementation="eager").eval() for m, o in outs.items()}
     with torch.no_grad():
-        assert torch.equal(models["whole"](input_ids=ids).logits, models["sequential"](input_ids=ids).logits)
+        logits = {m: model(input_ids=ids).logits for m, model in models.items()}
+    assert torch.equal(logits["whole"], logits["sequential"]) and torch.equal(logits["whole"], logits["applied"])
 
 
 def _budget_cmd(model: Path, out: Path) -> list[str]:
@@ -177,7 +176,7 @@ def test_budget_options_are_refused_in_one_line(tiny_model_dir, tmp_path, monkey
         assert result.exit_code == 2 and words in result.output, (extra, result.output)
         assert len(result.output.strip().splitlines()) <= 3 and "Traceback" not in result.output
         assert not (tmp_path / "o").exists() and not partial_dir(tmp_path / "o").exists()
-    monkeypatch.setattr("cdmoe.search.plan_run.LayerRunner", lambda *a, **k: pytest.fail("calibrated first"))
+    monkeypatch.setattr("cdmoe.search.plan_run.calibrate", lambda *a, **k: pytest.fail("calibrated first"))
     assert cli.invoke(app, base + ["--budget", "0.05"]).exit_code == 2  # refused before the calibration pass
 
 

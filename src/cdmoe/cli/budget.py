@@ -1,4 +1,4 @@
-"""The budget planner's command-line parts: ``cdmoe condense --budget`` and ``cdmoe plan --budget``."""
+"""``cdmoe plan --budget``: what a memory budget means in bytes (the planner itself: ``cdmoe condense --budget``)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,8 @@ from ..errors import CdmoeError
 from .options import out_console
 from .summary import size_text
 
-__all__ = ["check_budget_options", "print_budget_plan"]
+__all__ = ["print_budget_plan"]
 
-
-
-def check_budget_options(layers: int | None, budget: float | None, conflicts: dict[str, bool]) -> None:
-    """Exactly one of ``--layers`` / ``--budget``; the options a budget plan does not take are refused."""
-    if (layers is None) == (budget is None):
-        raise CdmoeError("pass --layers N (condense N layers) or --budget R (a plan within R of the weight bytes), "
-                         "not both" if layers is not None else "pass --layers N or --budget R (e.g. --budget 0.6)")
-    if budget is not None:
-        given = [name for name, on in conflicts.items() if on]
-        if given:
-            raise CdmoeError(f"{given[0]} does not apply to --budget (the planner chooses every layer's action); "
-                             "drop it or use --layers")
 
 
 def print_budget_plan(model: str, budgets: list[float], dtype: str | None, as_json: bool) -> None:

@@ -160,7 +160,7 @@ def condense(
     from ..methods.condense import condense as run_condense
     from ..search.calibration import CalibSpec
     from ..search.run import SearchOptions
-    from .budget import check_budget_options
+    from ..methods.budget_plan import check_budget_options
 
     check_budget_options(layers, budget, {"--experts": experts is not None, "--shared-only": shared_only,
                                           "--expert-selector": expert_selector != "greedy",

@@ -24,6 +24,7 @@ from torch import nn
 from ..checkpoint.record import RECORD_FORMAT, family_name
 from ..checkpoint.stream_save import meta_copy, write_streamed
 from ..checkpoint.writer import write_condensed, write_record
+from ..errors import CdmoeError
 from ..evaluation.measure import disk_bytes
 from ..models.budget import model_params
 from ..models.byte_budget import ByteTable
@@ -37,7 +38,20 @@ from ..search.resume import run_key
 from .reap import expert_saliency
 from .session import rich_progress, start_session
 
-__all__ = ["apply_budget_plan", "budget_record", "condense_budget", "original_bytes", "plan_budgets", "plan_summary"]
+__all__ = ["apply_budget_plan", "budget_record", "check_budget_options", "condense_budget", "original_bytes",
+           "plan_budgets", "plan_from_record", "plan_summary", "replay_budget_plan"]
+
+
+def check_budget_options(layers: int | None, budget: float | None, conflicts: dict[str, bool]) -> None:
+    """Exactly one of ``--layers`` / ``--budget``; the options a budget plan does not take are refused."""
+    if (layers is None) == (budget is None):
+        raise CdmoeError("pass --layers N (condense N layers) or --budget R (a plan within R of the weight bytes), "
+                         "not both" if layers is not None else "pass --layers N or --budget R (e.g. --budget 0.6)")
+    if budget is not None:
+        given = [name for name, on in conflicts.items() if on]
+        if given:
+            raise CdmoeError(f"{given[0]} does not apply to --budget (the planner chooses every layer's action); "
+                             "drop it or use --layers")
 
 
 def reap_saliency(block, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +89,6 @@ def budget_record(model: nn.Module, before, base_model, ratio: float, result: Pl
     """The ``cdmoe.json`` record of one budget's output; ``model`` is already the planned model, ``before``
     the :class:`~cdmoe.models.budget.ModelParams` of the original."""
     plan = result.plans[ratio]
-    after = model_params(model)
     expert_search = result.record["expert_search"]
     original = result.record["original_bytes"]
     return {
@@ -95,11 +108,29 @@ def budget_record(model: nn.Module, before, base_model, ratio: float, result: Pl
         "pruned": [{"layer": layer, "experts": list(a.experts)} for layer, a in sorted(plan.items())
                    if a.kind == "prune"],
         "dropped": [layer for layer, a in sorted(plan.items()) if a.kind == "drop"],
-        "params": {"total_params": before.total, "condensed_params": after.total,
-                   "memory_ratio": after.total / before.total, "active_params": before.active,
-                   "condensed_active_params": after.active},
+        "params": before.change_to(model_params(model)),
         "search": search,
     }
+
+
+def plan_from_record(record: dict, where) -> dict[int, LayerAction]:
+    """{MoE layer: action} of a budget record's ``layers``, or a one-line error naming the record."""
+    layers = record.get("layers")
+    try:
+        return {int(layer): LayerAction.from_dict(entry) for layer, entry in layers.items()}
+    except (AttributeError, KeyError, TypeError, ValueError, CdmoeError):
+        raise CdmoeError(f"{where}: 'layers' must map MoE layers to actions ({{\"action\": \"prune\", \"experts\": "
+                         "[..]}}, ...); rerun the cdmoe condense --budget that wrote this record") from None
+
+
+def replay_budget_plan(model: nn.Module, record: dict, where, source) -> dict:
+    """``cdmoe apply`` of a budget record: its per-layer actions on ``model``, in place; the new record."""
+    plan = plan_from_record(record, where)
+    before = model_params(model)
+    apply_plan(model, plan)
+    return {**{k: v for k, v in record.items() if k != "versions"}, "base_model": str(source),
+            "family": family_name(model), "native_format": not hasattr(model.config, "cdmoe"), "replayed_from": str(where),
+            "params": before.change_to(model_params(model))}
 
 
 def apply_budget_plan(model: nn.Module, source, ratio: float, result: PlanResult, search: dict) -> dict:

@@ -160,6 +160,11 @@ class ModelParams:
     def to_dict(self) -> dict:
         return {"total": self.total, "layers": [asdict(layer) for layer in self.layers]}
 
+    def change_to(self, after: ModelParams) -> dict:
+        """The record's ``params`` entry of a method that made this model ``after``."""
+        return {"total_params": self.total, "condensed_params": after.total, "memory_ratio": after.total / self.total,
+                "active_params": self.active, "condensed_active_params": after.active}
+
 
 def model_params(model: nn.Module) -> ModelParams:
     """Count a (possibly meta-device) model."""

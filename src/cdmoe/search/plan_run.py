@@ -22,15 +22,13 @@ import torch
 from torch import nn
 
 from ..errors import CdmoeError
-from ..memory.layer_store import ResidentStore
-from ..models.adapter import MoEBlock, config_value, family_spec, moe_blocks
+from ..models.adapter import MoEBlock, family_spec, moe_blocks
 from ..models.byte_budget import ByteTable
 from ..models.mixed import KEEP, LayerAction, build_block, prune_sizes, salient_experts
 from .expert_search import fixed_gates, greedy_experts
 from .plan_state import PlanState
 from .planner import Ladder, Rung, greedy_plan, plan_of_steps
-from .run import layer_activations
-from .runner import LayerRunner
+from .run import calibrate, layer_activations
 
 __all__ = ["PlanOptions", "PlanResult", "check_budgets", "run_plan"]
 
@@ -103,16 +101,10 @@ def run_plan(model: nn.Module, calib_ids: torch.Tensor, options: PlanOptions, ta
     budget_bytes = check_budgets(table, original_bytes, options.budgets)
     spec = family_spec(model)
     blocks = moe_blocks(model, spec)
-    store = store if store is not None else ResidentStore(model, spec)
     report = progress or (lambda stage, done, total: None)
-    timings: dict[str, float] = {}
+    ready = calibrate(model, spec, blocks, calib_ids, options.batch_size, options.metric, store, activations)
+    runner, store, scale, expert_metric, timings = ready.runner, ready.store, ready.scale, ready.expert_metric, ready.timings
     t0 = time.perf_counter()
-    runner = LayerRunner(model, spec, list(calib_ids.split(options.batch_size)), store, activations,
-                         cached_layers=[b.layer_idx for b in blocks])
-    timings["calibration_forward_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    scale = float(config_value(model.config, spec.residual_scale_key, 1.0)) if spec.residual_scale_key else 1.0
-    expert_metric = "js" if options.metric == "ppl" else options.metric
     ladders, notes, per_layer = {}, {}, {}
     for i, block in enumerate(blocks):
         layer = block.layer_idx

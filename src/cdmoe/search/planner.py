@@ -140,7 +140,9 @@ def greedy_plan(
         scores = result.pending
         todo = [c for c in cands if _key(*c) not in scores]
         if shared_passes and todo:
-            swap = lambda j, on: set_rung(todo[j][0], todo[j][1] if on else state[todo[j][0]])  # noqa: E731
+            def swap(j: int, on: bool, todo=todo) -> None:  # candidate j in (on) or its layer's current rung back
+                set_rung(todo[j][0], todo[j][1] if on else state[todo[j][0]])
+
             for j, lasts in runner.run_streams([layer for layer, _ in todo], swap):
                 scores[_key(*todo[j])] = score_outputs(runner, reference, lasts, kind, metric)
                 result.layer_passes += passes_from(runner, todo[j][0])
