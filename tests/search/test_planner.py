@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DEMO_CALIB, ROOT, make_tiny
+from fidelity_checks import digest, expected_untouched, tensors
 from naive_reference import naive_budget_plan
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -82,14 +82,6 @@ def _tensor_bytes(directory: Path) -> tuple[int, int]:
     return tensors, files
 
 
-def _tensors(directory: Path) -> dict:
-    out = {}
-    for file in directory.glob("*.safetensors"):
-        with safe_open(file, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def test_budget_is_a_ceiling_and_sequential_equals_whole(tiny_model_dir, tmp_path):
     # glm4_moe: bf16 weights with fp32 routers, group-limited routing (pruned per group), a shared expert
     path = _checkpoint(tmp_path, "glm4_moe", tiny_model_dir, n_group=2, topk_group=1)
@@ -102,9 +94,9 @@ def test_budget_is_a_ceiling_and_sequential_equals_whole(tiny_model_dir, tmp_pat
                                         mode=mode)
     for mode, out in outs.items():
         budget = records[mode]["budget"]
-        tensors, files = _tensor_bytes(out)
+        tensor_total, files = _tensor_bytes(out)
         assert budget["original_bytes"] == original and budget["budget_bytes"] == int(0.55 * original)
-        assert tensors == budget["predicted_tensor_bytes"]  # tensor bytes exactly as predicted
+        assert tensor_total == budget["predicted_tensor_bytes"]  # tensor bytes exactly as predicted
         assert files == budget["written_bytes"] <= budget["predicted_bytes"] <= budget["budget_bytes"]
     whole, seq = records["whole"], records["sequential"]
     assert whole["layers"] == seq["layers"] and whole["steps"] == seq["steps"]
@@ -113,11 +105,20 @@ def test_budget_is_a_ceiling_and_sequential_equals_whole(tiny_model_dir, tmp_pat
     for pruned in whole["pruned"]:  # group-limited routing: as many experts kept in each group of 4
         assert [sum(e // 4 == g for e in pruned["experts"]) for g in (0, 1)] in ([3, 3], [2, 2])
     assert whole["search"]["prune_notes"] and not whole["native_format"]
-    a, b = _tensors(outs["whole"]), _tensors(outs["sequential"])
+    a, b = tensors(outs["whole"]), tensors(outs["sequential"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert {str(t.dtype) for k, t in a.items() if k.endswith("gate.weight")} == {"torch.float32"}  # routers stay fp32
+    source = tensors(path)  # untouched tensors: the source's bytes; a pruned layer's: the source's kept rows
+    changed = {int(layer) for layer, action in whole["layers"].items() if action["action"] != "keep"}
+    for name, tensor in expected_untouched(source, changed).items():
+        assert digest(a[name]) == digest(tensor), name
+    for pruned in whole["pruned"]:
+        ids = torch.tensor(pruned["experts"])
+        for name, tensor in expected_untouched(source, set()).items():
+            if name.startswith(f"model.layers.{pruned['layer']}.mlp."):
+                assert digest(a[name]) == digest(tensor if ".shared_experts." in name else tensor[ids]), name
     outs["applied"] = apply_record(path, outs["whole"], tmp_path / "applied")  # cdmoe apply replays every action
-    applied = _tensors(outs["applied"])
+    applied = tensors(outs["applied"])
     assert applied.keys() == a.keys() and all(torch.equal(applied[k], a[k]) for k in a)
     ids = torch.randint(0, 300, (2, 16))
     models = {m: AutoModelForCausalLM.from_pretrained(o, attn_implementation="eager").eval() for m, o in outs.items()}
