@@ -62,6 +62,7 @@ def prompts(model_dir: Path, n: int, length: int, random_ids: bool) -> list[list
 
 
 def measure(model_dir: Path, batch: list[list[int]], new_tokens: int, repeats: int, dtype: str, extra: dict) -> dict:
+    from cdmoe_vllm.config import original_overrides
     from cdmoe_vllm.tied import servable_copy
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -69,7 +70,8 @@ def measure(model_dir: Path, batch: list[list[int]], new_tokens: int, repeats: i
     scratch = tempfile.TemporaryDirectory()
     served = servable_copy(model_dir, Path(scratch.name) / "model")
     llm = LLM(model=str(served), dtype=dtype, seed=0, skip_tokenizer_init=True,
-              max_model_len=min(1024, json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]), **extra)
+              max_model_len=min(1024, json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]),
+              hf_overrides=original_overrides(served) or None, **extra)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
     inputs = [TokensPrompt(prompt_token_ids=p) for p in batch]
     llm.generate(inputs, params, use_tqdm=False)  # warm-up

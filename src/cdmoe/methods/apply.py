@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..checkpoint.record import check_record_matches, choices_from_record, condense_layers, read_record
 from ..checkpoint.writer import check_output_dir, save
+from ..models.input_checks import check_inputs
 from ..models.loading import load_model
 from ..models.placement import resolve_device
 from ..models.storage_dtypes import plan_of
@@ -23,6 +24,7 @@ def apply_record(model: str | Path, record: str | Path, out: str | Path, *, dtyp
     data = read_record(record, condensed=not budget)
     if budget:
         plan_from_record(data, record)  # a malformed plan is refused before the model loads
+    check_inputs(model)
     check_output_dir(out, force, (model, record))
     loaded = load_model(model, dtype=dtype, device=device)
     check_record_matches(data, loaded, model)

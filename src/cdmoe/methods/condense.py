@@ -7,11 +7,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint.fp8_output import save_weights
 from ..checkpoint.record import condense_layers
 from ..checkpoint.stream_save import condensed_skeleton, write_streamed
 from ..checkpoint.writer import write_condensed, write_record
 from ..errors import CdmoeError
-from ..evaluation.perplexity import perplexity, token_stream
+from ..evaluation.perplexity import perplexity, token_limit, token_stream
 from ..evaluation.plots import plot_single_layer_scores
 from ..models.loading import load_model, round_to_checkpoint_dtype
 from ..models.storage_dtypes import cast_to_storage, plan_of
@@ -65,8 +66,7 @@ def condense(
     """
     search.check()
     check_quantize(quantize)
-    if evaluation.max_tokens < 2:
-        raise CdmoeError(f"--eval-tokens must be at least 2, got {evaluation.max_tokens}")
+    token_limit(evaluation.max_tokens)
     session = start_session(model, out, calib, {"--eval-text": evaluation.text}, dtype=dtype, device=device,
                             mode=mode, force=force, activations=activations, activations_dir=activations_dir)
     if session.mode == "sequential" and evaluation.text:
@@ -152,6 +152,7 @@ def _whole(loaded, model, result, search_record: dict, evaluation: EvalOptions, 
         from .baselines import finish_quantized
 
         loaded, record["quantization"] = finish_quantized(loaded, quantize, storage)
+        storage = None  # written as bitsandbytes holds it
     else:
         cast_to_storage(loaded, storage)  # computed in fp32 on CPU; saved in the source's dtypes, tensor by tensor
-    return record, lambda directory: loaded.save_pretrained(directory, max_shard_size="5GB")
+    return record, lambda directory: save_weights(loaded, directory, storage)

@@ -18,14 +18,15 @@ NF4 (two 4-bit codes per byte, one fp32 absmax per block of 64 weights).
 from __future__ import annotations
 
 import re
-import tempfile
 import warnings
 
 import torch
 from torch import nn
 
 from ..errors import CdmoeError
+from ..io.optional_deps import require
 from ..io.remote_code import trusted
+from ..io.write_rule import work_dir
 from ..models.adapter import family_spec, moe_blocks
 from ..models.bnb_cpu import guard_cpu_packing
 from ..models.condensed import to_cdmoe_format
@@ -39,11 +40,9 @@ NF4_STATE_BYTES = 80  # bitsandbytes' serialised quant-state JSON, per module (a
 
 
 def _bnb_config(bits: str, skip: list[str], compute_dtype: torch.dtype):
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise CdmoeError("quantisation needs bitsandbytes; pip install 'cdmoe[quant]'") from None
+    check_quantize(bits)
+    from transformers import BitsAndBytesConfig
+
     if bits == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if bits == "int4":
@@ -52,10 +51,14 @@ def _bnb_config(bits: str, skip: list[str], compute_dtype: torch.dtype):
     raise CdmoeError(f"unknown --quantize {bits!r}; use {' or '.join(BITS)}")
 
 
-def check_quantize(bits: str | None) -> None:
-    """A one-line error for an unknown ``--quantize`` (before anything is loaded)."""
-    if bits is not None and bits not in BITS:
+def check_quantize(bits: str | None, needed_by: str | None = None) -> None:
+    """A one-line error for an unknown ``--quantize`` or a missing bitsandbytes (before anything is loaded);
+    ``needed_by`` names what asked for it (default ``--quantize BITS``)."""
+    if bits is None:
+        return
+    if bits not in BITS:
         raise CdmoeError(f"unknown --quantize {bits!r}; use {' or '.join(BITS)}")
+    require("bitsandbytes", needed_by or f"--quantize {bits}")
 
 
 def unfuse_experts(model: nn.Module) -> nn.Module:
@@ -131,7 +134,7 @@ def quantize_model(model: nn.Module, bits: str, storage=None) -> nn.Module:
     storage = storage if storage is not None else StoragePlan(default=model.dtype)
     dtype = storage.default
     config = _bnb_config(bits, skip, dtype)
-    with tempfile.TemporaryDirectory(prefix="cdmoe-quant-") as tmp:
+    with work_dir("cdmoe-quant-", "quantisation round trip") as tmp:
         cast_to_storage(model, storage)
         model.save_pretrained(tmp)
         with warnings.catch_warnings():

@@ -9,7 +9,6 @@ work, the calibration tokens, the resumable output directory, the model whole or
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.writer import STATE_DIR, atomic_output_dir, check_output_dir
+from ..checkpoint.writer import STATE_DIR, atomic_output_dir, check_output_dir, partial_dir
+from ..io.write_rule import check_write_path, remove_work_dir
 from ..memory.activation_cache import DIR_PREFIX, activation_cache, check_activations
 from ..memory.devices import choose_mode, resolve_device
 from ..memory.layer_store import SequentialStore
@@ -46,7 +46,7 @@ def rich_progress():
 def progress_note(text: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(text, highlight=False)
+    Console(stderr=True, markup=False).print(text, highlight=False)
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Session:
             if state.resumed:  # printed even with --quiet: the user should know the run continues an old one
                 progress_note(f"resuming the interrupted run in {tmp / STATE_DIR}: {state.resumed}")
             for stale in tmp.glob(f"{DIR_PREFIX}*"):  # a killed run's activation cache, never part of the output
-                shutil.rmtree(stale, ignore_errors=True)
+                remove_work_dir(stale)
             placement = place(self.device, whole=self.mode == "whole")
             if placement.device.type == "cuda":
                 progress_note(f"computing in {str(self.compute).removeprefix('torch.')} on {describe(placement)}")
@@ -106,6 +106,9 @@ def start_session(model: str | Path, out: str | Path, calib: CalibSpec, texts: d
     check_inputs(model, calib, texts)
     inputs = (model, calib.source, *texts.values())
     check_output_dir(out, force, inputs)
+    if activations_dir is not None:
+        check_write_path(activations_dir, option="--activations-dir", inputs=inputs, kind="parent",
+                         avoid=(out, partial_dir(out)))
     compute = compute_dtype(dtype, str(dev))
     stored = checkpoint_dtype(model)
     if compute == "auto":  # GPU: compute in the checkpoint's dtype

@@ -23,6 +23,7 @@ instance of a subclass of the family's ``*ForCausalLM`` class.
       "dropped_layers": [5],            # optional: MoE sub-layer removed (Layer Drop)
       "dropped_blocks": [6],            # optional: whole decoder layer removed (Block Drop)
       "unfused_experts": [1, 2],        # optional: routed experts as one nn.Linear trio per expert
+      "checkpoint_keys": "family",      # optional: the family's on-disk keys (FP8 outputs: one tensor per expert)
       "router_attr": "gate",            # with merged/pruned experts: the block's router attribute
       "merged_experts": {"4": {"num_experts": 3, "expert_map": [0, 0, 1, 2, 1, 0, 2, 2]}},
       "pruned_experts": {"2": {"num_experts": 6}}
@@ -34,8 +35,7 @@ top-k id e becomes ``expert_map[e]`` (:func:`merge_routed_experts`). Pruned expe
 router and experts keep ``num_experts`` rows, so the family's own routing runs over those experts
 only (:func:`prune_routed_experts`); the other layers keep the config's expert count.
 
-Unfused experts hold exactly the fused weights, one ``nn.Linear`` per projection, so that
-weight-only quantisers that act on ``nn.Linear`` (bitsandbytes, ...) can slim them.
+Unfused experts: the fused weights, one ``nn.Linear`` per projection (for nn.Linear quantisers).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -130,11 +131,8 @@ class _ExpertMLP(nn.Module):
 
 
 class UnfusedExperts(nn.ModuleList):
-    """Routed experts with one ``nn.Linear`` per projection; same call as the fused experts.
-
-    ``forward(hidden_states (T, H), top_k_index (T, K), top_k_weights (T, K)) -> (T, H)``:
-    sum over k of ``top_k_weights[t, k] * E_{top_k_index[t, k]}(x_t)`` with SwiGLU experts.
-    """
+    """Routed experts with one ``nn.Linear`` per projection; the fused experts' call ``forward(hidden_states
+    (T, H), top_k_index (T, K), top_k_weights (T, K)) -> (T, H)``: sum_k top_k_weights[t, k] * E_{id}(x_t)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
         super().__init__([_ExpertMLP(hidden_size, intermediate_size) for _ in range(num_experts)])
@@ -242,8 +240,9 @@ def _apply_structure(model: nn.Module, config) -> None:
             raise ValueError(f"cdmoe: layer {idx}'s merged_experts entry is inconsistent: {entry}")
         merge_routed_experts(getattr(layers[int(idx)], slot), experts_attr, router_attr, entry["expert_map"])
     for idx, layer in spec.get("condensed_layers", {}).items():
-        setattr(layers[int(idx)], slot, CondensedMLP(config.hidden_size, layer["intermediate_size"], config.hidden_act,
-                                                     layer.get("gated_width", 0), layer.get("bias", False)))
+        mlp = CondensedMLP(config.hidden_size, layer["intermediate_size"], config.hidden_act,
+                           gated_width=layer.get("gated_width", 0), bias=layer.get("bias", False))
+        setattr(layers[int(idx)], slot, mlp)
     for idx in spec.get("dropped_layers", []):
         setattr(layers[int(idx)], slot, DroppedMLP())
     for idx in spec.get("unfused_experts", []):
@@ -281,18 +280,16 @@ def _resolve_attr(obj, path: str):
     return obj
 
 
-_CLASS_CACHE: dict[tuple[type, type], tuple[type, type]] = {}
+_CLASS_CACHE: dict[tuple[type, type, bool], tuple[type, type]] = {}
 
 
-def condensed_classes(base_config_cls: type, base_model_cls: type) -> tuple[type, type]:
-    """Config and model classes of a condensed checkpoint of one family.
-
-    The config class is the family's config class with ``model_type = "cdmoe"`` (so a
-    saved ``config.json`` never passes for the original family); the model class is the
-    family's ``*ForCausalLM`` whose ``__init__`` swaps the condensed blocks in before
-    weights load, so weight names stay the family's own.
-    """
-    key = (base_config_cls, base_model_cls)
+def condensed_classes(base_config_cls: type, base_model_cls: type, family_keys: bool = False) -> tuple[type, type]:
+    """Config and model classes of a condensed checkpoint of one family: the family's config class with
+    ``model_type = "cdmoe"`` (a saved ``config.json`` never passes for the original family), and its
+    ``*ForCausalLM`` whose ``__init__`` swaps the condensed blocks in before weights load, so weight names
+    stay the family's own. ``family_keys`` (``cdmoe.checkpoint_keys: family``, FP8 outputs): the family's
+    on-disk keys (one tensor per expert), loaded through its key conversions, as the original's are."""
+    key = (base_config_cls, base_model_cls, family_keys)
     if key in _CLASS_CACHE:
         return _CLASS_CACHE[key]
 
@@ -315,8 +312,11 @@ def condensed_classes(base_config_cls: type, base_model_cls: type) -> tuple[type
 
     # _auto_class None: transformers must not rewrite auto_map from these (generated) classes
     cfg_cls = type(f"Cdmoe{base_config_cls.__name__}", (base_config_cls,), {"model_type": "cdmoe", "_auto_class": None})
-    model_cls = type(f"Condensed{base_model_cls.__name__}", (base_model_cls,), {
-        "config_class": cfg_cls, "__init__": __init__, "save_pretrained": save_pretrained, "_auto_class": None})
+    model_cls = type(f"Condensed{base_model_cls.__name__}{'FamilyKeys' if family_keys else ''}", (base_model_cls,),
+                     {"config_class": cfg_cls, "__init__": __init__, "save_pretrained": save_pretrained, "_auto_class": None})
+    mapping = get_checkpoint_conversion_mapping(base_config_cls.model_type) if family_keys else None
+    if mapping:
+        register_checkpoint_conversion_mapping(model_cls.__name__, mapping, overwrite=True)
     _CLASS_CACHE[key] = (cfg_cls, model_cls)
     return cfg_cls, model_cls
 
@@ -372,7 +372,8 @@ class CdmoeForCausalLM(PreTrainedModel):
     @classmethod
     def _model_class(cls, config: PretrainedConfig, trust_remote_code: bool | None = None):
         family_config = to_family_config(config, trust_remote_code)
-        _, model_cls = condensed_classes(*_family_classes(family_config, trust_remote_code))
+        family_keys = family_config.cdmoe.get("checkpoint_keys") == "family"
+        _, model_cls = condensed_classes(*_family_classes(family_config, trust_remote_code), family_keys)
         return family_config, model_cls
 
     @classmethod

@@ -13,6 +13,10 @@ directory:
 * :mod:`cdmoe_vllm.models` holds one model class per family: a subclass of vLLM's own
   ``*ForCausalLM`` whose condensed layers hold a dense SwiGLU MLP of the condensed width.
 
+A directory it cannot serve exactly is refused in one line (:mod:`cdmoe_vllm.errors`): while vLLM
+reads the config, a malformed ``cdmoe`` entry (:mod:`cdmoe_vllm.spec`) or incomplete weight files
+(:mod:`cdmoe_vllm.files`); after loading, a parameter no checkpoint tensor wrote (:mod:`cdmoe_vllm.loaded`).
+
 The plugin imports only vLLM, torch and transformers (not cdmoe).
 """
 

@@ -1,7 +1,7 @@
 """Config resolution of ``model_type: "cdmoe"`` in vLLM's environment.
 
-A condensed ``config.json`` is the family's config plus a ``cdmoe`` entry (format:
-cdmoe's ``modeling_cdmoe.py``). :class:`CdmoeConfig` is registered with ``AutoConfig`` for
+A condensed ``config.json`` is the family's config plus a ``cdmoe`` entry (format: cdmoe's
+``modeling_cdmoe.py``). :class:`CdmoeConfig` is registered with ``AutoConfig`` for
 ``cdmoe``; ``from_dict`` returns an instance of the family's own transformers config
 class, so every vLLM check keyed on ``model_type`` (MLA, rotary, ...) sees the family.
 The returned config describes the stack vLLM builds:
@@ -10,19 +10,30 @@ The returned config describes the stack vLLM builds:
 * Block Drop: ``num_hidden_layers`` counts the kept decoder layers and every per-layer
   key (lists of length L, the family's dense-layer rule) is rewritten for the kept
   stack; ``cdmoe["kept_layers"]`` maps vLLM's layer index to the original index;
-* ``cdmoe`` keeps the spec (``condensed_layers``, ``dropped_layers`` use original indices).
+* ``cdmoe`` keeps the spec (``condensed_layers``, ``dropped_layers`` use original indices);
+* DeepseekV2's greedy routing gets the group keys vLLM needs (:func:`greedy_routing_overrides`).
 
-Anything the plugin cannot serve exactly is refused with one line (:class:`CdmoeVllmError`).
+This runs in vLLM's front-end process, before any engine process starts, so everything that
+can be refused from the config and the file headers is refused here, in one line
+(:class:`CdmoeVllmError`): a malformed entry (:mod:`cdmoe_vllm.spec`), what the plugin cannot
+serve exactly, and, for a local directory, incomplete weight files (:mod:`cdmoe_vllm.files`).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-__all__ = ["ARCHITECTURES", "SUPPORTED_FAMILIES", "CdmoeConfig", "CdmoeVllmError", "family_config", "register_config"]
+from .errors import SUPPORTED_FAMILIES, CdmoeVllmError, malformed, unsupported
+from .files import check_files
+from .spec import check_spec
+
+__all__ = ["ARCHITECTURES", "SUPPORTED_FAMILIES", "CdmoeConfig", "CdmoeVllmError", "family_config",
+           "greedy_routing_overrides", "original_overrides", "register_config"]
 
 # base model type -> this plugin's vLLM model class (models.py)
 ARCHITECTURES = {
@@ -34,22 +45,11 @@ ARCHITECTURES = {
     "olmoe": "CdmoeOlmoeForCausalLM",
     "glm4_moe": "CdmoeGlm4MoeForCausalLM",
 }
+assert tuple(ARCHITECTURES) == SUPPORTED_FAMILIES
 # how each family's vLLM class decides dense vs MoE per layer, from global config keys
 FIRST_K_DENSE, SPARSE_STEP, ALL_MOE = "first_k_dense_replace", "decoder_sparse_step", "all"
 DENSE_RULES = {"deepseek_v2": FIRST_K_DENSE, "deepseek_v3": FIRST_K_DENSE, "glm4_moe": FIRST_K_DENSE,
                "qwen2_moe": SPARSE_STEP, "qwen3_moe": SPARSE_STEP, "mixtral": ALL_MOE, "olmoe": ALL_MOE}
-SUPPORTED_FAMILIES = tuple(ARCHITECTURES)
-FORMAT_VERSION = 1
-
-
-class CdmoeVllmError(ValueError):
-    """A condensed checkpoint this plugin cannot serve (the message is one line)."""
-
-
-def _refuse(what: str) -> CdmoeVllmError:
-    return CdmoeVllmError(
-        f"cdmoe-vllm: {what}; vLLM serves unquantised condensed checkpoints of the families "
-        f"{', '.join(SUPPORTED_FAMILIES)}")
 
 
 def _dense_pattern(base: str, data: dict, num_layers: int) -> list[bool]:
@@ -64,7 +64,7 @@ def _dense_pattern(base: str, data: dict, num_layers: int) -> list[bool]:
     return [False] * num_layers  # mixtral, olmoe: every layer is MoE
 
 
-def _drop_blocks(base: str, data: dict, dropped: set[int]) -> list[int]:
+def _drop_blocks(base: str, data: dict, dropped: set[int], where: str | None) -> list[int]:
     """Rewrite ``data`` (in place) for the stack without blocks ``dropped``; returns kept indices."""
     num_layers = data["num_hidden_layers"]
     kept = [i for i in range(num_layers) if i not in dropped]
@@ -76,7 +76,7 @@ def _drop_blocks(base: str, data: dict, dropped: set[int]) -> list[int]:
     if DENSE_RULES[base] == FIRST_K_DENSE:
         k = sum(dense)
         if dense != [j < k for j in range(len(kept))]:
-            raise _refuse("Block Drop left dense layers that vLLM's first-k-dense rule cannot express")
+            raise unsupported("Block Drop left dense layers that vLLM's first-k-dense rule cannot express", where)
         data["first_k_dense_replace"] = k
         if "moe_layer_freq" in data:
             data["moe_layer_freq"] = 1
@@ -84,34 +84,80 @@ def _drop_blocks(base: str, data: dict, dropped: set[int]) -> list[int]:
         data["mlp_only_layers"] = [j for j, is_dense in enumerate(dense) if is_dense]
         data["decoder_sparse_step"] = 1
         if data.get("use_sliding_window"):
-            raise _refuse("Block Drop with sliding-window attention is not supported")
+            raise unsupported("Block Drop with sliding-window attention is not supported", where)
     return kept
 
 
+def _check_layers(base: str, data: dict, spec: dict, where: str | None) -> None:
+    """Condensed and dropped layers must be MoE layers by the family's rule: vLLM builds the
+    family's dense MLP (its global width) at the others and never asks for the entry's block."""
+    dense = _dense_pattern(base, data, data["num_hidden_layers"])
+    for key in (*spec.get("condensed_layers", {}), *spec.get("dropped_layers", [])):
+        if dense[int(key)]:
+            raise malformed(f"layer {key} is a dense layer of {base} (by {DENSE_RULES[base]}), not an MoE layer, "
+                            "and only MoE layers are condensed or dropped", where)
+
+
+def _layer_kinds(base: str, data: dict, spec: dict, kept: list[int]) -> list[str]:
+    """What each layer of the kept stack (``data`` rewritten for it) holds as its block."""
+    dense = _dense_pattern(base, data, len(kept))
+    condensed, dropped = {int(k) for k in spec.get("condensed_layers", {})}, set(spec.get("dropped_layers", []))
+    return ["condensed" if o in condensed else "dropped" if o in dropped else "dense" if dense[j] else "moe"
+            for j, o in enumerate(kept)]
+
+
+def greedy_routing_overrides(model_type: str, data: dict) -> dict:
+    """Config keys that make vLLM 0.32 route a DeepseekV2 model as transformers does, or ``{}``.
+
+    With ``topk_method: "greedy"`` (transformers' default; DeepSeek-V2-Lite) the router takes the
+    top-k over all experts and ignores ``n_group``/``topk_group``. vLLM always runs grouped top-k
+    with ``getattr(config, "n_group", 1)``, which is None in a config written with transformers'
+    defaults: its CPU router asserts (``CPURouter._compute_routing``), its GPU router factory
+    raises. One group, one group kept, is the same top-k over all experts, so
+    ``{"n_group": 1, "topk_group": 1}`` changes nothing transformers computes. Condensed
+    configs get them here; for an original checkpoint pass them to vLLM as ``hf_overrides``."""
+    if model_type != "deepseek_v2" or data.get("topk_method", "greedy") != "greedy":
+        return {}
+    exact = {"n_group": 1, "topk_group": 1}
+    return {} if all(data.get(k) == v for k, v in exact.items()) else exact
+
+
+def original_overrides(model_dir: Path) -> dict:
+    """``hf_overrides`` for vLLM to serve the checkpoint in ``model_dir`` as transformers computes it
+    (:func:`greedy_routing_overrides`), or ``{}``; a condensed directory needs none (its config
+    resolution applies them)."""
+    data = json.loads((Path(model_dir) / "config.json").read_text())
+    return greedy_routing_overrides(data.get("model_type"), data)
+
+
 def family_config(config_dict: dict, **kwargs):
-    """The family config (transformers class of ``base_model_type``) vLLM should build."""
-    spec = config_dict.get("cdmoe")
-    if not isinstance(spec, dict):
-        raise _refuse("config.json has model_type 'cdmoe' but no 'cdmoe' entry")
-    base = spec.get("base_model_type")
-    if spec.get("format_version") != FORMAT_VERSION:
-        raise _refuse(f"cdmoe format_version {spec.get('format_version')!r} is not {FORMAT_VERSION}")
+    """The family config (transformers class of ``base_model_type``) vLLM should build.
+    ``kwargs["name_or_path"]`` (set by ``AutoConfig.from_pretrained``) is the model vLLM was given:
+    the weight files of a local directory are checked; a hub id's are fetched later by vLLM."""
+    where = kwargs.get("name_or_path") or None
+    spec = check_spec(config_dict, where)
+    base = spec["base_model_type"]
     if base not in ARCHITECTURES:
-        raise _refuse(f"condensed {base!r} models are not supported")
-    if config_dict.get("quantization_config"):
-        method = config_dict["quantization_config"].get("quant_method", "?")
-        raise _refuse(f"quantised ({method}) condensed checkpoints are not supported")
+        raise unsupported(f"condensed {base!r} models are not supported", where)
+    quantisation = config_dict.get("quantization_config")
+    if quantisation:
+        method = quantisation.get("quant_method", "?") if isinstance(quantisation, dict) else "?"
+        raise unsupported(f"quantised ({method}) condensed checkpoints are not supported", where)
     for key, what in (("merged_experts", "M-SMoE outputs (experts merged behind the full router)"),
                       ("unfused_experts", "outputs with unfused (one module per expert) MoE layers")):
         if spec.get(key):
-            raise _refuse(f"{what} are not supported")
+            raise unsupported(f"{what} are not supported", where)
     if any(layer.get("bias") for layer in spec.get("condensed_layers", {}).values()):
-        raise _refuse("condensed layers with biases are not supported")
+        raise unsupported("condensed layers with biases are not supported", where)
+    _check_layers(base, config_dict, spec, where)
     data = copy.deepcopy(config_dict)
     for key in ("auto_map", "model_type", "transformers_version"):
         data.pop(key, None)
     spec = data["cdmoe"]
-    spec["kept_layers"] = _drop_blocks(base, data, {int(i) for i in spec.get("dropped_blocks", [])})
+    spec["kept_layers"] = _drop_blocks(base, data, {int(i) for i in spec.get("dropped_blocks", [])}, where)
+    if where and Path(where).is_dir():
+        check_files(Path(where), data, spec, spec["kept_layers"], _layer_kinds(base, data, spec, spec["kept_layers"]))
+    data.update(greedy_routing_overrides(base, data))
     data["architectures"] = [ARCHITECTURES[base]]
     return CONFIG_MAPPING[base].from_dict(data, **kwargs)
 

@@ -7,7 +7,10 @@ condensed width, plus, for a per-token shared-expert gate (qwen2_moe), a replica
 the gate kept exact: ``down(h * m)``, ``m = sigmoid(shared_gate(x))`` on those units).
 
 Shapes: x (T, hidden_size) -> (T, hidden_size); gate_up_proj (2 * I / tp, H) per rank,
-down_proj (H, I / tp), shared_gate (1, H).
+down_proj (H, I / tp), shared_gate (1, H). With ``sequence_parallel`` (vLLM's sequence-parallel
+MoE: expert + data parallel, TP > 1) the weights are replicated instead (``is_sequence_parallel``
+of vLLM's DeepseekV2MLP, as its shared experts there): each rank gets its own chunk of tokens
+(``already_sequence_parallel=True``) and returns their full output, with no collective.
 """
 
 from __future__ import annotations
@@ -37,14 +40,19 @@ class DroppedMLP(nn.Module):
 class _CondensedMixin:
     """Adds the partial shared-expert gate and name-tolerant weight loading to a dense MLP."""
 
-    def _init_gate(self, hidden_size: int, intermediate_size: int, gated_width: int, prefix: str) -> None:
+    def _init_gate(self, hidden_size: int, intermediate_size: int, gated_width: int, prefix: str,
+                   sequence_parallel: bool) -> None:
         self.full_shape = (intermediate_size, hidden_size)  # of gate_proj / up_proj before TP
+        self.sequence_parallel = sequence_parallel
         self.gated_width = gated_width
         self.shared_gate = (
             ReplicatedLinear(hidden_size, 1, bias=False, prefix=f"{prefix}.shared_gate") if gated_width else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, already_sequence_parallel: bool = False) -> torch.Tensor:
+        """``already_sequence_parallel``: ``x`` is this rank's chunk of the tokens (vLLM's DeepseekV2
+        decoder layer under sequence-parallel MoE); right only with replicated weights."""
+        assert self.sequence_parallel or not already_sequence_parallel, "a token chunk reached a TP-sharded MLP"
         if self.shared_gate is None:
             return super().forward(x)
         gate_up, _ = self.gate_up_proj(x)
@@ -92,15 +100,18 @@ def _condensed_class(dense_cls: type) -> type:
 
 
 def condensed_mlp(
-    dense_cls: type, hidden_size: int, intermediate_size: int, hidden_act: str, gated_width: int, quant_config, prefix: str
+    dense_cls: type, hidden_size: int, intermediate_size: int, hidden_act: str, gated_width: int, quant_config,
+    prefix: str, sequence_parallel: bool = False,
 ) -> nn.Module:
-    """An instance of (a subclass of) ``dense_cls``, vLLM's dense MLP of the family."""
+    """An instance of (a subclass of) ``dense_cls``, vLLM's dense MLP of the family; with
+    ``sequence_parallel``, built replicated (``dense_cls`` must take ``is_sequence_parallel``)."""
     mlp = _condensed_class(dense_cls)(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         hidden_act=hidden_act,
         quant_config=quant_config,
         prefix=prefix,
+        **({"is_sequence_parallel": True} if sequence_parallel else {}),
     )
-    mlp._init_gate(hidden_size, intermediate_size, gated_width, prefix)
+    mlp._init_gate(hidden_size, intermediate_size, gated_width, prefix, sequence_parallel)
     return mlp

@@ -5,11 +5,12 @@ transformers than vLLM) writes the job and reads the result; this side imports o
 lm-eval and this plugin. job: ``{"model": dir, "tasks": [names], "include_path": dir | null,
 "limit": int | null, "batch_size": "auto" | int, "dtype": str, "seed": int,
 "max_model_len": int | null, "tensor_parallel_size": int, "trust_remote_code": bool}``;
-out: ``{"results", "n-samples", "versions"}`` of ``lm_eval.simple_evaluate``, or
-``{"error": "<one line>"}``.
+out: ``{"results", "n-samples", "versions"}`` of ``lm_eval.simple_evaluate`` and ``"vllm"``: the
+engine's ``max_model_len`` and ``tensor_parallel_size`` as vLLM set them, or ``{"error": "<one line>"}``.
 
-A tied original DeepseekV2/V3 checkpoint (vLLM ignores the tie) is scored from
-:func:`cdmoe_vllm.tied.servable_copy` in a scratch directory.
+An original DeepseekV2/V3 checkpoint is scored as transformers computes it: a tied one (vLLM ignores
+the tie) from :func:`cdmoe_vllm.tied.servable_copy` in a scratch directory, a greedy-routed V2 with
+``n_group`` null with the ``hf_overrides`` of :func:`cdmoe_vllm.config.original_overrides`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .config import original_overrides
 from .engine import engine_kwargs, on_cpu
 from .tied import servable_copy
 
@@ -55,7 +57,8 @@ def run(job: dict, scratch: Path) -> dict:
     from lm_eval.tasks import TaskManager
 
     model = servable_copy(Path(job["model"]), scratch / "model")
-    extra = engine_kwargs(enforce_eager=True)  # no CUDA graphs / torch.compile warm-up: quicker to start
+    # no CUDA graphs / torch.compile warm-up: quicker to start
+    extra = engine_kwargs(enforce_eager=True, hf_overrides=original_overrides(model) or None)
     lm = VLLM(pretrained=str(model), dtype=job.get("dtype", "auto"), batch_size=job.get("batch_size", "auto"),
               max_model_len=job.get("max_model_len"), seed=job.get("seed", 0),
               tensor_parallel_size=job.get("tensor_parallel_size", 1),
@@ -66,7 +69,23 @@ def run(job: dict, scratch: Path) -> dict:
     out = lm_eval.simple_evaluate(model=lm, tasks=job["tasks"], task_manager=manager, limit=job.get("limit"),
                                   log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                   fewshot_random_seed=seed, bootstrap_iters=0)
-    return {"results": out["results"], "n-samples": out.get("n-samples", {}), "versions": out.get("versions", {})}
+    engine = lm.model.llm_engine.vllm_config
+    return {"results": out["results"], "n-samples": out.get("n-samples", {}), "versions": out.get("versions", {}),
+            "vllm": {"max_model_len": engine.model_config.max_model_len,
+                     "tensor_parallel_size": engine.parallel_config.tensor_parallel_size}}
+
+
+def _one_line(exc: Exception) -> str:
+    """The line of ``exc`` that says what is wrong: a pydantic ValidationError (vLLM's config classes) puts
+    it in its first error's message, with the error's location and a link on other lines."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            return " ".join(str(errors()[0]["msg"]).split()).removeprefix("Value error, ")
+        except Exception:  # not pydantic's
+            pass
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else ""
 
 
 def main() -> None:
@@ -75,8 +94,7 @@ def main() -> None:
         try:
             result = run(job, Path(scratch))
         except Exception as exc:  # reported by cdmoe as one line
-            text = str(exc).strip()
-            result = {"error": f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"}
+            result = {"error": f"{type(exc).__name__}: {_one_line(exc)}"}
     Path(sys.argv[2]).write_text(json.dumps(result, default=str))
 
 

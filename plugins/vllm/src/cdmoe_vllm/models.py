@@ -10,7 +10,8 @@ the others the real MoE block with the arguments vLLM passed. Only the decoder l
 constructors see the substitution (``make_layers`` is wrapped), so no ``isinstance``
 check on the MoE class runs against it. Construction is single-threaded in vLLM.
 
-Weights are renamed on load (:mod:`cdmoe_vllm.weights`); tied embeddings are tied for
+Weights are renamed on load (:mod:`cdmoe_vllm.weights`), and after the first load every
+parameter must hold checkpoint values (:mod:`cdmoe_vllm.loaded`); tied embeddings are tied for
 families whose vLLM class ignores ``tie_word_embeddings`` (DeepseekV2: the lm_head stays
 all zero without an error, vLLM 0.32). On CPU the rotary embeddings run vLLM's
 PyTorch-native path (:func:`_native_rotary`), so ``LLM(model=out_dir)`` needs no flag.
@@ -36,6 +37,7 @@ from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
 from .engine import on_cpu
 from .layers import DroppedMLP, condensed_mlp
+from .loaded import check_loaded, poison
 from .weights import to_vllm_weights
 
 __all__ = [
@@ -53,11 +55,14 @@ class Family:
     dense_mlp: str  # "module:Class" of vLLM's dense MLP used at the condensed width
     slot: str  # attribute of vLLM's decoder layer that holds the block
     expert_names: tuple[str, str, str]  # per-expert checkpoint names vLLM reads (gate, up, down)
+    # vLLM's decoder layer hands the block one chunk of tokens per tensor-parallel rank, with
+    # already_sequence_parallel=True, when the parallel config uses sequence-parallel MoE
+    sequence_parallel: bool = False
 
 
 _SWIGLU = ("gate_proj", "up_proj", "down_proj")
 FAMILIES = {
-    "deepseek_v2": Family("deepseek_v2", "DeepseekV2MoE", "deepseek_v2:DeepseekV2MLP", "mlp", _SWIGLU),
+    "deepseek_v2": Family("deepseek_v2", "DeepseekV2MoE", "deepseek_v2:DeepseekV2MLP", "mlp", _SWIGLU, True),
     "qwen2_moe": Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", "qwen2_moe:Qwen2MoeMLP", "mlp", _SWIGLU),
     "qwen3_moe": Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", "qwen3_moe:Qwen3MoeMLP", "mlp", _SWIGLU),
     "mixtral": Family("mixtral", "MixtralMoE", "llama:LlamaMLP", "block_sparse_moe", ("w1", "w3", "w2")),
@@ -82,8 +87,13 @@ def _bound(module, name: str, value):
         setattr(module, name, old)
 
 
-def _block_factory(family: Family, hf_config, quant_config, real_block: type):
-    """A stand-in for the family's MoE class: builds what the original layer's block became."""
+def _block_factory(family: Family, vllm_config, real_block: type):
+    """A stand-in for the family's MoE class: builds what the original layer's block became.
+    Under sequence-parallel MoE (expert + data parallel with TP > 1) a condensed layer of a family
+    whose decoder layer then passes a token chunk per rank gets its weights replicated, as vLLM's
+    own shared experts there (``is_sequence_parallel``): each rank computes its own tokens."""
+    hf_config, quant_config = vllm_config.model_config.hf_config, vllm_config.quant_config
+    sequence_parallel = family.sequence_parallel and vllm_config.parallel_config.use_sequence_parallel_moe
     spec = hf_config.cdmoe
     kept = spec["kept_layers"]
     condensed = {int(i): v for i, v in spec.get("condensed_layers", {}).items()}
@@ -96,7 +106,7 @@ def _block_factory(family: Family, hf_config, quant_config, real_block: type):
         if original in condensed:
             layer = condensed[original]
             return condensed_mlp(dense_cls, hf_config.hidden_size, layer["intermediate_size"], hf_config.hidden_act,
-                                 layer.get("gated_width", 0), quant_config, prefix)
+                                 layer.get("gated_width", 0), quant_config, prefix, sequence_parallel)
         if original in dropped:
             return DroppedMLP()
         return real_block(*args, prefix=prefix, **kwargs)
@@ -109,7 +119,7 @@ def _condensed_construction(family: Family, vllm_config):
     """While the family model is built, decoder layers get the condensed structure."""
     module = _models_module(family.module)
     real_make_layers, real_block = module.make_layers, getattr(module, family.moe_block)
-    build = _block_factory(family, vllm_config.model_config.hf_config, vllm_config.quant_config, real_block)
+    build = _block_factory(family, vllm_config, real_block)
 
     def make_layers(num_hidden_layers, layer_fn, prefix):
         def condensed_layer_fn(prefix):
@@ -151,13 +161,22 @@ class _Condensed:
             self.lm_head = lm_head.tie_weights(self.model.embed_tokens)  # see the module docstring
         if on_cpu():
             _native_rotary(self)
+        # the first load fills every parameter (later calls, e.g. an RL weight update, send a subset);
+        # vLLM's online quantisation replaces parameters while loading, so it is not checked
+        self._check_first_load = vllm_config.quant_config is None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         family = FAMILIES[self.family]
         weights = to_vllm_weights(weights, family.slot, family.expert_names)
         if self.config.tie_word_embeddings:
             weights = ((n, w) for n, w in weights if not n.startswith("lm_head."))
-        return super().load_weights(weights)
+        check, self._check_first_load = self._check_first_load, False
+        if check:
+            poison(self)
+        loaded = super().load_weights(weights)
+        if check:
+            check_loaded(self, family.slot, self.config.name_or_path)
+        return loaded
 
 
 class CdmoeDeepseekV2ForCausalLM(_Condensed, DeepseekV2ForCausalLM):

@@ -22,9 +22,13 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-__all__ = ["to_vllm_weights"]
+__all__ = ["to_checkpoint_name", "to_vllm_weights"]
 
 _BLOCK = re.compile(r"^(model\.layers\.\d+)\.mlp\.")
+# vLLM's fused-MoE parameters (``experts.w13_weight``; vLLM 0.32: ``experts.routed_experts.w13_weight``)
+# -> the fused checkpoint tensors they are read from
+_FUSED = {re.compile(r"\.experts\.(?:\w+\.)*w13_weight$"): ".experts.gate_up_proj",
+          re.compile(r"\.experts\.(?:\w+\.)*w2_weight$"): ".experts.down_proj"}
 
 
 def to_vllm_weights(
@@ -46,3 +50,13 @@ def to_vllm_weights(
                 yield f"{stem}{e}.{down}.weight", tensor[e]
         else:
             yield name, tensor
+
+
+def to_checkpoint_name(name: str, slot: str) -> str:
+    """A vLLM parameter name of the family model -> the checkpoint tensor it is loaded from (the
+    inverse of :func:`to_vllm_weights` for one name; merged shards are named by the caller)."""
+    if slot != "mlp":
+        name = re.sub(rf"^(model\.layers\.\d+)\.{slot}\.", r"\1.mlp.", name)
+    for vllm_suffix, suffix in _FUSED.items():
+        name = vllm_suffix.sub(suffix, name)
+    return name

@@ -1,0 +1,82 @@
+"""Check the ``cdmoe`` entry of a condensed ``config.json`` before anything is built from it.
+
+The entry (format: cdmoe's ``modeling_cdmoe.py``) is trusted by the model classes: layer indices
+pick which vLLM block is built where, widths size the condensed MLPs. So every key the plugin
+reads is checked here for its type and range, with one line naming the key; what is well formed
+but not servable (family, quantisation, merged experts) is refused in :mod:`cdmoe_vllm.config`.
+"""
+
+from __future__ import annotations
+
+from .errors import malformed
+
+__all__ = ["FORMAT_VERSION", "check_spec"]
+
+FORMAT_VERSION = 1
+_KINDS = {str: "a string", type(None): "null", list: "a list", dict: "an object", bool: "a boolean", int: "a number",
+          float: "a number"}
+
+
+def _kind(value) -> str:
+    return _KINDS.get(type(value), type(value).__name__)
+
+
+def _is_count(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _layer(key, num_layers: int) -> int | None:
+    """``key`` (an index, or its decimal string as JSON object keys are) as a layer index, else None."""
+    text = str(key)
+    index = int(text) if text.isdigit() and not isinstance(key, bool) else None
+    return index if index is not None and index < num_layers else None
+
+
+def check_spec(data: dict, where: str | None) -> dict:
+    """The ``cdmoe`` entry of ``data`` (a config.json), checked; raises :class:`CdmoeVllmError`."""
+    if "cdmoe" not in data:
+        raise malformed("config.json has model_type 'cdmoe' but no 'cdmoe' entry", where)
+    spec = data["cdmoe"]
+    if not isinstance(spec, dict):
+        raise malformed(f"the 'cdmoe' entry is {_kind(spec)}, not an object", where)
+    if "format_version" not in spec:
+        raise malformed("the 'cdmoe' entry has no format_version", where)
+    if spec["format_version"] != FORMAT_VERSION:
+        raise malformed(f"cdmoe format_version {spec['format_version']!r} is not {FORMAT_VERSION}, the one this "
+                        "plugin reads", where, fix="install the vLLM plugin of the cdmoe version that wrote it")
+    if "base_model_type" not in spec:
+        raise malformed("the 'cdmoe' entry has no base_model_type (the family it was condensed from)", where)
+    if not isinstance(spec["base_model_type"], str):
+        raise malformed(f"base_model_type is {spec['base_model_type']!r}, not a family name", where)
+    num_layers = data.get("num_hidden_layers")
+    if not _is_count(num_layers, 1):
+        raise malformed(f"num_hidden_layers is {num_layers!r}, not a positive integer", where)
+    condensed = spec.get("condensed_layers", {})
+    if not isinstance(condensed, dict):
+        raise malformed(f"condensed_layers is {_kind(condensed)}, not an object", where)
+    for key, layer in condensed.items():
+        if _layer(key, num_layers) is None:
+            shown = key if str(key).isdigit() else repr(key)
+            raise malformed(f"condensed layer {shown} is not a layer (the model has {num_layers})", where)
+        if not isinstance(layer, dict):
+            raise malformed(f"condensed layer {key} is {_kind(layer)}, not an object", where)
+        width, gated = layer.get("intermediate_size"), layer.get("gated_width", 0)
+        if not _is_count(width, 1):
+            raise malformed(f"condensed layer {key}: intermediate_size is {width!r}, not a positive integer", where)
+        if not (_is_count(gated, 0) and gated <= width):
+            raise malformed(f"condensed layer {key}: gated_width is {gated!r}, not an integer in [0, {width}]", where)
+    lists = {}
+    for key in ("dropped_layers", "dropped_blocks"):
+        value = spec.get(key, [])
+        if not isinstance(value, list):
+            raise malformed(f"{key} is {_kind(value)}, not a list", where)
+        bad = [i for i in value if _layer(i, num_layers) is None or not isinstance(i, int)]
+        if bad or len(set(value)) != len(value):
+            raise malformed(f"{key} {value} is not a list of distinct layers of the {num_layers}", where)
+        lists[key] = set(value)
+    both = sorted(lists["dropped_layers"] & {int(k) for k in condensed})
+    if both:
+        raise malformed(f"layer {both[0]} is both condensed and dropped", where)
+    if len(lists["dropped_blocks"]) == num_layers:
+        raise malformed("dropped_blocks drops every layer", where)
+    return spec
