@@ -193,3 +193,21 @@ def test_plan_budget_shows_bytes(tiny_model_dir):
     assert layer["keep"] > layer["prune-6"] > layer["prune-4"] and layer["condense-2"] > layer["condense-0"] > 0
     # keep is every stored tensor of one MoE block (fp32) plus its header bound
     assert data["fixed_bytes"] + len(data["layers"]) * layer["keep"] >= original
+
+
+def test_a_block_fp8_source_is_refused_before_any_work(tmp_path, monkeypatch):
+    """The planner renumbers a pruned layer's experts, which the FP8 writer would re-quantise: refused in one
+    line by condense --budget and by compare's budget method, before the calibration pass; --layers takes it."""
+    from fp8_checks import fp8_checkpoints
+
+    fp8, _ = fp8_checkpoints(tmp_path, "qwen3_moe", (16, 16))
+    monkeypatch.setattr("cdmoe.search.calibration.load_calibration", lambda *a, **k: pytest.fail("calibrated"))
+    monkeypatch.setattr("cdmoe.methods.session.load_calibration", lambda *a, **k: pytest.fail("calibrated"))
+    monkeypatch.setattr("cdmoe.comparison.compare.load_calibration", lambda *a, **k: pytest.fail("calibrated"))
+    common = ["--out", str(tmp_path / "o"), "--calib", str(DEMO_CALIB), "--samples", "2", "--seq-len", "16"]
+    for args in (["condense", str(fp8), "--budget", "0.6", "--quiet"],
+                 ["compare", str(fp8), "--budget", "0.6", "--methods", "budget,expert-drop"]):
+        result = cli.invoke(app, args + common)
+        assert result.exit_code == 2 and "block-FP8 checkpoint, which the budget planner" in result.output, result.output
+        assert len(result.output.strip().splitlines()) <= 3 and "Traceback" not in result.output
+        assert not (tmp_path / "o").exists() and not partial_dir(tmp_path / "o").exists()

@@ -44,7 +44,7 @@ from ..methods.baselines import (
     baseline_record,
     finish_quantized,
 )
-from ..methods.budget_plan import apply_budget_plan, plan_budgets, plan_summary
+from ..methods.budget_plan import apply_budget_plan, check_budget_source, plan_budgets, plan_summary
 from ..methods.calib_stats import calibration_stats
 from ..methods.quantize import check_quantize
 from ..models.budget import model_params
@@ -95,6 +95,8 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
         check_quantize(method.quantize, f"{method.name} in --methods")
     check_tasks(tasks, task_text)
     check_inputs(model, calib, {"--eval-text": eval_text, "--task-text": task_text})
+    if any(m.base == "budget" for m in methods):
+        check_budget_source(model)
     inputs = (model, calib.source, eval_text, task_text)
     check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)

@@ -38,7 +38,7 @@ from ..search.resume import run_key
 from .reap import expert_saliency
 from .session import rich_progress, start_session
 
-__all__ = ["apply_budget_plan", "budget_record", "check_budget_options", "condense_budget", "original_bytes",
+__all__ = ["apply_budget_plan", "budget_record", "check_budget_options", "check_budget_source", "condense_budget", "original_bytes",
            "plan_budgets", "plan_from_record", "plan_summary", "replay_budget_plan"]
 
 
@@ -52,6 +52,19 @@ def check_budget_options(layers: int | None, budget: float | None, conflicts: di
         if given:
             raise CdmoeError(f"{given[0]} does not apply to --budget (the planner chooses every layer's action); "
                              "drop it or use --layers")
+
+
+def check_budget_source(model) -> None:
+    """A block-FP8 source is refused (before any work): the planner's pruned layers renumber their experts,
+    which the FP8 writer (:mod:`cdmoe.checkpoint.fp8_output`) would re-quantise instead of copying."""
+    from ..models.fp8_blocks import block_fp8
+    from ..models.input_checks import read_config
+
+    path = Path(model)
+    if path.is_dir() and block_fp8(path, read_config(path)) is not None:
+        raise CdmoeError(f"{model} is a block-FP8 checkpoint, which the budget planner does not write yet (its "
+                         "output would not keep the source's fp8 bytes); plan its bf16 cast, or condense it with "
+                         "--layers N, which keeps them")
 
 
 def reap_saliency(block, x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +165,7 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
     ratio = options.budgets[0]
     session = start_session(model, out, calib, {}, dtype=dtype, device=device, mode=mode, force=force,
                             activations=activations, activations_dir=activations_dir)
+    check_budget_source(model)
     calib_ids = session.calibrate()
     key = run_key(model, calib.to_dict(), calib_ids, options, {"dtype": str(session.compute), "device": session.dev.type})
     progress = rich_progress() if show_progress else None
