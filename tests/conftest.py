@@ -81,3 +81,37 @@ def remote_code_checkpoint(path: Path) -> Path:
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and the machine is shared (``pytestmark = usefixtures(...)``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_loads_without_cdmoe(out: Path, ids: torch.Tensor, expected: torch.Tensor, tmp_path: Path) -> str:
+    """Load ``out`` with plain transformers in a process where cdmoe cannot be imported (``trust_remote_code``:
+    the directory's own modelling file) and check its logits on ``ids`` equal ``expected``; returns its stdout."""
+    import subprocess
+    import sys
+
+    torch.save((ids, expected), tmp_path / "expected.pt")
+    script = f"""
+import sys
+sys.modules["cdmoe"] = None  # any import of cdmoe fails, as where it is not installed
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, attn_implementation="eager").eval()
+ids, expected = torch.load({str(tmp_path / 'expected.pt')!r})
+with torch.no_grad():
+    got = model(input_ids=ids).logits
+torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+print("OK", type(model).__name__)
+"""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout

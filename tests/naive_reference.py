@@ -125,3 +125,88 @@ def naive_layer_search(model, ids, condensed: dict, n: int, final: str = "hidden
 def naive_layers(model, ids, condensed: dict, n: int, final: str = "hidden") -> list[int]:
     """Algorithm 2's order (JS), see :func:`naive_layer_search`."""
     return naive_layer_search(model, ids, condensed, n, final)[0]
+
+
+def naive_next_rungs(ladder: list[dict], i: int) -> list[int]:
+    """The planner's moves, as its docstring states them: from keep or a prune rung, the next prune rung and
+    the first condense-or-drop rung with fewer bytes; from a condense rung, the next rung."""
+    kinds = [r["action"] for r in ladder]
+    if kinds[i] in ("condense", "drop"):
+        return [i + 1] if i + 1 < len(ladder) else []
+    out = [i + 1] if kinds[i + 1] == "prune" else []
+    return out + [next(j for j in range(i + 1, len(ladder)) if kinds[j] in ("condense", "drop")
+                       and ladder[j]["bytes"] < ladder[i]["bytes"])]
+
+
+@torch.no_grad()
+def naive_budget_plan(model, ids, ladders: dict[int, list[dict]], fixed: int, budget: int,
+                      final: str = "hidden") -> list[tuple[int, int, float]]:
+    """The budget planner with a full model pass per candidate: each candidate's model has every layer at its
+    current rung and the candidate's layer at the candidate rung (modules built from the original blocks),
+    scored by JS of the final output; the smallest (JS - current JS) / bytes saved is taken, unless the
+    smallest-JS candidate that meets ``budget`` has no more JS than it (then it ends the plan).
+    ``ladders``: {layer: [{"action", "experts", "gates", "bytes"}]}. Returns [(layer, rung, JS)] of the plan."""
+    from cdmoe.models.mixed import LayerAction, build_block
+
+    blocks = {b.layer_idx: b for b in moe_blocks(model)}
+    action = {layer: [LayerAction.from_dict(r) for r in rungs] for layer, rungs in ladders.items()}
+
+    def output():
+        return model.model(input_ids=ids).last_hidden_state if final == "hidden" else model(input_ids=ids).logits
+
+    ref = output()
+    state = {layer: 0 for layer in ladders}
+    plan: list[tuple[int, int, float]] = []
+    current = 0.0
+    while True:
+        total = fixed + sum(ladders[layer][i]["bytes"] for layer, i in state.items())
+        if total <= budget:
+            return plan
+        cands = []
+        for layer in sorted(ladders):
+            for j in naive_next_rungs(ladders[layer], state[layer]):
+                rungs = {**state, layer: j}
+                modules = {m: build_block(blocks[m], action[m][i]) for m, i in rungs.items() if i}
+                with swapped_blocks(model, modules):
+                    js = js_mean(ref, output())
+                saved = ladders[layer][state[layer]]["bytes"] - ladders[layer][j]["bytes"]
+                cands.append(((js - current) / saved, layer, j, js, total - saved))
+        best = min(cands)
+        fits = [c for c in cands if c[4] <= budget]
+        done = min(fits, key=lambda c: (c[3], c[1], c[2])) if fits else None
+        if done is not None and done[3] <= best[3]:
+            return plan + [(done[1], done[2], done[3])]
+        state[best[1]] = best[2]
+        plan.append((best[1], best[2], best[3]))
+        current = best[3]
+
+
+@torch.no_grad()
+def restricted_routing(fn, kept: dict[int, list[int]], blocks, monkeypatch):
+    """``fn()`` with the router of every block in ``blocks`` listed in ``kept`` ({layer: kept expert ids})
+    restricted to those rows: the other experts' router logits (and correction bias) at -inf, through the
+    family's own code (``F.linear`` patched for those router weights only); the biases are restored after."""
+    masks, saved = {}, []
+    for block in blocks:
+        if block.layer_idx not in kept:
+            continue
+        mask = torch.full((block.num_experts,), float("-inf"))
+        mask[kept[block.layer_idx]] = 0.0
+        masks[block.router_weight.data_ptr()] = mask
+        bias = getattr(block.router, "e_score_correction_bias", None)
+        if bias is not None:
+            saved.append((bias, bias.clone()))
+            bias += mask
+    linear = F.linear
+
+    def routed_linear(x, weight, bias=None):
+        out = linear(x, weight, bias)
+        return out + masks[weight.data_ptr()].to(out.dtype) if weight.data_ptr() in masks else out
+
+    monkeypatch.setattr(F, "linear", routed_linear)
+    try:
+        return fn()
+    finally:
+        monkeypatch.setattr(F, "linear", linear)
+        for bias, value in saved:
+            bias.copy_(value)

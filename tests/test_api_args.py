@@ -15,7 +15,9 @@ CALIB = {"calib": str(DEMO_CALIB), "samples": 2, "seq_len": 16}
 
 CASES = {
     "condense layers='2'": (lambda m, o: cdmoe.condense(m, o, layers="2", **CALIB), "condense: layers must be an int"),
-    "condense layers=None": (lambda m, o: cdmoe.condense(m, o, layers=None, **CALIB), "layers must be an int"),
+    "condense layers=None": (lambda m, o: cdmoe.condense(m, o, layers=None, **CALIB), "pass --layers N or --budget R"),
+    "condense budget='0.6'": (lambda m, o: cdmoe.condense(m, o, budget="0.6", **CALIB),
+                              "condense: budget must be a number or None"),
     "condense layers=True": (lambda m, o: cdmoe.condense(m, o, layers=True, **CALIB), "layers must be an int"),
     "condense out=None": (lambda m, o: cdmoe.condense(m, None, layers=1, **CALIB), "out must be a path"),
     "condense calib=[...]": (lambda m, o: cdmoe.condense(m, o, layers=1, calib=[str(DEMO_CALIB)]),

@@ -34,7 +34,8 @@ def _context(trust_remote_code: bool, dtype: str | None):
 
 
 @checked
-def condense(model: str | Path | PreTrainedModel, out: str | Path, *, layers: int, experts: int | None = None,
+def condense(model: str | Path | PreTrainedModel, out: str | Path, *, layers: int | None = None,
+             budget: float | None = None, experts: int | None = None,
              shared_only: bool = False, calib: str = "c4", samples: int = 100, seq_len: int = 512, seed: int = 0,
              metric: str = "js", final: str = "hidden", expert_selector: str = "greedy", layer_selector: str = "greedy",
              batch_size: int = 8, eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto",
@@ -47,12 +48,27 @@ def condense(model: str | Path | PreTrainedModel, out: str | Path, *, layers: in
     ``model``: a checkpoint path or hub id (``cdmoe condense``: resumable, whole or sequential), or a model
     already loaded (``cdmoe.load_model``; searched and condensed in place, in memory, then saved, its
     tokenizer from ``tokenizer`` or the directory it was loaded from). ``shared_only`` is CD-MoE-S (K = 0).
+    ``budget`` instead of ``layers``: the budget planner (``cdmoe condense --budget``) on a checkpoint path.
     """
+    from .methods.budget_plan import check_budget_options
     from .methods.condense import EvalOptions
     from .methods.condense import condense as run_condense
     from .search.calibration import CalibSpec
     from .search.run import SearchOptions, experts_option
 
+    check_budget_options(layers, budget, {"experts": experts is not None, "shared_only": shared_only,
+                                          "expert_selector": expert_selector != "greedy",
+                                          "layer_selector": layer_selector != "greedy", "eval_text": bool(eval_text),
+                                          "quantize": bool(quantize), "a loaded model": isinstance(model, PreTrainedModel)})
+    if budget is not None:
+        from .methods.budget_plan import condense_budget
+        from .search.plan_run import PlanOptions
+
+        with _context(trust_remote_code, dtype):
+            return condense_budget(model, out, PlanOptions(budgets=(budget,), metric=metric, final=final,
+                                                           batch_size=batch_size), CalibSpec(calib, samples, seq_len, seed),
+                                   dtype=dtype, force=force, show_progress=progress, mode=mode, device=device,
+                                   activations=activations)
     search = SearchOptions(layers=layers, experts=experts_option(experts, shared_only), metric=metric, final=final,
                            batch_size=batch_size, expert_selector=expert_selector, layer_selector=layer_selector,
                            seed=seed)

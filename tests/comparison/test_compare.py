@@ -11,8 +11,10 @@ from cdmoe.comparison.compare import compare, markdown_table, parse_methods
 from cdmoe.errors import CdmoeError
 from cdmoe.evaluation.measure import disk_bytes
 from cdmoe.evaluation.perplexity import perplexity, token_stream
+from cdmoe.methods.budget_plan import plan_summary
 from cdmoe.models.budget import model_params
 from cdmoe.models.loading import load_model, load_tokenizer
+from cdmoe.models.mixed import LayerAction
 from cdmoe.models.plan import plan
 from cdmoe.search.calibration import CalibSpec
 
@@ -145,6 +147,31 @@ def test_compare_task_scores_equal_cdmoe_eval(tiny_model_dir, tmp_path):
         for task, value in direct.items():
             assert row["tasks"][task] == pytest.approx(value, rel=1e-4)
     assert "cdmoe_demo_cloze (%)" in (out / "compare.md").read_text()
+
+
+def test_compare_budget_method_is_planned_for_each_budget_and_stays_under_it(tiny_model_dir, tmp_path):
+    out = tmp_path / "cmp"
+    budgets = [0.8, 0.6]
+    compare(tiny_model_dir, out, budgets, parse_methods("budget"), CalibSpec(str(DEMO_CALIB), 4, 32, 0),
+            eval_text=str(DEMO_TEXT), eval_tokens=2000, progress=lambda msg: None)
+    saved = json.loads((out / "compare.json").read_text())
+    rows = [r for r in saved["rows"] if r["method"] == "budget"]
+    assert sorted(r["budgets"][0] for r in rows) == sorted(budgets) and parse_methods("budget")[0].knob == "budget"
+    stream = token_stream(load_tokenizer(tiny_model_dir), str(DEMO_TEXT), 2000)
+    table = (out / "compare.md").read_text()
+    for row in rows:
+        record = json.loads((out / row["dir"] / "cdmoe.json").read_text())
+        budget = row["budgets"][0]
+        assert record["method"] == "budget" and record["budget"]["ratio"] == budget
+        assert row["memory_ratio"] <= row["predicted_ratio"] <= budget and not row["over_budgets"]  # a ceiling
+        assert row["memory_ratio"] == pytest.approx(disk_bytes(out / row["dir"]) / disk_bytes(tiny_model_dir))
+        assert row["ppl"] == pytest.approx(perplexity(load_model(out / row["dir"]), stream, 32), rel=1e-5)
+        assert f"| budget | {row['setting']} |" in table
+        assert row["setting"] == plan_summary({int(k): LayerAction.from_dict(v) for k, v in record["layers"].items()})
+    small, large = sorted(rows, key=lambda r: r["budgets"][0])
+    assert small["memory_ratio"] < large["memory_ratio"]
+    with pytest.raises(CdmoeError, match="unknown"):
+        parse_methods("budget+int4")
 
 
 def test_compare_without_eval_text_or_tasks_scores_what_it_measured(tiny_model_dir, tmp_path):

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from conftest import DEMO_CALIB
-from test_sequential import _calib, _sharded, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from test_sequential import _calib, _sharded
 from typer.testing import CliRunner
 
 from cdmoe.cli import app
@@ -22,6 +22,7 @@ from cdmoe.search.resume import SearchState, run_key
 from cdmoe.search.run import SearchOptions, run_search
 
 cli = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread; the machine is shared
 FILE = re.compile(r"(input|stream)-(\d+)-(\d+)\.safetensors")
 
 

@@ -186,9 +186,9 @@ def test_condense_stops_before_loading_anything_when_memory_is_short(bf16_model,
     def never(*args, **kwargs):
         raise AssertionError("loaded a model although it does not fit")
 
-    monkeypatch.setattr("cdmoe.methods.condense.free_now", lambda *a: Free(2**20, 2**20, 100 * GiB, 100 * GiB))
-    monkeypatch.setattr("cdmoe.methods.condense.load_model", never)
-    monkeypatch.setattr("cdmoe.methods.condense.SequentialStore", never)
+    monkeypatch.setattr("cdmoe.methods.session.free_now", lambda *a: Free(2**20, 2**20, 100 * GiB, 100 * GiB))
+    monkeypatch.setattr("cdmoe.methods.session.load_model", never)
+    monkeypatch.setattr("cdmoe.methods.session.SequentialStore", never)
     out = tmp_path / "out"
     result = cli.invoke(app, ["condense", str(bf16_model), "--out", str(out), "--layers", "1", "--calib",
                               str(DEMO_CALIB), "--samples", "4", "--seq-len", "16", "--quiet"])

@@ -28,13 +28,7 @@ from cdmoe.search.run import SearchOptions, run_search
 cli = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread; the machine is shared
 
 # family -> overrides; qwen2_moe with sliding-window layers after layer 2 (per-layer attention masks)
 FAMILIES = {

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import DEMO_CALIB, make_tiny
+from naive_reference import restricted_routing
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -94,29 +94,10 @@ def test_reap_keeps_the_most_salient_experts(name):
         assert float(reference[plan.layer][ranked[kept - 1]]) > float(reference[plan.layer][ranked[kept]])  # no tie
 
 
-@torch.no_grad()
 def restricted_logits(model, kept: dict[int, list[int]], ids, monkeypatch):
-    """The original model through its family's own code, every router restricted to the kept rows: the logits
-    of the other experts are -inf (and their correction bias, where the family has one), so they are never chosen
-    and softmax / renormalisation run over the kept experts only."""
-    masks = {}
-    for block in moe_blocks(model):
-        mask = torch.full((block.num_experts,), float("-inf"))
-        mask[kept[block.layer_idx]] = 0.0
-        masks[block.router_weight.data_ptr()] = mask
-        bias = getattr(block.router, "e_score_correction_bias", None)
-        if bias is not None:
-            bias += mask
-    linear = F.linear
-
-    def routed_linear(x, weight, bias=None):
-        out = linear(x, weight, bias)
-        return out + masks[weight.data_ptr()].to(out.dtype) if weight.data_ptr() in masks else out
-
-    monkeypatch.setattr(F, "linear", routed_linear)
-    logits = model(input_ids=ids, use_cache=False).logits
-    monkeypatch.setattr(F, "linear", linear)
-    return logits
+    """The original model through its family's own code, every router restricted to the kept rows
+    (:func:`naive_reference.restricted_routing`): softmax / renormalisation run over the kept experts only."""
+    return restricted_routing(lambda: model(input_ids=ids, use_cache=False).logits, kept, moe_blocks(model), monkeypatch)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("CDMOE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 DEMO = ROOT / "demo" / "model"
+PLUGIN_SRC = ROOT / "plugins" / "vllm" / "src"
 ONLY = set(filter(None, os.environ.get("CDMOE_VLLM_MODELS", "").split(",")))  # e.g. "qwen2_moe,quantised"
 ATOL = 1e-4  # fp32 logprobs, vLLM vs transformers (measured ~1e-5)
 NEW_TOKENS = 32
@@ -84,6 +85,26 @@ def _untied_demo(out: Path) -> Path:
     assert servable_copy(DEMO, out) == out
     return out
 
+def _planned(model, out: Path) -> Path:
+    """A budget planner's kind of checkpoint (``cdmoe.json`` plan replayed by ``apply_plan``): MoE layers
+    pruned to different expert counts (router rows and experts kept), one condensed with K = 2, one with
+    its shared experts only (K = 0), one dropped, the rest kept."""
+    from cdmoe.models.adapter import moe_blocks
+    from cdmoe.models.mixed import LayerAction, apply_plan
+
+    blocks = moe_blocks(model)
+    layers, e, groups = [b.layer_idx for b in blocks], blocks[0].num_experts, blocks[0].routing_groups
+    per_group = e // groups
+    pick = lambda n: tuple(g * per_group + i for g in range(groups) for i in range(per_group)  # noqa: E731
+                           if (3 * i + g) % per_group < n // groups)  # n kept, as many per group
+    plan = {layers[0]: LayerAction("prune", pick(3 * e // 4)), layers[1]: LayerAction("condense", (5, 1), (0.3, 0.2)),
+            layers[2]: LayerAction("prune", pick(e // 2)), layers[3]: LayerAction("drop"),
+            layers[-1]: LayerAction("condense", (), ())}
+    apply_plan(model, plan)
+    model.save_pretrained(out)
+    return out
+
+
 def _build(tmp: Path) -> dict:
     """Model name -> (directory, prompts); all fp32."""
     from cdmoe.methods.layer_drop import drop_blocks, drop_layers
@@ -112,6 +133,13 @@ def _build(tmp: Path) -> dict:
     # transformers' defaults n_group = topk_group = null (greedy routing): vLLM's grouped top-k asserted on them
     v2 = _tiny("deepseek_v2", n_group=None, topk_group=None, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32)
     m["deepseek_v2-ngroup-null"] = (_condensed(v2, [2], [0, 3], tmp / "deepseek_v2-ngroup-null"), tiny_prompts)
+    # the budget planner's mixes: per-layer expert counts, condensed and dropped layers in one directory
+    # (demo: two shared experts; qwen2_moe: a gated shared expert; glm4_moe: correction bias, 2 groups)
+    m["demo-planner"] = (_planned(_demo(), tmp / "demo-planner"), demo_prompts)
+    m["qwen2_moe-planner"] = (_planned(_tiny("qwen2_moe", num_hidden_layers=5), tmp / "qwen2_moe-planner"),
+                              tiny_prompts)
+    glm = _tiny("glm4_moe", num_hidden_layers=6, n_group=2, topk_group=1)
+    m["glm4_moe-planner"] = (_planned(glm, tmp / "glm4_moe-planner"), tiny_prompts)
     return m
 
 
@@ -178,11 +206,13 @@ def served(tmp_path_factory):
         runs.append({"name": "sequence-parallel", "check": "sequence_parallel_mlp"})
     (tmp / "job.json").write_text(json.dumps({"runs": runs}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = str(PLUGIN_SRC)  # the repository's plugin, not a copy installed in the vLLM venv
     proc = subprocess.run([str(VLLM_PYTHON), str(Path(__file__).with_name("vllm_generate.py")), str(tmp / "job.json"),
                            str(tmp / "out.json")], env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads((tmp / "out.json").read_text())["runs"]
+    saved = json.loads((tmp / "out.json").read_text())
+    assert Path(saved["plugin"]).is_relative_to(PLUGIN_SRC), saved["plugin"]
+    results = saved["runs"]
     everything = {**{k: v for k, v in models.items()}, **{k: (d, None) for k, d in bad.items()}}
     return {run["name"]: (*everything.get(run["name"], (None, None)), r) for run, r in zip(runs, results)}
 
@@ -211,7 +241,8 @@ def _compare(model_dir, prompts, result):
 
 @pytest.mark.parametrize("name", ["demo-original", "demo-n4-k4", "demo-layer-drop", "demo-block-drop",
                                   "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v3-mla", "glm4_moe",
-                                  "deepseek_v2-ngroup-null"])
+                                  "deepseek_v2-ngroup-null", "demo-planner", "qwen2_moe-planner",
+                                  "glm4_moe-planner"])
 def test_vllm_matches_transformers(served, name):
     model_dir, prompts, result = _get(served, name)
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -221,6 +252,10 @@ def test_vllm_matches_transformers(served, name):
         assert all(layer["gated_width"] > 0 for layer in config["cdmoe"]["condensed_layers"].values())
     if name == "deepseek_v2-ngroup-null":  # transformers' defaults, left as they are in the directory
         assert config["n_group"] is None and config["topk_group"] is None and config["topk_method"] == "greedy"
+    if name.endswith("-planner"):  # each layer its own expert count, condensed and dropped layers, one directory
+        spec = config["cdmoe"]
+        assert len({v["num_experts"] for v in spec["pruned_experts"].values()}) == 2
+        assert len(spec["condensed_layers"]) == 2 and len(spec["dropped_layers"]) == 1
     worst = _compare(model_dir, prompts, result)
     print(f"{name}: {len(prompts)} greedy sequences identical, max |top-5 logprob diff| {worst:.1e}")  # pytest -s
 

@@ -116,6 +116,12 @@ def _with_entry(data, **changes):
     (lambda d: _with_entry(d, condensed_layers={"one": {}}), "condensed layer 'one' is not a layer"),
     (lambda d: _with_entry(d, dropped_layers=[1]), "layer 1 is both condensed and dropped"),
     (lambda d: _with_entry(d, dropped_blocks="0"), "dropped_blocks is a string, not a list"),
+    (lambda d: _with_entry(d, pruned_experts="x"), "pruned_experts is a string, not an object"),
+    (lambda d: _with_entry(d, pruned_experts={"9": {"num_experts": 4}}), "pruned layer 9 is not a layer"),
+    (lambda d: _with_entry(d, pruned_experts={"0": {"num_experts": 0}}),
+     "pruned layer 0: num_experts is 0, not a positive integer"),
+    (lambda d: _with_entry(d, pruned_experts={"0": 4}), "pruned layer 0: num_experts is None, not a positive integer"),
+    (lambda d: _with_entry(d, pruned_experts={"1": {"num_experts": 4}}), "layer 1 is both pruned and condensed"),
 ])
 def test_a_malformed_cdmoe_entry_is_refused_in_one_line(saved, change, what):
     _refused(saved / "single", change(_read(saved / "single")), what=what)
@@ -278,3 +284,23 @@ def test_the_eval_job_reports_a_pydantic_error_by_its_message():
     assert "errors.pydantic.dev" in str(raised.value).splitlines()[-1]  # what the job used to report
     assert _one_line(raised.value) == "User-specified max_model_len (100000) is greater than the derived max_model_len (512)"
     assert _one_line(RuntimeError("first\nlast")) == "last"
+
+
+def test_a_budget_plan_resolves_with_its_per_layer_expert_counts(tmp_path):
+    """The budget planner's directory (pruned layers with their own expert counts, a condensed and a dropped
+    layer) resolves to the family with the counts kept; a count its weight files do not have is refused."""
+    import json
+
+    from cdmoe.models.mixed import LayerAction, apply_plan
+
+    model = make_tiny("qwen2_moe")
+    apply_plan(model, {0: LayerAction("prune", (0, 2, 3, 5, 6, 7)), 1: LayerAction("condense", (4,), (0.3,)),
+                       2: LayerAction("prune", (1, 2, 5, 6)), 3: LayerAction("drop")})
+    model.save_pretrained(tmp_path / "plan")
+    resolved = family_config(_read(tmp_path / "plan"), name_or_path=str(tmp_path / "plan"))
+    assert resolved.architectures == ["CdmoeQwen2MoeForCausalLM"] and resolved.num_experts == 8
+    assert resolved.cdmoe["pruned_experts"] == {"0": {"num_experts": 6}, "2": {"num_experts": 4}}
+    data = _read(tmp_path / "plan")
+    data["cdmoe"]["pruned_experts"]["2"]["num_experts"] = 5
+    (tmp_path / "plan" / "config.json").write_text(json.dumps(data))
+    _refused(tmp_path / "plan", what="model.layers.2.mlp.gate.weight has shape (4, 64), pruned layer 2 keeps 5 experts")

@@ -75,8 +75,10 @@ def _error(exc: Exception) -> dict:
 def main() -> None:
     job = json.load(open(sys.argv[1]))
     results = [run(spec) for spec in job["runs"]]
+    import cdmoe_vllm  # which copy of the plugin vLLM ran (the test wants the repository's)
+
     with open(sys.argv[2], "w") as f:
-        json.dump({"runs": results}, f)
+        json.dump({"runs": results, "plugin": cdmoe_vllm.__file__}, f)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,8 @@ def model_card(record: dict) -> str:
     """Markdown model card with YAML front matter, from a ``cdmoe.json`` record."""
     if record.get("method", "cd-moe") in METHOD_TEXT:
         return _baseline_card(record)
+    if record.get("method") == "budget":
+        return _budget_card(record)
     base = record.get("base_model", "unknown")
     params = record.get("params", {})
     layers = record.get("condensed", [])
@@ -143,6 +145,33 @@ def _baseline_card(record: dict) -> str:
              f"| activated parameters / token | {_fmt(params.get('active_params'))} | "
              f"{_fmt(params.get('condensed_active_params'))} |"]
     lines += _quantization_lines(record)
+    lines += _loading_lines(record)
+    return "\n".join(lines)
+
+
+def _budget_card(record: dict) -> str:
+    base, params, budget = record.get("base_model", "unknown"), record.get("params", {}), record.get("budget")
+    within = f" within {100 * budget['ratio']:g}% of its weight bytes" if budget else ""
+    lines = ["---", "library_name: transformers", f"base_model: {base}",
+             "tags: [cdmoe, mixture-of-experts, compression, budget-plan]", "---", "",
+             f"# {base}{within} (cdmoe budget planner)", "",
+             "Each sparse MoE layer was kept, pruned to its most salient routed experts (REAP, router restricted to "
+             "them), condensed with CD-MoE ([arXiv 2412.00069](https://arxiv.org/abs/2412.00069): shared experts plus "
+             "K routed experts with fixed gates, no router) or dropped, chosen greedily by the increase of the final "
+             "output's divergence per byte saved; the steps are in `cdmoe.json`.", "",
+             "| | original | this checkpoint |", "|---|---|---|"]
+    if budget:
+        lines.append(f"| weight bytes | {budget['original_bytes']:,} | {budget['predicted_bytes']:,} predicted "
+                     f"(budget {budget['budget_bytes']:,}) |")
+    lines += [f"| parameters | {_fmt(params.get('total_params'))} | {_fmt(params.get('condensed_params'))} |",
+              f"| activated parameters / token | {_fmt(params.get('active_params'))} | "
+              f"{_fmt(params.get('condensed_active_params'))} |", "", "| MoE layer | action |", "|---|---|"]
+    for layer, action in record.get("layers", {}).items():
+        experts = ", ".join(map(str, action.get("experts", [])))
+        what = {"prune": f"pruned: routed experts {experts} kept",
+                "condense": f"condensed: routed experts {experts}" if experts else "condensed: shared experts only"}
+        lines.append(f"| {layer} | {what.get(action['action'], action['action'])} |")
+    lines += _finetune_section(record.get("finetune"))
     lines += _loading_lines(record)
     return "\n".join(lines)
 

@@ -29,15 +29,13 @@ from ..memory.layer_store import INDEX_NAME, SINGLE_NAME, SequentialStore
 from ..models.condensed import LayerChoice
 from .fp8_output import encode_fp8, family_layout, fp8_config, new_names_in_source_layout
 
-__all__ = ["condensed_skeleton", "write_streamed"]
+__all__ = ["condensed_skeleton", "meta_copy", "write_streamed"]
 
 
-def condensed_skeleton(store: SequentialStore, choices: list[LayerChoice], base_model: str, search: dict):
-    """A meta-device copy of ``store``'s model with ``choices`` condensed, and its record."""
+def meta_copy(store: SequentialStore):
+    """A meta-device copy of ``store``'s model (tied, named and with the generation config of the source)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from .record import condense_layers
 
     config = store.model.config
     with init_empty_weights():
@@ -46,14 +44,23 @@ def condensed_skeleton(store: SequentialStore, choices: list[LayerChoice], base_
     skeleton.config._name_or_path = config._name_or_path
     if (store.path / "generation_config.json").exists():  # what from_pretrained would have loaded
         skeleton.generation_config = GenerationConfig.from_pretrained(store.path)
+    return skeleton
+
+
+def condensed_skeleton(store: SequentialStore, choices: list[LayerChoice], base_model: str, search: dict):
+    """A meta-device copy of ``store``'s model with ``choices`` condensed, and its record."""
+    from .record import condense_layers
+
+    skeleton = meta_copy(store)
     record = condense_layers(skeleton, choices, base_model=base_model, search=search)
     return skeleton, record
 
 
 @torch.no_grad()
-def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice], directory: Path, storage) -> None:
+def write_streamed(store: SequentialStore, skeleton, swaps: dict[int, object], directory: Path, storage) -> None:
     """Write the condensed checkpoint into ``directory``, layer by layer, each tensor in the dtype
-    ``storage`` (a :class:`~cdmoe.models.storage_dtypes.StoragePlan`) gives its name."""
+    ``storage`` (a :class:`~cdmoe.models.storage_dtypes.StoragePlan`) gives its name. ``swaps``: {layer:
+    what ``store.set_condensed`` takes}, e.g. a choice's (experts, gates) or a builder of its new block."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers.core_model_loading import revert_weight_conversion
@@ -80,8 +87,8 @@ def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice],
     weight_map, total = {}, 0
     for idx in range(n):
         store.set_condensed(idx, None)
-    for choice in choices:
-        store.set_condensed(choice.layer, (choice.experts, choice.gates))
+    for layer, swap in swaps.items():
+        store.set_condensed(layer, swap)
     try:
         for idx in range(n):
             with store.resident(idx) as layer:
@@ -96,8 +103,8 @@ def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice],
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             del tensors
     finally:
-        for choice in choices:
-            store.set_condensed(choice.layer, None)
+        for layer in swaps:
+            store.set_condensed(layer, None)
     with safe_open(directory / rest_file, "pt") as f:
         for key in f.keys():
             weight_map[key] = rest_file

@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..errors import CdmoeError
 from .options import (
     Calib,
     Device,
@@ -21,6 +20,7 @@ from .options import (
     Seed,
     SeqLen,
     TrustCode,
+    _float_list,
     _friendly,
     console,
     out_console,
@@ -116,10 +116,7 @@ def compare(
     from ..comparison.compare import parse_methods
     from ..search.calibration import CalibSpec
 
-    try:
-        budgets = [float(b) for b in budget.split(",") if b.strip()]
-    except ValueError:
-        raise CdmoeError(f"--budget expects comma-separated ratios such as 0.8,0.6, got {budget!r}") from None
+    budgets = _float_list(budget)
     result = run_compare(
         model,
         out,

@@ -31,10 +31,12 @@ from .options import (
     SharedOnly,
     TrustCode,
     _experts,
+    _float_list,
     _friendly,
     _int_list,
     out_console,
 )
+from .summary import print_budget_summary, print_summary
 
 
 @_friendly
@@ -58,7 +60,10 @@ def apply(
 def condense(
     model: Annotated[str, typer.Argument(help="model directory or hub id")],
     out: Annotated[Path, typer.Option(help="output directory (must not exist, unless --force)")],
-    layers: Annotated[int, typer.Option(help="N: MoE layers to condense")],
+    layers: Annotated[Optional[int], typer.Option(help="N: MoE layers to condense")] = None,
+    budget: Annotated[Optional[float], typer.Option(
+        help="instead of --layers: plan keep / prune / condense / drop per MoE layer within this ratio of the "
+             "original weight bytes (a ceiling), e.g. 0.6")] = None,
     experts: Experts = None,
     shared_only: SharedOnly = False,
     calib: Calib = "c4",
@@ -90,12 +95,29 @@ def condense(
     ] = True,
     trust_remote_code: TrustCode = False,
 ):
-    """Condense N MoE layers with CD-MoE (greedy experts and layers on calibration data) and save."""
+    """Condense N MoE layers with CD-MoE (greedy experts and layers on calibration data), or plan every MoE
+    layer within a byte budget (--budget), and save."""
     from ..methods.condense import EvalOptions
     from ..methods.heal import HealOptions
     from ..methods.condense import condense as run_condense
     from ..search.calibration import CalibSpec
     from ..search.run import SearchOptions
+    from ..methods.budget_plan import check_budget_options
+
+    check_budget_options(layers, budget, {"--experts": experts is not None, "--shared-only": shared_only,
+                                          "--expert-selector": expert_selector != "greedy",
+                                          "--layer-selector": layer_selector != "greedy", "--eval-text": bool(eval_text),
+                                          "--quantize": bool(quantize)})
+    if budget is not None:
+        from ..methods.budget_plan import condense_budget
+        from ..search.plan_run import PlanOptions
+
+        record = condense_budget(model, out, PlanOptions(budgets=(budget,), metric=metric, final=final,
+                                                         batch_size=batch_size),
+                                 CalibSpec(source=calib, samples=samples, seq_len=seq_len, seed=seed), dtype=dtype,
+                                 force=force, show_progress=not quiet, mode=mode, device=device,
+                                 activations=activations, activations_dir=activations_dir)
+        return print_budget_summary(record, out)
 
     record = run_condense(
         model,
@@ -242,41 +264,3 @@ def sweep(
         device=device,
     )
     print_report(report, out / "report")
-
-
-def print_summary(record: dict, out: Path) -> None:
-    params, search = record["params"], record["search"]
-    table = Table(title="cdmoe condense", show_header=True)
-    table.add_column("")
-    table.add_column("original", justify="right")
-    table.add_column("condensed", justify="right")
-    table.add_row("parameters", f"{params['total_params']:,}", f"{params['condensed_params']:,}")
-    table.add_row("memory ratio", "100%", f"{100 * params['memory_ratio']:.1f}%")
-    table.add_row("activated params / token", f"{params['active_params']:,}", f"{params['condensed_active_params']:,}")
-    ev = record.get("evaluation")
-    if ev:
-        table.add_row(
-            f"perplexity ({ev['tokens']:,} held-out tokens)", f"{ev['original_ppl']:.2f}", f"{ev['condensed_ppl']:.2f}"
-        )
-        if "quantized_ppl" in ev:
-            table.add_row(
-                f"  then quantised ({record['quantization']['bits']}, from disk)", "", f"{ev['quantized_ppl']:.2f}"
-            )
-        if "healed_ppl" in ev:
-            table.add_row("  then healed (from disk)", "", f"{ev['healed_ppl']:.2f}")
-        if "random_experts_ppl" in ev:
-            table.add_row("  same layers, random experts", "", f"{ev['random_experts_ppl']:.2f}")
-            table.add_row("  same layers dropped (Layer Drop)", "", f"{ev['dropped_layers_ppl']:.2f}")
-    out_console.print(table)
-    order = ", ".join(
-        f"{layer} ({score:.4f})" for layer, score in zip(search["layer_order"], search["layer_step_scores"])
-    )
-    out_console.print(f"layers chosen (greedy order, {search['metric'].upper()} after each step): {order}")
-    for c in record["condensed"]:
-        kept = ", ".join(f"{e}:{g:.3f}" for e, g in zip(c["experts"], c["gates"])) or "shared experts only"
-        out_console.print(f"  layer {c['layer']}: experts:gates {kept}")
-    timings = search["timings"]
-    out_console.print(
-        f"search {timings['expert_search_s'] + timings['layer_search_s']:.1f}s, total "
-        f"{timings['total_s']:.1f}s; wrote {out} (record cdmoe.json, plots/single_layer_js.png)"
-    )

@@ -86,3 +86,10 @@ def _int_list(text: str | None) -> list[int] | None:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise CdmoeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str, option: str = "--budget") -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CdmoeError(f"{option} expects comma-separated ratios such as 0.8,0.6, got {text!r}") from None

@@ -21,6 +21,7 @@ from .options import (
     SharedOnly,
     TrustCode,
     _experts,
+    _float_list,
     _friendly,
     _int_list,
     out_console,
@@ -49,6 +50,8 @@ def plan(
     metric: Metric = "js",
     out: Annotated[Path, typer.Option(help="where condense would write (for the free disk)")] = Path("."),
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    budget: Annotated[Optional[str], typer.Option(help="what budgets mean in bytes, e.g. 0.8,0.6 (ratios of the "
+                                                       "weight bytes; see condense --budget)")] = None,
     trust_remote_code: TrustCode = False,
 ):
     """Parameters and memory of a condensing plan, from the config alone (no weights are read).
@@ -58,6 +61,10 @@ def plan(
     from ..models.plan import count
     from ..models.plan import plan as run_plan
 
+    if budget is not None:
+        from .budget import print_budget_plan
+
+        return print_budget_plan(model, _float_list(budget), dtype, as_json)
     known = count(model)
     result = run_plan(model, layers, _experts(experts, shared_only), _int_list(layer_ids), dtype, known=known)
     result.update(_memory(model, known, device, dtype, layers or result["moe_layers"], _experts(experts, shared_only),
@@ -85,13 +92,13 @@ def plan(
 
 def _memory(model: str, known, device: str, dtype: str | None, layers: int, experts: int | None, mode: str,
             samples: int, seq_len: int, batch_size: int, activations: str, final: str, metric: str, out: Path) -> dict:
-    """What :func:`cdmoe.methods.condense.run_choice` decides for this run, with the free memory of this
+    """What :func:`cdmoe.methods.session.run_choice` decides for this run, with the free memory of this
     machine when ``device`` is here (else unknown: nothing is checked)."""
     import torch
 
     from ..memory.devices import resolve_device
     from ..memory.fit import free_now
-    from ..methods.condense import run_choice
+    from ..methods.session import run_choice
     from ..models.loading import compute_dtype
     from ..models.plan import config_dtype
     from ..search.calibration import CalibSpec

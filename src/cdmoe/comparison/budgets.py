@@ -3,7 +3,8 @@
 A method's knob is N (condensed or dropped layers, dropped blocks) or E' (experts per layer); the
 ratio is predicted from the parameter accounting alone (:mod:`cdmoe.models.budget`), bf16 weights
 against int8/int4 codes with their scales, so that :func:`cdmoe.comparison.compare.compare` can
-pick, before anything is run, the largest setting that fits each memory budget (a ceiling).
+pick, before anything is run, the largest setting that fits each memory budget (a ceiling). The
+budget planner (``budget``) has no knob: its plan is made for each budget, in its bytes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ INT4_BYTES, INT8_BYTES = 0.5 + 4 / 64, 1.0  # bytes per quantised weight (codes 
 @dataclass(frozen=True)
 class Method:
     name: str
-    base: str  # cd-moe | layer-drop | block-drop | expert-drop | reap | msmoe | msmoe-restricted | slim
+    base: str  # cd-moe | layer-drop | block-drop | expert-drop | reap | msmoe | msmoe-restricted | slim | budget
     search: dict  # SearchOptions overrides of a cd-moe variant
     quantize: str | None = None
     heal: bool = False  # cd-moe+heal: the condensed layers healed after condensing (cdmoe heal)
@@ -38,7 +39,8 @@ class Method:
     def knob(self) -> str:
         if self.base in EXPERT_METHODS:
             return "keep_experts"
-        return {"cd-moe": "layers", "layer-drop": "layers", "block-drop": "layers"}.get(self.base, "none")
+        return {"cd-moe": "layers", "layer-drop": "layers", "block-drop": "layers", "budget": "budget"}.get(self.base,
+                                                                                                          "none")
 
 
 def parse_methods(text: str) -> list[Method]:
@@ -64,7 +66,8 @@ def parse_methods(text: str) -> list[Method]:
                     search = {**search, "metric": variant}
                 else:
                     raise CdmoeError(f"unknown CD-MoE variant {variant!r} in --methods {name!r}")
-            if base not in ("cd-moe", "layer-drop", "block-drop", "slim", *EXPERT_METHODS) or (variant and base != "cd-moe"):
+            if base not in ("cd-moe", "layer-drop", "block-drop", "slim", "budget", *EXPERT_METHODS) or (
+                    variant and base != "cd-moe") or (bits and base == "budget"):
                 raise CdmoeError(f"unknown method {name!r}; see `cdmoe compare --help` for the names")
             if bits and bits not in ("int8", "int4") or len(suffixes) > 1:
                 raise CdmoeError(f"unknown suffix {'+'.join(suffixes)!r} in {name!r}; use +int8, +int4 or (CD-MoE) +heal")

@@ -46,6 +46,7 @@ from ..methods.baselines import (
     baseline_record,
     finish_quantized,
 )
+from ..methods.budget_plan import apply_budget_plan, check_budget_source, plan_budgets, plan_summary
 from ..methods.calib_stats import calibration_stats
 from ..methods.heal import HealOptions, heal_directory
 from ..methods.quantize import check_quantize
@@ -54,6 +55,7 @@ from ..models.input_checks import check_inputs
 from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
 from ..models.placement import resolve_device
 from ..search.calibration import CalibSpec, load_calibration
+from ..search.plan_run import PlanOptions
 from ..search.run import SearchOptions, run_search
 from .budgets import ABLATION_METHODS, DEFAULT_METHODS, Method, candidate_ratios, largest_fitting, parse_methods
 
@@ -96,6 +98,8 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
         check_quantize(method.quantize, f"{method.name} in --methods")
     check_tasks(tasks, task_text)
     check_inputs(model, calib, {"--eval-text": eval_text, "--task-text": task_text})
+    if any(m.base == "budget" for m in methods):
+        check_budget_source(model)
     inputs = (model, calib.source, eval_text, task_text)
     check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)
@@ -108,6 +112,11 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
     plan: dict[tuple[str, int], dict] = {}
     unfit: list[dict] = []  # (method, budget) pairs where even the smallest setting is over the budget
     for method in methods:
+        if method.base == "budget":  # planned for each budget: its knob is the budget (in permille)
+            for budget in budgets:
+                plan[(method.name, round(1000 * budget))] = {"method": method, "knob": round(1000 * budget),
+                                                             "budgets": [budget], "predicted_ratio": budget}
+            continue
         cands = candidate_ratios(method, params, stats, first.top_k, first.num_experts)
         for budget in budgets:
             knob = largest_fitting(cands, budget)
@@ -143,13 +152,26 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
     searches: dict[str, object] = {}
     for (name, knob), point in plan.items():
         method: Method = point["method"]
+        if method.base == "budget" and name not in searches:  # one planner run for all budgets
+            options = PlanOptions(budgets=tuple(p["budgets"][0] for (n, _), p in plan.items() if n == name))
+            searches[name] = plan_budgets(load_model(model, dtype=dtype, device=device), model, calib_ids, options,
+                                          dtype=dtype)[0]
+            for (n, _), p in plan.items():
+                if n == name:
+                    ratio = p["budgets"][0]
+                    p["predicted_ratio"] = searches[name].predicted[ratio] / searches[name].record["original_bytes"]
+                    p["setting"] = plan_summary(searches[name].plans[ratio])
         budgets = ", ".join(f"{100 * b:.0f}%" for b in point["budgets"])
         setting = f" ({method.knob}={knob})" if method.knob != "none" else ""
         progress(f"[compare] {name}{setting}: predicted memory {100 * point['predicted_ratio']:.1f}% for budget {budgets}")
         point["dir"] = f"points/{name.replace(':', '_').replace('+', '_')}-{knob}"
         path = work / point["dir"]
         loaded = load_model(model, dtype=dtype, device=device)
-        if method.base == "cd-moe":
+        if method.base == "budget":
+            record = {**apply_budget_plan(loaded, model, point["budgets"][0], searches[name],
+                                          {**searches[name].record, "calibration": {"tokens": int(calib_ids.numel())}}),
+                      "variant": name}
+        elif method.base == "cd-moe":
             same = json.dumps(method.search, sort_keys=True)
             largest = max(k for (n, k), p in plan.items()
                           if p["method"].base == "cd-moe" and json.dumps(p["method"].search, sort_keys=True) == same)
@@ -228,6 +250,7 @@ def _evaluate(model, work: Path, plan, scorer: _Scorer, dtype, progress, device)
         record = json.loads((path / "cdmoe.json").read_text())
         ratio = disk_bytes(path) / orig_bytes
         rows.append({"method": point["method"].name, "knob": point["knob"], "knob_name": point["method"].knob,
+                     "setting": point.get("setting"),
                      "budgets": point["budgets"], "over_budgets": [b for b in point["budgets"] if ratio > b],
                      "dir": point["dir"], "predicted_ratio": point["predicted_ratio"], "memory_ratio": ratio,
                      "speedup": times["original"] / times["point"],
@@ -266,7 +289,7 @@ def markdown_table(result: dict) -> str:
                   "|---|---|---|---|" + ("---|" if rss else "") + "---|---|" + "---|" * len(task_names)
                   + ("---|" if task_names else "")]
         for row in [rows[0]] + [r for r in rows[1:] if budget in r["budgets"]]:
-            setting = "-" if row["knob"] is None else (
+            setting = "-" if row["knob"] is None else row["setting"] if row.get("setting") else (
                 f"N={row['knob']}" if row.get("knob_name") == "layers" else
                 f"E'={row['knob']}" if row.get("knob_name") == "keep_experts" else "-")
             over = " **over**" if budget in row.get("over_budgets", ()) else ""

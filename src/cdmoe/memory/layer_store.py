@@ -18,7 +18,8 @@ exactly as in a whole load. :class:`ResidentStore` is the whole mode: a loaded m
 Both stores hold the *condensed set* of Algorithm 2 (``set_condensed``): in whole mode the
 fused condensed MLPs are swapped in at once; in sequential mode only the (experts, gates)
 are kept and the fused MLP is built from the original block each time its layer is loaded,
-so nothing heavier than the layer inputs is cached.
+so nothing heavier than the layer inputs is cached. The budget planner swaps in any module
+(pruned, condensed, dropped) the same way, as a builder called with the original block.
 """
 
 from __future__ import annotations
@@ -80,9 +81,12 @@ class ResidentStore:
         return fuse_condensed_mlp(block, experts, gates)
 
     def set_condensed(self, idx: int, candidate) -> None:
-        """Swap the condensed MLP ``candidate`` into layer ``idx`` (None: the original block back)."""
+        """Swap ``candidate`` into layer ``idx``: a module (a condensed MLP), or a builder called with the
+        original block's :class:`MoEBlock` that returns the module (None: the original block back)."""
         attr = self.spec.block_attr
         self._originals.setdefault(idx, getattr(self.layers[idx], attr))
+        if candidate is not None and not isinstance(candidate, nn.Module):
+            candidate = candidate(MoEBlock(idx, self._originals[idx], self.spec, self.model.config))
         setattr(self.layers[idx], attr, candidate if candidate is not None else self._originals[idx])
 
 
@@ -241,7 +245,8 @@ class SequentialStore:
 
     # condensed set (Algorithm 2, writing) ------------------------------------------------------
     def candidate(self, block: MoEBlock, experts: tuple[int, ...], gates: tuple[float, ...]):
-        """What ``set_condensed`` takes: only the choice; the fused MLP is built when the layer loads."""
+        """What ``set_condensed`` takes: only the choice (or a builder called with the original
+        :class:`MoEBlock`); the module is built when the layer loads."""
         return (tuple(experts), tuple(gates))
 
     def set_condensed(self, idx: int, candidate) -> None:
@@ -260,8 +265,8 @@ class SequentialStore:
 
         layer = self.layers[idx]
         original = getattr(layer, self.spec.block_attr)
-        experts, gates = self._condensed[idx]
-        fused = fuse_condensed_mlp(MoEBlock(idx, original, self.spec, self.model.config), experts, gates)
+        block, chosen = MoEBlock(idx, original, self.spec, self.model.config), self._condensed[idx]
+        fused = fuse_condensed_mlp(block, *chosen) if isinstance(chosen, tuple) else chosen(block)
         self._originals[idx] = original
         setattr(layer, self.spec.block_attr, fused)
 

@@ -1,4 +1,5 @@
-"""``cdmoe apply``: replay the choices of an earlier ``cdmoe.json`` on the model it was made from."""
+"""``cdmoe apply``: replay the choices of an earlier ``cdmoe.json`` on the model it was made from (condensed layers,
+or every layer's action of a budget plan)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from ..models.input_checks import check_inputs
 from ..models.loading import load_model
 from ..models.placement import resolve_device
 from ..models.storage_dtypes import plan_of
+from .budget_plan import plan_from_record, replay_budget_plan
 
 __all__ = ["apply_record"]
 
@@ -18,11 +20,17 @@ def apply_record(model: str | Path, record: str | Path, out: str | Path, *, dtyp
                  device: str = "auto") -> Path:
     """Replay the choices of an earlier ``cdmoe.json`` on ``model`` (computed on ``device``) and save to ``out``."""
     resolve_device(device)
-    data = read_record(record, condensed=True)
+    budget = read_record(record).get("method") == "budget"  # a budget plan: every layer's action replayed
+    data = read_record(record, condensed=not budget)
+    if budget:
+        plan_from_record(data, record)  # a malformed plan is refused before the model loads
     check_inputs(model)
     check_output_dir(out, force, (model, record))
     loaded = load_model(model, dtype=dtype, device=device)
     check_record_matches(data, loaded, model)
-    new_record = condense_layers(loaded, choices_from_record(data), base_model=str(model), search=data.get("search"))
+    if budget:
+        new_record = replay_budget_plan(loaded, data, record, model)
+    else:
+        new_record = condense_layers(loaded, choices_from_record(data), base_model=str(model), search=data.get("search"))
     return save(loaded, out, new_record, source=model, force=force, storage=plan_of(loaded, model, dtype),
                 inputs=(model, record))

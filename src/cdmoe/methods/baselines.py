@@ -115,10 +115,7 @@ def apply_baseline(model: nn.Module, stats: CalibStats | None, options: Baseline
         model = reduce_experts(model, plans)
     else:
         details = {"predicted_params": params.total}
-    after = model_params(model)
-    details["params"] = {"total_params": params.total, "condensed_params": after.total,
-                         "memory_ratio": after.total / params.total, "active_params": params.active,
-                         "condensed_active_params": after.active}
+    details["params"] = params.change_to(model_params(model))
     return model, details
 
 

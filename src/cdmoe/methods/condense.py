@@ -7,40 +7,23 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..checkpoint.fp8_output import save_weights
 from ..checkpoint.record import condense_layers
 from ..checkpoint.stream_save import condensed_skeleton, write_streamed
-from ..checkpoint.writer import (
-    STATE_DIR,
-    atomic_output_dir,
-    check_output_dir,
-    partial_dir,
-    write_condensed,
-    write_record,
-)
+from ..checkpoint.writer import write_condensed, write_record
 from ..errors import CdmoeError
 from ..evaluation.perplexity import perplexity, token_limit, token_stream
 from ..evaluation.plots import plot_single_layer_scores
-from ..io.write_rule import check_write_path, remove_work_dir
-from ..memory.activation_cache import DIR_PREFIX, activation_cache, check_activations
-from ..memory.devices import resolve_device
-from ..memory.fit import Free, RunChoice, choose_run, free_now
-from ..memory.host import return_freed_memory
-from ..memory.layer_store import SequentialStore
-from ..models.input_checks import check_inputs
-from ..models.plan import count, declares_block_fp8, storage_bytes
-from ..models.loading import checkpoint_dtype, compute_dtype, load_model, load_tokenizer, round_to_checkpoint_dtype
-from ..models.placement import describe, place
+from ..models.loading import load_model, round_to_checkpoint_dtype
 from ..models.storage_dtypes import cast_to_storage, plan_of
-from ..search.calibration import CalibSpec, load_calibration
+from ..search.calibration import CalibSpec
 from ..search.resume import SearchState, run_key
 from ..search.run import SearchOptions, run_search
 from .ablations import DroppedBlock, fused_modules, random_choices, swapped_blocks
 from .quantize import check_quantize
+from .session import rich_progress, start_session
 
-__all__ = ["EvalOptions", "condense", "run_choice"]
+__all__ = ["EvalOptions", "condense"]
 
 
 @dataclass(frozen=True)
@@ -51,20 +34,6 @@ class EvalOptions:
     max_tokens: int = 50_000
     seq_len: int | None = None  # default: the calibration sequence length
     baselines: bool = True  # also: same layers with random experts, same layers dropped
-
-
-def _rich_progress():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), transient=False)
 
 
 def condense(
@@ -96,45 +65,32 @@ def condense(
     ``activations``: ``memory`` keeps the calibration hidden states in CPU memory, ``disk`` in
     safetensors files (:mod:`cdmoe.memory.activation_cache`) in a directory inside ``activations_dir``
     (default: ``.OUT.partial/``), deleted when the search ends; same result, less memory, slower;
-    ``auto``: memory when that fits, else disk.
+    ``auto``: memory when that fits, else disk. ``mode``/``activations`` ``auto`` follow the memory estimate
+    (:mod:`cdmoe.memory.estimate`); when nothing fits the run stops before loading, unless not ``memory_check``.
     ``heal`` (a :class:`~cdmoe.search.heal_fit.HealOptions`): then heal the condensed layers on the same
     calibration source (:mod:`cdmoe.methods.heal`), resumable like the search.
     """
-    check_activations(activations, activations_dir)
     search.check()
-    dev = resolve_device(device)
     check_quantize(quantize)
     if heal is not None:
         heal.check()
         if quantize:
             raise CdmoeError("--heal and --quantize do not combine yet; heal, then quantise with cdmoe baseline slim")
-    check_inputs(model, calib, {"--eval-text": evaluation.text})
     token_limit(evaluation.max_tokens)
-    inputs = (model, calib.source, evaluation.text)
-    check_output_dir(out, force, inputs)
-    if activations_dir is not None:
-        check_write_path(activations_dir, option="--activations-dir", inputs=inputs, kind="parent",
-                         avoid=(out, partial_dir(out)))
-    started = time.perf_counter()
-    compute = compute_dtype(dtype, str(dev))
-    stored = checkpoint_dtype(model)
-    if compute == "auto":  # GPU: compute in the checkpoint's dtype
-        compute = stored or torch.float32
-    choice = run_choice(model, count(model), dev.type, compute, search, calib, mode, activations,
-                        free_now(dev, out, activations_dir), memory_check)
-    mode, activations, why = choice.mode, choice.activations, choice.why
-    if mode == "sequential" and evaluation.text:
+    session = start_session(model, out, calib, {"--eval-text": evaluation.text}, dtype=dtype, device=device,
+                            mode=mode, force=force, activations=activations, activations_dir=activations_dir,
+                            search=search, memory_check=memory_check)
+    if session.mode == "sequential" and evaluation.text:
         raise CdmoeError("--eval-text needs the whole model in memory; drop it (evaluate the output with "
                          "cdmoe eval) or use --mode whole")
-    if mode == "sequential" and quantize:
+    if session.mode == "sequential" and quantize:
         raise CdmoeError("--quantize needs the whole model in memory for now; use --mode whole, or quantise the "
                          "condensed output with cdmoe baseline slim")
-    return_freed_memory()  # freed tensors go back to the system (see memory.host)
-    tokenizer = load_tokenizer(model)
-    calib_ids = load_calibration(tokenizer, calib)
-    key = run_key(model, calib.to_dict(), calib_ids, search, {"dtype": str(compute), "device": dev.type})
+    calib_ids = session.calibrate()
+    tokenizer = session.tokenizer
+    key = run_key(model, calib.to_dict(), calib_ids, search, {"dtype": str(session.compute), "device": session.dev.type})
 
-    progress = _rich_progress() if show_progress else None
+    progress = rich_progress() if show_progress else None
     tasks: dict[str, int] = {}
 
     def report(stage: str, done: int, total: int) -> None:
@@ -145,39 +101,26 @@ def condense(
             tasks[stage] = progress.add_task(label, total=total)
         progress.update(tasks[stage], completed=done)
 
-    with atomic_output_dir(out, force=force, resumable=True, inputs=inputs) as tmp:
-        state = SearchState(tmp / STATE_DIR, key)
-        if state.resumed:  # printed even with --quiet: the user should know the run continues an old one
-            progress_note(f"resuming the interrupted run in {tmp / STATE_DIR}: {state.resumed}")
-        for stale in tmp.glob(f"{DIR_PREFIX}*"):  # a killed run's activation cache, never part of the output
-            remove_work_dir(stale)
-        placement = place(device, whole=mode == "whole")
-        if placement.device.type == "cuda":
-            progress_note(f"computing in {str(compute).removeprefix('torch.')} on {describe(placement)}")
-        if mode == "whole":
-            loaded = load_model(model, dtype=dtype, device=device)
-            store = None
-        else:
-            store = SequentialStore(model, device=dev, dtype=compute)
-            loaded = store.model
-        with progress or nullcontext(), activation_cache(activations, activations_dir or tmp) as cache:
+    with session.open(key, SearchState) as (tmp, state, loaded, store, cache):
+        with progress or nullcontext():
             result = run_search(loaded, calib_ids, search, report, store=store, state=state, activations=cache,
-                                memory=choice.search)
+                                memory=session.choice.search)
         search_record = {**result.record, "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())},
-                         "mode": mode, "mode_reason": why, "device": str(dev), "activations": activations,
-                         "memory_plan": choice.to_dict()}
+                         "mode": session.mode, "mode_reason": session.why, "device": str(session.dev),
+                         "activations": session.activations, "memory_plan": session.choice.to_dict()}
         if store is not None:
             search_record["cost"]["decoder_layer_loads"] = store.loads
-        if mode == "whole":
+        if session.mode == "whole":
             record, write_weights = _whole(loaded, model, result, search_record, evaluation, calib, tokenizer, dtype,
                                            quantize)
         else:
             skeleton, record = condensed_skeleton(store, result.choices, str(model), search_record)
 
             def write_weights(directory: Path) -> None:
-                write_streamed(store, skeleton, result.choices, directory, plan_of(store.model, model, dtype))
+                write_streamed(store, skeleton, {c.layer: (c.experts, c.gates) for c in result.choices}, directory,
+                               plan_of(store.model, model, dtype))
 
-        record["search"]["timings"]["total_s"] = time.perf_counter() - started
+        record["search"]["timings"]["total_s"] = time.perf_counter() - session.started
 
         def write_plots(directory: Path) -> None:
             if not record["search"]["single_layer_scores"]:  # layer-rank computes no single-layer final scores
@@ -190,8 +133,9 @@ def condense(
             from .heal import heal_condensed_output
 
             del loaded, store, write_weights  # healing loads the original model again (or layer by layer)
-            record = heal_condensed_output(tmp, record, model, calib, calib_ids, heal, mode=mode, device=dev,
-                                           dtype=dtype, tokenizer=tokenizer, activations=activations,
+            record = heal_condensed_output(tmp, record, model, calib, calib_ids, heal, mode=session.mode,
+                                           device=session.dev, dtype=dtype, tokenizer=tokenizer,
+                                           activations=session.activations,
                                            activations_dir=activations_dir, show_progress=show_progress)
     if quantize and "evaluation" in record:  # as a user loads it
         ev = record["evaluation"]
@@ -199,32 +143,6 @@ def condense(
                                          ev["seq_len"])
         write_record(out, record)
     return record
-
-
-def run_choice(source, known, device_type: str, compute: torch.dtype, search: SearchOptions, calib: CalibSpec,
-               mode: str, activations: str, free: Free | None, check: bool = True) -> RunChoice:
-    """Mode, activation place and Algorithm 1's budgets for condensing the model ``source`` (counted:
-    ``known``, :func:`cdmoe.models.plan.count`) on ``device_type`` in ``compute``, from the estimate (config
-    only: nothing is loaded) and what is ``free`` (None: unknown, no check)."""
-    from ..memory.estimate import RunShape
-
-    if mode not in ("auto", "whole", "sequential"):
-        raise CdmoeError(f"unknown --mode {mode!r}; use auto, whole or sequential")
-    check_activations(activations)
-    config, params = known[0], known[1]
-    # weights cost the compute dtype's bytes (an FP8 source is dequantised: 2x its file in bf16), the file its own
-    base = RunShape(mode="whole", device=device_type, compute_bytes=compute.itemsize,
-                    storage_bytes=storage_bytes(source, config, params), samples=calib.samples, seq_len=calib.seq_len,
-                    batch_size=search.batch_size, experts=search.experts,
-                    final="logits" if search.metric == "ppl" else search.final, metric=search.metric,
-                    dequant_bytes=(4 + 2) * params.largest_source if declares_block_fp8(config) else 0)
-    return choose_run(known[1], base, mode, activations, free, check=check)
-
-
-def progress_note(text: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, markup=False).print(text, highlight=False)
 
 
 def _whole(loaded, model, result, search_record: dict, evaluation: EvalOptions, calib: CalibSpec, tokenizer,

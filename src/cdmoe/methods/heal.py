@@ -46,7 +46,8 @@ from ..search.heal_walk import heal_walk
 from ..search.resume import model_key, tokens_key
 from ..models.plan import count
 from ..search.run import SearchOptions
-from .condense import EvalOptions, _rich_progress, progress_note, run_choice
+from .condense import EvalOptions
+from .session import progress_note, rich_progress, run_choice
 
 __all__ = ["HealOptions", "heal", "heal_condensed_output", "heal_directory"]
 
@@ -135,7 +136,7 @@ def heal_directory(source: str | Path, dest: str | Path, record: dict, original:
     starts = {int(c["layer"]): _starter(stored, prefixes[int(c["layer"])], c) for c in chosen}
     n_train = options.split(calib_ids.shape[0])
     train, val = list(calib_ids[:n_train].split(BATCH)), list(calib_ids[n_train:].split(BATCH))
-    progress = _rich_progress() if show_progress else None
+    progress = rich_progress() if show_progress else None
     task = progress.add_task("healing condensed layers", total=len(starts)) if progress else None
 
     def report(done: int, total: int) -> None:

@@ -44,9 +44,10 @@ def decoder_layers(model: nn.Module, spec: FamilySpec) -> nn.ModuleList:
 
 
 def family_spec(model: nn.Module) -> FamilySpec:
-    """The spec of ``model``'s family: listed by model_type, else probed structurally."""
+    """The spec of ``model``'s family: listed by model_type (a cdmoe-format model's base model type), else
+    probed structurally."""
     config = model.config
-    listed = spec_for_model_type(config.model_type)
+    listed = spec_for_model_type((getattr(config, "cdmoe", None) or {}).get("base_model_type", config.model_type))
     if listed is not None:
         return listed
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -130,6 +131,15 @@ class MoEBlock:
         return 1.0 if key is None else float(getattr(self.config, key) or 1.0)
 
     @property
+    def routing_groups(self) -> int:
+        """G of group-limited routing (experts in G equal groups of consecutive ids, only the best
+        ``topk_group`` groups chosen per token), 1 when the family or its config does not limit groups."""
+        r = self.spec.routing
+        on = r.group_score is not None and (r.group_when is None
+                                            or getattr(self.config, r.group_when[0], None) == r.group_when[1])
+        return int(getattr(self.config, "n_group", 1) or 1) if on else 1
+
+    @property
     def router_weight(self) -> torch.Tensor:
         return attr_path(self.router, self.spec.router_weight)  # (E, H)
 
@@ -146,11 +156,8 @@ class MoEBlock:
         choice = scores
         if r.correction_bias is not None:
             choice = scores + attr_path(self.router, r.correction_bias).float().reshape(-1)
-        group_on = r.group_score is not None and (
-            r.group_when is None or getattr(cfg, r.group_when[0], None) == r.group_when[1]
-        )
-        n_group = getattr(cfg, "n_group", 1) or 1
-        if group_on and n_group > 1:
+        n_group = self.routing_groups
+        if n_group > 1:
             grouped = choice.view(choice.shape[0], n_group, -1)  # (T, G, E/G)
             group_scores = grouped.max(-1).values if r.group_score == "max" else grouped.topk(2, -1).values.sum(-1)
             keep = group_scores.topk(cfg.topk_group, dim=-1).indices

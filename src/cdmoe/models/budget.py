@@ -151,6 +151,11 @@ class ModelParams:
     def to_dict(self) -> dict:
         return {"total": self.total, "layers": [asdict(layer) for layer in self.layers]}
 
+    def change_to(self, after: ModelParams) -> dict:
+        """The record's ``params`` entry of a method that made this model ``after``."""
+        return {"total_params": self.total, "condensed_params": after.total, "memory_ratio": after.total / self.total,
+                "active_params": self.active, "condensed_active_params": after.active}
+
 
 def tensor_sizes(module: nn.Module) -> tuple[int, ...]:
     """Elements of each parameter (shared ones once) and persistent buffer of ``module``, largest first."""

@@ -1,12 +1,9 @@
 """Modelling code of a cdmoe condensed checkpoint (CD-MoE, arXiv 2412.00069).
 
-This file is self-contained: it imports only torch and transformers. cdmoe copies it
-verbatim into every output directory, so the directory loads with
-
-    AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)
-
-where cdmoe is not installed, and with plain ``from_pretrained(out_dir)`` after
-``import cdmoe`` (which registers the same classes with the Auto API).
+Self-contained (torch and transformers only): cdmoe copies it verbatim into every output
+directory, which then loads with ``AutoModelForCausalLM.from_pretrained(out_dir,
+trust_remote_code=True)`` where cdmoe is not installed, and with plain ``from_pretrained(out_dir)``
+after ``import cdmoe`` (which registers the same classes with the Auto API).
 
 A condensed checkpoint is the original model with some sparse MoE blocks replaced by a
 :class:`CondensedMLP` (the paper's Eq. 3): the shared experts plus K routed experts with
@@ -27,19 +24,18 @@ instance of a subclass of the family's ``*ForCausalLM`` class.
       "dropped_blocks": [6],            # optional: whole decoder layer removed (Block Drop)
       "unfused_experts": [1, 2],        # optional: routed experts as one nn.Linear trio per expert
       "checkpoint_keys": "family",      # optional: the family's on-disk keys (FP8 outputs: one tensor per expert)
-      "router_attr": "gate",            # with merged_experts: attribute of the block that holds the router
-      "merged_experts": {"4": {"num_experts": 3, "expert_map": [0, 0, 1, 2, 1, 0, 2, 2]}}
+      "router_attr": "gate",            # with merged/pruned experts: the block's router attribute
+      "merged_experts": {"4": {"num_experts": 3, "expert_map": [0, 0, 1, 2, 1, 0, 2, 2]}},
+      "pruned_experts": {"2": {"num_experts": 6}}
     }
 
-Merged experts (M-SMoE, Li et al. arXiv 2310.01334, as MC-SMoE's ``grouping_mixtral.py`` runs
-it): the layer keeps its full router (all E rows, weights unchanged) but stores only
-``num_experts`` = E'_l experts; after the family's own routing (top-k ids over all E experts
-and their gates), each id e is replaced by ``expert_map[e]`` before the experts run, so a token
-whose two chosen experts share a group gets that merged expert once per choice, each with its
-own gate (see :func:`merge_routed_experts`).
+Merged experts (M-SMoE, arXiv 2310.01334, as MC-SMoE's ``grouping_mixtral.py``): the full router
+(E rows, unchanged) and E'_l = ``num_experts`` stored experts; after the family's own routing each
+top-k id e becomes ``expert_map[e]`` (:func:`merge_routed_experts`). Pruned experts: the layer's
+router and experts keep ``num_experts`` rows, so the family's own routing runs over those experts
+only (:func:`prune_routed_experts`); the other layers keep the config's expert count.
 
-Unfused experts hold exactly the fused weights, one ``nn.Linear`` per projection, so that
-weight-only quantisers that act on ``nn.Linear`` (bitsandbytes, ...) can slim them.
+Unfused experts: the fused weights, one ``nn.Linear`` per projection (for nn.Linear quantisers).
 """
 
 from __future__ import annotations
@@ -58,7 +54,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 __all__ = ["CondensedMLP", "DroppedMLP", "UnfusedExperts", "CdmoeConfig", "CdmoeForCausalLM", "condensed_classes",
-           "merge_routed_experts", "guard_cpu_packing"]
+           "merge_routed_experts", "prune_routed_experts", "guard_cpu_packing"]
 
 AUTO_MAP = {"AutoConfig": "modeling_cdmoe.CdmoeConfig", "AutoModelForCausalLM": "modeling_cdmoe.CdmoeForCausalLM"}
 
@@ -135,11 +131,8 @@ class _ExpertMLP(nn.Module):
 
 
 class UnfusedExperts(nn.ModuleList):
-    """Routed experts with one ``nn.Linear`` per projection; same call as the fused experts.
-
-    ``forward(hidden_states (T, H), top_k_index (T, K), top_k_weights (T, K)) -> (T, H)``:
-    sum over k of ``top_k_weights[t, k] * E_{top_k_index[t, k]}(x_t)`` with SwiGLU experts.
-    """
+    """Routed experts with one ``nn.Linear`` per projection; the fused experts' call ``forward(hidden_states
+    (T, H), top_k_index (T, K), top_k_weights (T, K)) -> (T, H)``: sum_k top_k_weights[t, k] * E_{id}(x_t)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
         super().__init__([_ExpertMLP(hidden_size, intermediate_size) for _ in range(num_experts)])
@@ -169,17 +162,36 @@ class UnfusedExperts(nn.ModuleList):
         return out
 
 
-def _shrink_experts(experts: nn.Module, num_experts: int, kept: int) -> None:
-    """Keep the first ``kept`` of ``num_experts`` routed experts, in place: one module per expert
-    (``nn.ModuleList``) or fused tensors whose first axis is the expert axis (E, ...)."""
-    if isinstance(experts, nn.ModuleList):
-        del experts[kept:]
+def _shrink(module: nn.Module, num_experts: int, keep: list[int]) -> None:
+    """Keep experts ``keep`` (ids) of ``num_experts``, in that order, in place: a ``nn.ModuleList`` of
+    experts, or every tensor of ``module`` and its submodules whose first axis is the expert axis (E, ...)
+    (fused experts; a router's rows and correction bias), and their expert-count attributes."""
+    if isinstance(module, nn.ModuleList):
+        kept = [module[e] for e in keep]
+        del module[:]
+        module.extend(kept)
         return
-    for name, param in list(experts.named_parameters(recurse=False)):
-        if param.dim() and param.shape[0] == num_experts:
-            setattr(experts, name, nn.Parameter(param.data[:kept].clone(), requires_grad=param.requires_grad))
-    if hasattr(experts, "num_experts"):
-        experts.num_experts = kept
+    for mod in module.modules():
+        for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is not None and t.dim() and t.shape[0] == num_experts:
+                rows = t.data.index_select(0, torch.tensor(keep, device=t.device))
+                if name in mod._parameters:
+                    mod._parameters[name] = nn.Parameter(rows, requires_grad=t.requires_grad)
+                else:
+                    mod._buffers[name] = rows
+        for attr in ("num_experts", "n_routed_experts", "num_local_experts", "out_features"):
+            if getattr(mod, attr, None) == num_experts:
+                setattr(mod, attr, len(keep))
+
+
+def prune_routed_experts(block: nn.Module, experts_attr: str, router_attr: str, keep) -> None:
+    """Keep routed experts ``keep`` (ascending ids) of ``block`` and the router's rows for them, in place: the
+    family's own routing (softmax/sigmoid, bias, group limits, renormalisation) then runs over them alone,
+    as the original with the other experts' router logits at -inf (groups: equal counts per group)."""
+    router = getattr(block, router_attr)
+    num_experts = next(t.shape[0] for t in router.parameters())  # the router's weight (E, H)
+    for module in (router, getattr(block, experts_attr)):
+        _shrink(module, num_experts, [int(e) for e in keep])
 
 
 def _map_ids_hook(expert_map: torch.Tensor):
@@ -210,33 +222,33 @@ def merge_routed_experts(block: nn.Module, experts_attr: str, router_attr: str, 
     kept = max(expert_map) + 1
     if sorted(set(expert_map)) != list(range(kept)):
         raise ValueError(f"cdmoe: expert_map {expert_map} must use every merged expert 0..{kept - 1}")
-    _shrink_experts(getattr(block, experts_attr), len(expert_map), kept)
+    _shrink(getattr(block, experts_attr), len(expert_map), list(range(kept)))
     lookup = torch.tensor(expert_map, dtype=torch.long, device="cpu")  # not on the meta device of a lazy init
     getattr(block, router_attr).register_forward_hook(_map_ids_hook(lookup))
     block.cdmoe_expert_map = tuple(expert_map)
 
 
 def _apply_structure(model: nn.Module, config) -> None:
-    """Swap in what ``config.cdmoe`` describes: condensed, dropped, merged and unfused layers, removed blocks."""
+    """Swap in what ``config.cdmoe`` describes: pruned, merged, condensed, dropped and unfused layers, removed blocks."""
     spec = config.cdmoe
-    layers = _resolve_attr(model, spec["layers_path"])
+    layers, slot = _resolve_attr(model, spec["layers_path"]), spec["block_attr"]
+    experts_attr, router_attr = spec.get("experts_attr", "experts"), spec.get("router_attr", "gate")
+    for idx, entry in spec.get("pruned_experts", {}).items():
+        prune_routed_experts(getattr(layers[int(idx)], slot), experts_attr, router_attr, range(entry["num_experts"]))
     for idx, entry in spec.get("merged_experts", {}).items():
-        block = getattr(layers[int(idx)], spec["block_attr"])
         if max(entry["expert_map"]) + 1 != entry["num_experts"]:
             raise ValueError(f"cdmoe: layer {idx}'s merged_experts entry is inconsistent: {entry}")
-        merge_routed_experts(block, spec.get("experts_attr", "experts"), spec.get("router_attr", "gate"),
-                             entry["expert_map"])
+        merge_routed_experts(getattr(layers[int(idx)], slot), experts_attr, router_attr, entry["expert_map"])
     for idx, layer in spec.get("condensed_layers", {}).items():
         mlp = CondensedMLP(config.hidden_size, layer["intermediate_size"], config.hidden_act,
                            gated_width=layer.get("gated_width", 0), bias=layer.get("bias", False))
-        setattr(layers[int(idx)], spec["block_attr"], mlp)
+        setattr(layers[int(idx)], slot, mlp)
     for idx in spec.get("dropped_layers", []):
-        setattr(layers[int(idx)], spec["block_attr"], DroppedMLP())
+        setattr(layers[int(idx)], slot, DroppedMLP())
     for idx in spec.get("unfused_experts", []):
-        block = getattr(layers[int(idx)], spec["block_attr"])
-        fused = getattr(block, spec.get("experts_attr", "experts"))
-        e, two_i, h = fused.gate_up_proj.shape
-        setattr(block, spec.get("experts_attr", "experts"), UnfusedExperts(e, h, two_i // 2, config.hidden_act))
+        block = getattr(layers[int(idx)], slot)
+        e, two_i, h = getattr(block, experts_attr).gate_up_proj.shape
+        setattr(block, experts_attr, UnfusedExperts(e, h, two_i // 2, config.hidden_act))
     remove_blocks(model, spec["layers_path"], spec.get("dropped_blocks", []))
 
 
@@ -256,11 +268,8 @@ def remove_blocks(model: nn.Module, layers_path: str, dropped) -> None:
 
 
 class CdmoeConfig(PretrainedConfig):
-    """Configuration of a condensed checkpoint: the base family's keys plus ``cdmoe``.
-
-    Used only to read ``config.json``; the model is built with the family's own config
-    class (see :func:`condensed_classes`).
-    """
+    """Configuration of a condensed checkpoint, the base family's keys plus ``cdmoe``: only read
+    ``config.json``; the model is built with the family's own config class (:func:`condensed_classes`)."""
 
     model_type = "cdmoe"
 
@@ -271,23 +280,15 @@ def _resolve_attr(obj, path: str):
     return obj
 
 
-def _is_native(cls: type) -> bool:
-    return cls.__module__.startswith("transformers.")
-
-
 _CLASS_CACHE: dict[tuple[type, type, bool], tuple[type, type]] = {}
 
 
 def condensed_classes(base_config_cls: type, base_model_cls: type, family_keys: bool = False) -> tuple[type, type]:
-    """Config and model classes of a condensed checkpoint of one family.
-
-    The config class is the family's config class with ``model_type = "cdmoe"`` (so a
-    saved ``config.json`` never passes for the original family); the model class is the
-    family's ``*ForCausalLM`` whose ``__init__`` swaps the condensed blocks in before
-    weights load, so weight names stay the family's own. ``family_keys`` (``cdmoe.checkpoint_keys:
-    family``, FP8 outputs): the checkpoint has the family's on-disk keys (one tensor per expert), which
-    load through the family's key conversions, as the original's do.
-    """
+    """Config and model classes of a condensed checkpoint of one family: the family's config class with
+    ``model_type = "cdmoe"`` (a saved ``config.json`` never passes for the original family), and its
+    ``*ForCausalLM`` whose ``__init__`` swaps the condensed blocks in before weights load, so weight names
+    stay the family's own. ``family_keys`` (``cdmoe.checkpoint_keys: family``, FP8 outputs): the family's
+    on-disk keys (one tensor per expert), loaded through its key conversions, as the original's are."""
     key = (base_config_cls, base_model_cls, family_keys)
     if key in _CLASS_CACHE:
         return _CLASS_CACHE[key]
@@ -306,7 +307,7 @@ def condensed_classes(base_config_cls: type, base_model_cls: type, family_keys: 
         out = Path(save_directory)
         shutil.copyfile(__file__, out / "modeling_cdmoe.py")
         for cls in (base_config_cls, base_model_cls):  # remote-code families ship their code along
-            if not _is_native(cls):
+            if not cls.__module__.startswith("transformers."):
                 shutil.copyfile(inspect.getfile(cls), out / Path(inspect.getfile(cls)).name)
 
     # _auto_class None: transformers must not rewrite auto_map from these (generated) classes
@@ -345,10 +346,7 @@ def _family_classes(config: PretrainedConfig, trust_remote_code: bool | None = N
             f"{where} is a condensed {base_type!r} model whose modelling code ships in the directory "
             f"({auto_map['AutoModelForCausalLM']}); loading it runs that code: pass trust_remote_code=True "
             "if you trust it")
-    return (
-        get_class_from_dynamic_module(auto_map["AutoConfig"], where),
-        get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], where),
-    )
+    return tuple(get_class_from_dynamic_module(auto_map[k], where) for k in ("AutoConfig", "AutoModelForCausalLM"))
 
 
 def to_family_config(config: PretrainedConfig, trust_remote_code: bool | None = None) -> PretrainedConfig:

@@ -23,7 +23,8 @@ from .families import spec_for_model_type, supported_model_types
 from .input_checks import check_family_keys, read_config, read_json_object
 from .loading import resolve_dtype
 
-__all__ = ["config_dtype", "count", "declares_block_fp8", "storage_bytes", "load_config", "params_from_config", "plan", "DTYPE_BYTES"]
+__all__ = ["config_dtype", "count", "declares_block_fp8", "storage_bytes", "load_config", "meta_model",
+           "params_from_config", "plan", "DTYPE_BYTES"]
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "float8_e4m3fn": 1}
 
@@ -109,16 +110,20 @@ def _analytic(data: dict) -> ModelParams:
                        largest_source=max(attn_tensors + [h * inter, h * shared_inter, h * data["intermediate_size"]]))
 
 
+def meta_model(config: PretrainedConfig):
+    """The family's model of ``config`` on the meta device (no memory, every tensor's shape and dtype)."""
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trusted())
+        except ValueError as err:
+            raise CdmoeError(f"cannot build {config.model_type!r}: {str(err).splitlines()[0]}") from None
+
+
 def params_from_config(config: PretrainedConfig | dict) -> tuple[ModelParams, str]:
     """Parameter breakdown and how it was counted ("meta-device model" or "analytic")."""
     if isinstance(config, dict):
         return _analytic(config), "analytic (LLaMA-style attention; no modelling code at hand)"
-    with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trusted())
-        except ValueError as err:
-            raise CdmoeError(f"cannot build {config.model_type!r}: {str(err).splitlines()[0]}") from None
-    return model_params(model), "meta-device model"
+    return model_params(meta_model(config)), "meta-device model"
 
 
 def config_dtype(config: PretrainedConfig | dict) -> torch.dtype | None:

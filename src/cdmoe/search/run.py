@@ -35,7 +35,8 @@ from .resume import SearchState
 from .runner import LayerRunner
 from .selectors import EXPERT_SELECTORS, LAYER_SELECTORS, rank_layers, select_experts
 
-__all__ = ["SearchOptions", "SearchResult", "experts_option", "layer_activations", "run_search"]
+__all__ = ["Calibrated", "SearchOptions", "SearchResult", "calibrate", "experts_option", "layer_activations",
+           "run_search"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,33 @@ class SearchResult:
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
     if not torch.isfinite(tensor).all():
         raise CdmoeError(f"{what} contains NaN or inf; check the model weights and dtype (try --dtype fp32)")
+
+
+@dataclass
+class Calibrated:
+    """What every search starts from: the runner of one calibration pass caching the MoE layers' inputs
+    (only they are read again: Algorithm 1 and every later candidate), its outputs checked finite; the store;
+    the residual scale of the block output; Algorithm 1's metric; the timings so far."""
+
+    runner: LayerRunner
+    store: object
+    scale: float
+    expert_metric: str
+    timings: dict
+
+
+def calibrate(model: nn.Module, spec, blocks: list[MoEBlock], calib_ids: torch.Tensor, batch_size: int, metric: str,
+              store=None, activations=None) -> Calibrated:
+    """One calibration pass over ``calib_ids`` in batches of ``batch_size`` (see :class:`Calibrated`)."""
+    store = store if store is not None else ResidentStore(model, spec)
+    t0 = time.perf_counter()
+    runner = LayerRunner(model, spec, list(calib_ids.split(batch_size)), store, activations,
+                         cached_layers=[b.layer_idx for b in blocks])
+    for b, out in enumerate(runner.outputs):
+        _check_finite(out, f"the last layer's output on calibration batch {b}")
+    scale = float(config_value(model.config, spec.residual_scale_key, 1.0)) if spec.residual_scale_key else 1.0
+    return Calibrated(runner, store, scale, "js" if metric == "ppl" else metric,
+                      {"calibration_forward_s": time.perf_counter() - t0})
 
 
 @torch.no_grad()
@@ -147,20 +175,11 @@ def run_search(
             raise CdmoeError(f"--experts {k} is out of range: layer {block.layer_idx} has {block.num_experts} routed experts")
         if k == 0 and block.shared is None:
             raise CdmoeError("--shared-only needs shared experts, and this family has none; pass --experts K >= 1")
-    store = store if store is not None else ResidentStore(model, spec)
     report = progress or (lambda stage, done, total: None)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    batches = list(calib_ids.split(options.batch_size))
-    # only MoE layers' inputs are read again (Algorithm 1 and the candidates of Algorithm 2)
-    runner = LayerRunner(model, spec, batches, store, activations, cached_layers=[b.layer_idx for b in blocks])
-    for b, out in enumerate(runner.outputs):
-        _check_finite(out, f"the last layer's output on calibration batch {b}")
-    timings["calibration_forward_s"] = time.perf_counter() - t0
+    ready = calibrate(model, spec, blocks, calib_ids, options.batch_size, options.metric, store, activations)
+    runner, store, scale, expert_metric, timings = ready.runner, ready.store, ready.scale, ready.expert_metric, ready.timings
 
     t0 = time.perf_counter()
-    scale = float(config_value(model.config, spec.residual_scale_key, 1.0)) if spec.residual_scale_key else 1.0
-    expert_metric = "js" if options.metric == "ppl" else options.metric
     per_layer, condensed, all_gates = {}, {}, {}
     for i, block in enumerate(blocks):
         k = block.top_k if options.experts is None else options.experts

@@ -189,35 +189,40 @@ class LayerRunner:
                     hiddens[b] = out[0] if isinstance(out, tuple) else out
         return hiddens
 
-    @torch.no_grad()
     def run_candidates(self, starts: list[int], swap) -> Iterator[tuple[int, list[torch.Tensor]]]:
-        """(candidate, last-layer outputs per batch) for several candidate layers, loading each layer once.
+        """(candidate, last-layer outputs per batch) for several candidate layers, loading each layer once:
+        :meth:`run_streams` with one stream per layer, ``swap(layer, on)``."""
+        for i, lasts in self.run_streams(starts, lambda i, on: swap(starts[i], on)):
+            yield starts[i], lasts
 
-        The stream of candidate ``l`` starts at layer ``l``'s cached input and runs layer ``l``
-        with ``swap(l, True)`` in effect (its condensed block; ``swap(l, False)`` restores it)
-        and the later layers as they are: per stream the same computation as
-        ``run_all(l)`` with ``l`` swapped in, but all streams share every layer load. Streams
-        wait in the activation cache (one set of hidden states per candidate: CPU memory, or
-        files with ``--activations disk``); after the pass they are handed out one at a time,
-        in the order of ``starts``, and dropped from the cache.
+    @torch.no_grad()
+    def run_streams(self, starts: list[int], swap) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """(i, last-layer outputs per batch) for several streams, loading each layer once.
+
+        Stream ``i`` starts at layer ``starts[i]``'s cached input and runs that layer with
+        ``swap(i, True)`` in effect (its candidate block; ``swap(i, False)`` restores the block)
+        and the later layers as they are: per stream the same computation as ``run_all(starts[i])``
+        with the candidate swapped in, but all streams share every layer load (several streams may
+        start at one layer). Streams wait in the activation cache (one set of hidden states per
+        stream: CPU memory, or files with ``--activations disk``); after the pass they are handed out
+        one at a time, in the order of ``starts``, and dropped from the cache.
         """
         live: list[int] = []
         n = len(self.batches)
         for idx in range(min(starts), len(self.layers)):
             with self.store.resident(idx) as layer:
-                if idx in starts:
-                    live.append(idx)
-                for start in live:
-                    if start == idx:
-                        swap(idx, True)
+                live += [i for i, start in enumerate(starts) if start == idx]
+                for i in live:
+                    if starts[i] == idx:
+                        swap(i, True)
                     for b in range(n):
-                        hidden = self.cached_input(idx, b) if start == idx else self.activations.get(("stream", start, b))
+                        hidden = self.cached_input(idx, b) if starts[i] == idx else self.activations.get(("stream", i, b))
                         out = layer(hidden.to(self.device), **self.kwargs[idx][b])
-                        self.activations.put(("stream", start, b), (out[0] if isinstance(out, tuple) else out).cpu())
-                    if start == idx:
-                        swap(idx, False)
-        for start in starts:
-            yield start, [self.activations.pop(("stream", start, b)) for b in range(n)]
+                        self.activations.put(("stream", i, b), (out[0] if isinstance(out, tuple) else out).cpu())
+                    if starts[i] == idx:
+                        swap(i, False)
+        for i in range(len(starts)):
+            yield i, [self.activations.pop(("stream", i, b)) for b in range(n)]
 
     @torch.no_grad()
     def final(self, last_hidden: torch.Tensor, kind: str) -> torch.Tensor:

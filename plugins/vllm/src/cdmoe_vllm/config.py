@@ -10,7 +10,8 @@ The returned config describes the stack vLLM builds:
 * Block Drop: ``num_hidden_layers`` counts the kept decoder layers and every per-layer
   key (lists of length L, the family's dense-layer rule) is rewritten for the kept
   stack; ``cdmoe["kept_layers"]`` maps vLLM's layer index to the original index;
-* ``cdmoe`` keeps the spec (``condensed_layers``, ``dropped_layers`` use original indices);
+* ``cdmoe`` keeps the spec (``condensed_layers``, ``dropped_layers``, ``pruned_experts`` use original
+  indices; a pruned layer is the family's MoE block built with its own expert count);
 * DeepseekV2's greedy routing gets the group keys vLLM needs (:func:`greedy_routing_overrides`).
 
 This runs in vLLM's front-end process, before any engine process starts, so everything that
@@ -92,10 +93,10 @@ def _check_layers(base: str, data: dict, spec: dict, where: str | None) -> None:
     """Condensed and dropped layers must be MoE layers by the family's rule: vLLM builds the
     family's dense MLP (its global width) at the others and never asks for the entry's block."""
     dense = _dense_pattern(base, data, data["num_hidden_layers"])
-    for key in (*spec.get("condensed_layers", {}), *spec.get("dropped_layers", [])):
+    for key in (*spec.get("condensed_layers", {}), *spec.get("dropped_layers", []), *spec.get("pruned_experts", {})):
         if dense[int(key)]:
             raise malformed(f"layer {key} is a dense layer of {base} (by {DENSE_RULES[base]}), not an MoE layer, "
-                            "and only MoE layers are condensed or dropped", where)
+                            "and only MoE layers are condensed, pruned or dropped", where)
 
 
 def _layer_kinds(base: str, data: dict, spec: dict, kept: list[int]) -> list[str]:

@@ -9,7 +9,8 @@ the config is read, from the safetensors *headers* only (no tensor is read: chea
   index puts in it; without: there is at least one ``*.safetensors`` (what vLLM loads);
 * every file is a complete safetensors file (its header parses and its tensors' bytes are there);
 * each condensed layer's tensors (``gate_proj``/``up_proj`` (I, H), ``down_proj`` (H, I), and
-  ``shared_gate`` (1, H) with a gated width) exist with the shapes the ``cdmoe`` entry gives;
+  ``shared_gate`` (1, H) with a gated width) exist with the shapes the ``cdmoe`` entry gives, and each
+  pruned layer's router and fused experts have its own expert count as their first axis;
 * every decoder layer has the tensors its siblings have: the same attention and norms as every
   layer, the same block tensors as every layer of its kind (dense, MoE, condensed, dropped): cdmoe
   writes all layers of a kind alike, so a tensor that the others have and one lacks is missing.
@@ -85,6 +86,20 @@ def _condensed_tensors(data: dict, spec: dict, kept: list[int]) -> dict[str, tup
     return expected
 
 
+def _pruned_tensors(spec: dict, kept: list[int]) -> dict[str, tuple[str, int]]:
+    """Checkpoint name -> (which layer, expert count) of every pruned layer's router and fused experts,
+    whose first axis must be the layer's own expert count."""
+    layers, block = spec.get("layers_path", "model.layers"), spec.get("block_attr", "mlp")
+    router, experts = spec.get("router_attr", "gate"), spec.get("experts_attr", "experts")
+    expected = {}
+    for key, entry in spec.get("pruned_experts", {}).items():
+        if int(key) in kept:
+            prefix = f"{layers}.{kept.index(int(key))}.{block}"
+            for name in (f"{router}.weight", f"{experts}.gate_up_proj", f"{experts}.down_proj"):
+                expected[f"{prefix}.{name}"] = (f"pruned layer {key}", entry["num_experts"])
+    return expected
+
+
 def _missing_from_layer(names, spec: dict, kinds: list[str]) -> str | None:
     """The first tensor one decoder layer lacks that its siblings have (see the module docstring), or None.
     ``kinds[j]``: the kind of saved layer j; layers beyond them (DeepSeek-V3's MTP layer) are not looked at."""
@@ -121,6 +136,9 @@ def check_files(model_dir: Path, data: dict, spec: dict, kept: list[int], kinds:
             raise malformed(f"tensor {name} ({layer}) is missing from the checkpoint", where)
         if tensors[name][1] != shape:
             raise malformed(f"{name} has shape {tensors[name][1]}, {layer} needs {shape}", where)
+    for name, (layer, count) in _pruned_tensors(spec, kept).items():
+        if name in tensors and tensors[name][1][0] != count:
+            raise malformed(f"{name} has shape {tensors[name][1]}, {layer} keeps {count} experts", where)
     lacking = _missing_from_layer(tensors, spec, kinds)
     if lacking:
         raise malformed(f"tensor {lacking} is missing from the checkpoint (the other layers of its kind have "

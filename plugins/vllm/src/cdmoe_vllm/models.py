@@ -5,8 +5,11 @@ and their MoE block. A condensed layer needs a dense MLP of *its own* width, so 
 family model is built (:func:`_condensed_construction`) each decoder layer is constructed
 with the family's MoE class name bound, in the family's module, to :func:`_block_factory`:
 a layer whose original block is condensed gets the family's dense MLP class at the
-condensed width (:func:`cdmoe_vllm.layers.condensed_mlp`), a dropped one a zero module,
-the others the real MoE block with the arguments vLLM passed. Only the decoder layers'
+condensed width (:func:`cdmoe_vllm.layers.condensed_mlp`), a dropped one a zero module, a
+pruned one (``pruned_experts``, the budget planner's) the real MoE block built with the layer's
+own expert count (router rows, correction bias and FusedMoE sized E_l, so the family's routing
+runs over those experts, as transformers' pruned block does), the others the real MoE block
+with the arguments vLLM passed. Only the decoder layers'
 constructors see the substitution (``make_layers`` is wrapped), so no ``isinstance``
 check on the MoE class runs against it. Construction is single-threaded in vLLM.
 
@@ -55,6 +58,7 @@ class Family:
     dense_mlp: str  # "module:Class" of vLLM's dense MLP used at the condensed width
     slot: str  # attribute of vLLM's decoder layer that holds the block
     expert_names: tuple[str, str, str]  # per-expert checkpoint names vLLM reads (gate, up, down)
+    count_key: str  # the config key vLLM's MoE block reads its routed expert count from
     # vLLM's decoder layer hands the block one chunk of tokens per tensor-parallel rank, with
     # already_sequence_parallel=True, when the parallel config uses sequence-parallel MoE
     sequence_parallel: bool = False
@@ -62,12 +66,14 @@ class Family:
 
 _SWIGLU = ("gate_proj", "up_proj", "down_proj")
 FAMILIES = {
-    "deepseek_v2": Family("deepseek_v2", "DeepseekV2MoE", "deepseek_v2:DeepseekV2MLP", "mlp", _SWIGLU, True),
-    "qwen2_moe": Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", "qwen2_moe:Qwen2MoeMLP", "mlp", _SWIGLU),
-    "qwen3_moe": Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", "qwen3_moe:Qwen3MoeMLP", "mlp", _SWIGLU),
-    "mixtral": Family("mixtral", "MixtralMoE", "llama:LlamaMLP", "block_sparse_moe", ("w1", "w3", "w2")),
-    "olmoe": Family("olmoe", "OlmoeMoE", "llama:LlamaMLP", "mlp", _SWIGLU),
-    "glm4_moe": Family("glm4_moe", "Glm4MoE", "glm4_moe:Glm4MoeMLP", "mlp", _SWIGLU),
+    "deepseek_v2": Family("deepseek_v2", "DeepseekV2MoE", "deepseek_v2:DeepseekV2MLP", "mlp", _SWIGLU,
+                          "n_routed_experts", True),
+    "qwen2_moe": Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", "qwen2_moe:Qwen2MoeMLP", "mlp", _SWIGLU, "num_experts"),
+    "qwen3_moe": Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", "qwen3_moe:Qwen3MoeMLP", "mlp", _SWIGLU, "num_experts"),
+    "mixtral": Family("mixtral", "MixtralMoE", "llama:LlamaMLP", "block_sparse_moe", ("w1", "w3", "w2"),
+                      "num_local_experts"),
+    "olmoe": Family("olmoe", "OlmoeMoE", "llama:LlamaMLP", "mlp", _SWIGLU, "num_experts"),
+    "glm4_moe": Family("glm4_moe", "Glm4MoE", "glm4_moe:Glm4MoeMLP", "mlp", _SWIGLU, "n_routed_experts"),
 }
 FAMILIES["deepseek_v3"] = FAMILIES["deepseek_v2"]
 
@@ -98,6 +104,7 @@ def _block_factory(family: Family, vllm_config, real_block: type):
     kept = spec["kept_layers"]
     condensed = {int(i): v for i, v in spec.get("condensed_layers", {}).items()}
     dropped = {int(i) for i in spec.get("dropped_layers", [])}
+    pruned = {int(i): entry["num_experts"] for i, entry in spec.get("pruned_experts", {}).items()}
     dense_module, dense_name = family.dense_mlp.split(":")
     dense_cls = getattr(_models_module(dense_module), dense_name)
 
@@ -109,6 +116,12 @@ def _block_factory(family: Family, vllm_config, real_block: type):
                                  layer.get("gated_width", 0), quant_config, prefix, sequence_parallel)
         if original in dropped:
             return DroppedMLP()
+        if original in pruned:  # the family's block with the layer's own expert count
+            count = pruned[original]
+            if "num_experts" in kwargs:  # (Mixtral, OLMoE: the decoder layer passes the count)
+                kwargs["num_experts"] = count
+            with _bound(hf_config, family.count_key, count):  # (the others read it from the config)
+                return real_block(*args, prefix=prefix, **kwargs)
         return real_block(*args, prefix=prefix, **kwargs)
 
     return build

@@ -3,7 +3,8 @@
 The entry (format: cdmoe's ``modeling_cdmoe.py``) is trusted by the model classes: layer indices
 pick which vLLM block is built where, widths size the condensed MLPs. So every key the plugin
 reads is checked here for its type and range, with one line naming the key; what is well formed
-but not servable (family, quantisation, merged experts) is refused in :mod:`cdmoe_vllm.config`.
+but not servable (family, quantisation, merged experts); ``pruned_experts`` (the budget planner's layers
+with their own expert counts) is checked here too is refused in :mod:`cdmoe_vllm.config`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ def _layer(key, num_layers: int) -> int | None:
     return index if index is not None and index < num_layers else None
 
 
+def _per_layer(spec: dict, key: str, what: str, num_layers: int, where: str | None) -> dict:
+    """``spec[key]``, an object whose keys are layers (``condensed_layers``, ``pruned_experts``), checked."""
+    entries = spec.get(key, {})
+    if not isinstance(entries, dict):
+        raise malformed(f"{key} is {_kind(entries)}, not an object", where)
+    for layer in entries:
+        if _layer(layer, num_layers) is None:
+            shown = layer if str(layer).isdigit() else repr(layer)
+            raise malformed(f"{what} layer {shown} is not a layer (the model has {num_layers})", where)
+    return entries
+
+
 def check_spec(data: dict, where: str | None) -> dict:
     """The ``cdmoe`` entry of ``data`` (a config.json), checked; raises :class:`CdmoeVllmError`."""
     if "cdmoe" not in data:
@@ -51,13 +64,8 @@ def check_spec(data: dict, where: str | None) -> dict:
     num_layers = data.get("num_hidden_layers")
     if not _is_count(num_layers, 1):
         raise malformed(f"num_hidden_layers is {num_layers!r}, not a positive integer", where)
-    condensed = spec.get("condensed_layers", {})
-    if not isinstance(condensed, dict):
-        raise malformed(f"condensed_layers is {_kind(condensed)}, not an object", where)
+    condensed = _per_layer(spec, "condensed_layers", "condensed", num_layers, where)
     for key, layer in condensed.items():
-        if _layer(key, num_layers) is None:
-            shown = key if str(key).isdigit() else repr(key)
-            raise malformed(f"condensed layer {shown} is not a layer (the model has {num_layers})", where)
         if not isinstance(layer, dict):
             raise malformed(f"condensed layer {key} is {_kind(layer)}, not an object", where)
         width, gated = layer.get("intermediate_size"), layer.get("gated_width", 0)
@@ -65,6 +73,11 @@ def check_spec(data: dict, where: str | None) -> dict:
             raise malformed(f"condensed layer {key}: intermediate_size is {width!r}, not a positive integer", where)
         if not (_is_count(gated, 0) and gated <= width):
             raise malformed(f"condensed layer {key}: gated_width is {gated!r}, not an integer in [0, {width}]", where)
+    pruned = _per_layer(spec, "pruned_experts", "pruned", num_layers, where)
+    for key, entry in pruned.items():
+        count = entry.get("num_experts") if isinstance(entry, dict) else None
+        if not _is_count(count, 1):
+            raise malformed(f"pruned layer {key}: num_experts is {count!r}, not a positive integer", where)
     lists = {}
     for key in ("dropped_layers", "dropped_blocks"):
         value = spec.get(key, [])
@@ -74,9 +87,12 @@ def check_spec(data: dict, where: str | None) -> dict:
         if bad or len(set(value)) != len(value):
             raise malformed(f"{key} {value} is not a list of distinct layers of the {num_layers}", where)
         lists[key] = set(value)
-    both = sorted(lists["dropped_layers"] & {int(k) for k in condensed})
-    if both:
-        raise malformed(f"layer {both[0]} is both condensed and dropped", where)
+    kinds = {"condensed": {int(k) for k in condensed}, "dropped": lists["dropped_layers"],
+             "pruned": {int(k) for k in pruned}}
+    for a, b in (("condensed", "dropped"), ("pruned", "condensed"), ("pruned", "dropped")):
+        both = sorted(kinds[a] & kinds[b])
+        if both:
+            raise malformed(f"layer {both[0]} is both {a} and {b}", where)
     if len(lists["dropped_blocks"]) == num_layers:
         raise malformed("dropped_blocks drops every layer", where)
     return spec
