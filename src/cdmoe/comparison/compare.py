@@ -151,7 +151,8 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
         loaded = load_model(model, dtype=dtype, device=device)
         if method.base == "cd-moe":
             same = json.dumps(method.search, sort_keys=True)
-            largest = max(k for (n, k), p in plan.items() if json.dumps(p["method"].search, sort_keys=True) == same)
+            largest = max(k for (n, k), p in plan.items()
+                          if p["method"].base == "cd-moe" and json.dumps(p["method"].search, sort_keys=True) == same)
             if same not in searches:
                 searches[same] = run_search(loaded, calib_ids, SearchOptions(layers=largest, **method.search))
             result = searches[same]
