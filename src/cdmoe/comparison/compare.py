@@ -16,9 +16,9 @@ Method names: ``cd-moe`` (greedy experts K = top-k and layers), ``cd-moe-s`` (sh
 experts only), ``cd-moe:VARIANT`` with VARIANT an expert selector (random, l1,
 pl-alpha-hill, frequency), a layer selector (layer-rank, global-layer-rank) or a metric
 (kl, ppl); ``layer-drop``, ``block-drop``, ``expert-drop``, ``reap``, ``msmoe`` (E' is the average over
-layers), ``msmoe-restricted``; ``slim-int8`` and
-``slim-int4``; any structural method with ``+int8`` / ``+int4`` appended (condense or drop,
-then quantise).
+layers), ``msmoe-restricted``; ``slim-SCHEME`` (quantisation alone) and any structural method with
+``+SCHEME`` appended (condense or drop, then quantise), SCHEME one of ``w8a8``, ``w4a16``, ``fp8``
+(compressed-tensors, vLLM's format) or ``int8``, ``int4`` (bitsandbytes): ``cd-moe+w8a8``, ``slim-w4a16``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from ..methods.baselines import (
     finish_quantized,
 )
 from ..methods.calib_stats import calibration_stats
+from ..methods.quantize import check_quantize
 from ..models.budget import model_params
 from ..models.input_checks import check_inputs
 from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
@@ -87,6 +88,8 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
     resolve_device(device)
     out = Path(out)
     check_inputs(model, calib, {"--eval-text": eval_text, "--task-text": task_text})
+    for scheme in sorted({m.quantize for m in methods if m.quantize}):
+        check_quantize(scheme, model)  # installed, and fits the model's widths
     inputs = (model, calib.source, eval_text, task_text)
     check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)

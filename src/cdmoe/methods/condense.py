@@ -89,6 +89,7 @@ def condense(
     dev = resolve_device(device)
     check_quantize(quantize)
     check_inputs(model, calib, {"--eval-text": evaluation.text})
+    check_quantize(quantize, model)  # the scheme fits the model's widths
     if evaluation.max_tokens < 2:
         raise CdmoeError(f"--eval-tokens must be at least 2, got {evaluation.max_tokens}")
     inputs = (model, calib.source, evaluation.text)

@@ -52,10 +52,18 @@ def _bnb_config(bits: str, skip: list[str], compute_dtype: torch.dtype):
     raise CdmoeError(f"unknown --quantize {bits!r}; use {' or '.join(BITS)}")
 
 
-def check_quantize(bits: str | None) -> None:
-    """A one-line error for an unknown ``--quantize`` (before anything is loaded)."""
-    if bits is not None and bits not in BITS:
-        raise CdmoeError(f"unknown --quantize {bits!r}; use {' or '.join(BITS)}")
+def check_quantize(bits: str | None, model=None) -> None:
+    """A one-line error for an unknown ``--quantize`` or a missing library (before anything is loaded):
+    ``int8``/``int4`` are bitsandbytes' (this module), ``w8a8``/``w4a16``/``fp8`` compressed-tensors'
+    (:mod:`cdmoe.methods.compressed`; with ``model``, a path or hub id, also whether its widths fit)."""
+    from .compressed import SCHEMES, check_scheme
+
+    if bits is None:
+        return
+    if bits in SCHEMES:
+        check_scheme(bits, model)
+    elif bits not in BITS:
+        raise CdmoeError(f"unknown --quantize {bits!r}; use {' | '.join((*SCHEMES, *BITS))}")
 
 
 def unfuse_experts(model: nn.Module) -> nn.Module:
