@@ -22,6 +22,12 @@ from .models.plan import plan  # noqa: E402
 from .oneshot import baseline, compare, condense, evaluate, sweep  # noqa: E402
 from .search.calibration import CalibSpec  # noqa: E402
 from .search.run import SearchOptions  # noqa: E402
+from .io.arguments import checked as _checked  # noqa: E402
+
+# every exported function checks its arguments where they enter (oneshot's functions are checked where defined)
+(finetune, plan, apply_record, condense_layers, condense_model, save, load_model, load_tokenizer, family_spec,
+ moe_blocks) = map(_checked, (finetune, plan, apply_record, condense_layers, condense_model, save, load_model,
+                              load_tokenizer, family_spec, moe_blocks))
 
 __all__ = [
     # one call per job (mirroring the CLI)

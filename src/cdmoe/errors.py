@@ -3,5 +3,6 @@
 __all__ = ["CdmoeError"]
 
 
-class CdmoeError(Exception):
-    """A problem with the user's input; the CLI prints it on one line and exits with code 2."""
+class CdmoeError(ValueError):
+    """A problem with the user's input (a command's option, a Python API argument, a file): one message naming
+    the problem and the fix. The CLI prints it on one line and exits with code 2."""

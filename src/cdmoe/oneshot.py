@@ -7,7 +7,9 @@
     scores = cdmoe.evaluate("out/", tasks="paper")
 
 Every keyword is the CLI option of the same name; each function returns the record or result
-the command writes. ``trust_remote_code=True`` is ``--trust-remote-code`` for that call.
+the command writes. ``trust_remote_code=True`` is ``--trust-remote-code`` for that call. Every
+argument is checked against its annotation when the call enters (:func:`cdmoe.io.arguments.checked`):
+a wrong type or value raises :class:`cdmoe.CdmoeError` (a ``ValueError``) naming the argument.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from torch import nn
+from transformers import PreTrainedModel
 
+from .io.arguments import checked
 from .io.remote_code import trust_remote_code as _trust
 from .models.placement import matmul_precision
 
@@ -30,7 +33,8 @@ def _context(trust_remote_code: bool, dtype: str | None):
         yield
 
 
-def condense(model: str | Path | nn.Module, out: str | Path, *, layers: int, experts: int | None = None,
+@checked
+def condense(model: str | Path | PreTrainedModel, out: str | Path, *, layers: int, experts: int | None = None,
              shared_only: bool = False, calib: str = "c4", samples: int = 100, seq_len: int = 512, seed: int = 0,
              metric: str = "js", final: str = "hidden", expert_selector: str = "greedy", layer_selector: str = "greedy",
              batch_size: int = 8, eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto",
@@ -53,14 +57,14 @@ def condense(model: str | Path | nn.Module, out: str | Path, *, layers: int, exp
                            seed=seed)
     spec = CalibSpec(calib, samples, seq_len, seed)
     with _context(trust_remote_code, dtype):
-        if isinstance(model, nn.Module):
+        if isinstance(model, PreTrainedModel):
             return _condense_loaded(model, out, search, spec, tokenizer, force)
         return run_condense(model, out, search, spec, EvalOptions(text=eval_text, max_tokens=eval_tokens), dtype=dtype,
                             force=force, show_progress=progress, mode=mode, device=device, quantize=quantize,
                             activations=activations)
 
 
-def _condense_loaded(model: nn.Module, out, search, calib, tokenizer, force: bool) -> dict:
+def _condense_loaded(model: PreTrainedModel, out, search, calib, tokenizer, force: bool) -> dict:
     """The in-memory path of :func:`condense` for a model the caller has loaded."""
     from .checkpoint.record import condense_layers
     from .checkpoint.writer import check_output_dir, save
@@ -84,8 +88,10 @@ def _condense_loaded(model: nn.Module, out, search, calib, tokenizer, force: boo
     return record
 
 
+@checked
 def evaluate(model: str | Path, *, tasks: str = "paper", task_text: str | None = None, limit: int | None = None,
-             batch_size: str = "auto", out: str | Path | None = None, dtype: str = "auto", ppl_text: str | None = None,
+             batch_size: int | str = "auto", out: str | Path | None = None, dtype: str = "auto",
+             ppl_text: str | None = None,
              ppl_seq_len: int = 512, ppl_stride: int | None = None, ppl_tokens: int | None = None, force: bool = False,
              device: str = "auto", trust_remote_code: bool = False, backend: str = "hf",
              vllm_python: str | None = None, tensor_parallel_size: int | None = None,
@@ -100,6 +106,7 @@ def evaluate(model: str | Path, *, tasks: str = "paper", task_text: str | None =
                         tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, device=device)
 
 
+@checked
 def compare(model: str | Path, out: str | Path, *, budgets: list[float], methods: str = "default", calib: str = "c4",
             samples: int = 100, seq_len: int = 512, seed: int = 0, eval_text: str | None = None,
             eval_tokens: int = 50_000, tasks: str | None = None, task_text: str | None = None, dtype: str = "auto",
@@ -115,6 +122,7 @@ def compare(model: str | Path, out: str | Path, *, budgets: list[float], methods
                            force=force, measure_rss=peak_rss, progress=lambda message: None, device=device)
 
 
+@checked
 def sweep(model: str | Path, out: str | Path, *, layers: list[int], experts: int | None = None, calib: str = "c4",
           samples: int = 100, seq_len: int = 512, seed: int = 0, metric: str = "js", final: str = "hidden",
           eval_text: str | None = None, eval_tokens: int = 50_000, dtype: str = "auto", force: bool = False,
@@ -131,6 +139,7 @@ def sweep(model: str | Path, out: str | Path, *, layers: list[int], experts: int
                          EvalOptions(text=eval_text, max_tokens=eval_tokens), dtype=dtype, force=force, device=device)
 
 
+@checked
 def baseline(method: str, model: str | Path, out: str | Path, *, layers: int | None = None,
              keep_experts: int | None = None, quantize: str | None = None, calib: str = "c4", samples: int = 100,
              seq_len: int = 512, seed: int = 0, eval_text: str | None = None, eval_tokens: int = 50_000,

@@ -117,6 +117,13 @@ def test_existing_output_needs_force_and_force_replaces_only_cdmoe_outputs(tmp_p
         cdmoe.save(model, tmp_path / "mine", record, force=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "a user's file"
     cdmoe.save(model, tmp_path / "out", record)
+    (tmp_path / "out" / "notes.txt").write_text("added by the user")  # not in cdmoe's manifest: never replaced
+    with pytest.raises(CdmoeError, match="holds notes.txt, which cdmoe did not write"):
+        cdmoe.save(model, tmp_path / "out", record, force=True)
+    (tmp_path / "out" / "notes.txt").unlink()
+    manifest = tmp_path / "out" / ".cdmoe-output.json"  # as a first run that wrote one more file would list it
+    listed = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**listed, "files": [*listed["files"], "stale.txt"]}))
     (tmp_path / "out" / "stale.txt").write_text("from the first run")
     cdmoe.save(model, tmp_path / "out", record, force=True)
     assert (tmp_path / "out" / "config.json").exists() and not (tmp_path / "out" / "stale.txt").exists()

@@ -218,3 +218,198 @@ def test_a_corrupt_resume_state_is_refused_then_force_starts_over(tiny_model_dir
             "is corrupt")
     result = runner.invoke(app, ["condense", str(tiny_model_dir), "--out", str(out), "--layers", "1", *CALIB, "--force"])
     assert result.exit_code == 0, result.output
+
+
+# --- issue #28: late failures, bad numbers, ignored options, tokenizer and config files ---------------------------
+
+
+def _tokenizer_json(text):
+    return lambda p: (p / "tokenizer.json").write_text(text)
+
+
+MORE_BROKEN_MODELS = {
+    "config.json a directory": (lambda p: ((p / "config.json").unlink(), (p / "config.json").mkdir()),
+                                "config.json is a directory"),
+    "no tokenizer files": (lambda p: [f.unlink() for f in p.glob("tokenizer*")], "has no tokenizer files"),
+    "tokenizer.json not JSON": (_tokenizer_json("{oops"), "tokenizer.json is not valid JSON"),
+    "tokenizer.json without its fields": (_tokenizer_json('{"a": 1}'), "check its tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(MORE_BROKEN_MODELS))
+def test_a_broken_config_or_tokenizer_is_one_whole_line(tiny_model_dir, tmp_path, case):
+    """config.json as a directory ended in IsADirectoryError; tokenizer errors were cut mid-sentence ("from one
+    of:") or did not name tokenizer.json (a KeyError traceback for one without 'added_tokens')."""
+    damage, message = MORE_BROKEN_MODELS[case]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    damage(model)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["condense", str(model), "--out", str(out), "--layers", "1", *CALIB])
+    refused(result, message)
+    assert not result.output.rstrip().endswith(":") and "from one of:" not in result.output
+    assert not out.exists() and not partial_dir(out).exists()
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import cdmoe.models.loading
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before a precondition was checked")
+
+    monkeypatch.setattr(cdmoe.models.loading.AutoModelForCausalLM, "from_pretrained", no_load)
+
+
+def _clear_availability_caches():
+    from transformers.utils import import_utils
+
+    for name in ("is_peft_available", "is_bitsandbytes_available"):
+        getattr(import_utils, name).cache_clear()  # transformers caches what it found installed
+
+
+@pytest.fixture
+def uninstall(monkeypatch):
+    """``uninstall(package)``: make it look not installed for the test: not in sys.modules, not found, not
+    importable, and not remembered as available by transformers."""
+    import importlib.util
+    import sys
+
+    def hide(package: str) -> None:
+        for name in [m for m in sys.modules if m.split(".")[0] == package]:
+            monkeypatch.delitem(sys.modules, name)
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, **k: None if name.split(".")[0] == package else real(name, *a, **k))
+
+        class Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == package:
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        monkeypatch.setattr(sys, "meta_path", [Blocker(), *sys.meta_path])
+        _clear_availability_caches()
+
+    yield hide
+    _clear_availability_caches()
+
+
+@pytest.mark.parametrize("package,args,message", [
+    ("bitsandbytes", ["compare", "{model}", "--out", "{out}", "--budget", "0.9", "--methods", "default", *CALIB[:-1]],
+     "slim-int8 in --methods needs bitsandbytes"),
+    ("bitsandbytes", ["condense", "{model}", "--out", "{out}", "--layers", "1", "--quantize", "int4", *CALIB],
+     "--quantize int4 needs bitsandbytes"),
+    ("peft", ["finetune", "{condensed}", "--data", str(DEMO_TEXT), "--out", "{out}", "--lora", "--quiet"],
+     "--lora needs peft"),
+    ("lm_eval", ["eval", "{condensed}", "--tasks", "demo", "--out", "{out}"], "needs lm-eval"),
+    ("lm_eval", ["compare", "{model}", "--out", "{out}", "--budget", "0.9", "--methods", "layer-drop",
+                 "--tasks", "demo", *CALIB[:-1]], "needs lm-eval"),
+])
+def test_a_missing_optional_package_is_refused_before_any_work(tiny_model_dir, condensed, tmp_path, uninstall,
+                                                               no_model_load, package, args, message):
+    """compare --methods default without bitsandbytes computed every other point first; --lora without peft
+    failed after loading and left OUT.checkpoints/; lm-eval was looked for after loading. The hint's
+    [quant] / [finetune] / [eval] must survive the console (rich markup ate it)."""
+    uninstall(package)
+    out = tmp_path / "out"
+    values = {"model": str(tiny_model_dir), "condensed": str(condensed), "out": str(out)}
+    result = runner.invoke(app, [a.format(**values) for a in args])
+    refused(result, message)
+    extra = {"bitsandbytes": "quant", "peft": "finetune", "lm_eval": "eval"}[package]
+    assert f"pip install 'cdmoe[{extra}]'" in result.output
+    assert not out.exists() and not partial_dir(out).exists() and not (tmp_path / "out.checkpoints").exists()
+
+
+def test_brackets_in_a_message_reach_the_terminal():
+    from cdmoe.cli.options import _friendly
+    from cdmoe.errors import CdmoeError
+
+    @_friendly
+    def fails():
+        raise CdmoeError("pip install 'cdmoe[quant]' for runs/[bold]x[/bold]")
+
+    import typer
+
+    app_ = typer.Typer()
+    app_.command()(fails)
+    result = runner.invoke(app_, [])
+    assert result.exit_code == 2 and "pip install 'cdmoe[quant]' for runs/[bold]x[/bold]" in result.output
+
+
+EVAL_TOKENS = {
+    "condense": ["condense", "{model}", "--out", "{out}", "--layers", "1", *CALIB],
+    "baseline": ["baseline", "layer-drop", "{model}", "--out", "{out}", "--layers", "1", *CALIB[:-1]],
+    "compare": ["compare", "{model}", "--out", "{out}", "--budget", "0.9", "--methods", "layer-drop", *CALIB[:-1]],
+    "sweep": ["sweep", "{model}", "--out", "{out}", "--layers", "1", *CALIB[:-1]],
+    "finetune": ["finetune", "{condensed}", "--data", str(DEMO_TEXT), "--out", "{out}", "--quiet"],
+}
+
+
+@pytest.mark.parametrize("command", list(EVAL_TOKENS))
+@pytest.mark.parametrize("tokens", ["-5", "1"])
+def test_eval_tokens_is_read_the_same_everywhere(tiny_model_dir, condensed, tmp_path, no_model_load, command, tokens):
+    """--eval-tokens -5 scored a truncated first document; one parser for every command: 0 is the whole text,
+    a negative count or 1 is refused before any work."""
+    out = tmp_path / "out"
+    values = {"model": str(tiny_model_dir), "condensed": str(condensed), "out": str(out)}
+    args = [a.format(**values) for a in EVAL_TOKENS[command]]
+    refused(runner.invoke(app, [*args, "--eval-text", str(DEMO_TEXT), "--eval-tokens", tokens]),
+            f"--eval-tokens must be at least 2 (or 0 for the whole text), got {tokens}")
+    assert not out.exists()
+
+
+def test_eval_tokens_0_is_the_whole_text_in_condense_too(tiny_model_dir, tmp_path):
+    """condense refused --eval-tokens 0, which compare, sweep, baseline and finetune read as the whole file."""
+    from cdmoe.models.loading import load_tokenizer
+    from cdmoe.search.calibration import read_documents
+
+    text = tmp_path / "held-out.txt"
+    docs = read_documents(DEMO_TEXT)[:20]
+    text.write_text("\n\n".join(docs))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["condense", str(tiny_model_dir), "--out", str(out), "--layers", "1", *CALIB,
+                                 "--eval-text", str(text), "--eval-tokens", "0"])
+    assert result.exit_code == 0, result.output
+    tokenizer = load_tokenizer(tiny_model_dir)
+    whole = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs)  # + EOS per document
+    assert json.loads((out / "cdmoe.json").read_text())["evaluation"]["tokens"] == whole
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ppl-seq-len", "100000"], "--ppl-seq-len 100000 exceeds the model's 256 positions"),
+    (["--ppl-tokens", "-5"], "--ppl-tokens must be at least 2 (or 0 for the whole text), got -5"),
+])
+def test_eval_refuses_windows_and_counts_it_cannot_score(tiny_model_dir, tmp_path, no_model_load, args, message):
+    """--ppl-seq-len 100000 on a 256-position model wrote a perplexity with exit 0."""
+    out = tmp_path / "e.json"
+    refused(runner.invoke(app, ["eval", str(tiny_model_dir), "--tasks", "none", "--ppl-text", str(DEMO_TEXT),
+                                "--out", str(out), *args]), message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("method,args,message", [
+    ("layer-drop", ["--layers", "1", "--keep-experts", "3"], "layer-drop does not use --keep-experts"),
+    ("expert-drop", ["--keep-experts", "3", "--layers", "1"], "expert-drop does not use --layers"),
+    ("slim", ["--quantize", "int8", "--layers", "1"], "slim does not use --layers"),
+])
+def test_an_option_the_method_does_not_use_is_refused(tiny_model_dir, tmp_path, no_model_load, method, args, message):
+    """layer-drop silently ignored --keep-experts."""
+    out = tmp_path / "out"
+    refused(runner.invoke(app, ["baseline", method, str(tiny_model_dir), "--out", str(out), *CALIB[:-1], *args]),
+            message)
+    assert not out.exists()
+
+
+def test_finetune_refuses_a_file_mixing_formats(condensed, tmp_path):
+    """A .jsonl of 5 text, 5 instruction and 5 MMLU records trained on the 5 text records and said nothing."""
+    data = tmp_path / "mixed.jsonl"
+    rows = ([{"text": "the cat sat on the mat " * 20}] * 5
+            + [{"instruction": "say ok", "input": "", "output": "ok", "answer": "ok"}] * 5
+            + [{"question": "2 + 2?", "choices": ["3", "4"], "answer": 1}] * 5)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ft"
+    for extra, message in (([], "record 6 is a commonsense record, record 1 is text"),
+                           (["--format", "text"], "record 6 is a commonsense record, --format is text")):
+        refused(runner.invoke(app, ["finetune", str(condensed), "--data", str(data), "--out", str(out), "--steps", "1",
+                                    "--quiet", *extra]), message)
+    assert not out.exists() and not (tmp_path / "ft.checkpoints").exists()

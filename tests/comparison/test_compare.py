@@ -121,3 +121,42 @@ def test_compare_task_scores_equal_cdmoe_eval(tiny_model_dir, tmp_path):
         for task, value in direct.items():
             assert row["tasks"][task] == pytest.approx(value, rel=1e-4)
     assert "cdmoe_demo_cloze (%)" in (out / "compare.md").read_text()
+
+
+def test_compare_without_eval_text_or_tasks_scores_what_it_measured(tiny_model_dir, tmp_path):
+    """As the README's synopsis writes it (no --eval-text, no --tasks): every point was built, then the plot
+    crashed ("Number of columns must be a positive integer, not 0") and nothing was written. Now the table
+    has the measured memory and speed-up, the plot the speed-up against memory."""
+    from typer.testing import CliRunner
+
+    from cdmoe.cli import app
+
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", str(tiny_model_dir), "--out", str(out), "--budget", "0.9",
+                                      "--methods", "layer-drop", "--calib", str(DEMO_CALIB), "--samples", "2",
+                                      "--seq-len", "16"])
+    assert result.exit_code == 0, result.output
+    original, point = json.loads((out / "compare.json").read_text())["rows"]
+    assert point["method"] == "layer-drop" and "ppl" not in point and "tasks" not in point
+    assert point["memory_ratio"] == pytest.approx(disk_bytes(out / point["dir"]) / disk_bytes(tiny_model_dir))
+    assert point["speedup"] > 0 and original["speedup"] == 1.0
+    assert f"| layer-drop | N={point['knob']} |" in (out / "compare.md").read_text()
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("job", ["compare", "sweep"])
+def test_unreadable_calibration_is_refused_before_the_weights_load(tiny_model_dir, tmp_path, monkeypatch, job):
+    import cdmoe.comparison.compare as compare_module
+    import cdmoe.comparison.sweep as sweep_module
+    from cdmoe.search.run import SearchOptions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    module = compare_module if job == "compare" else sweep_module
+    monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    calib = CalibSpec("no-such-org/no-such-dataset", 4, 32, 0)
+    with pytest.raises(CdmoeError, match="cannot read calibration dataset"):
+        if job == "compare":
+            compare(tiny_model_dir, tmp_path / "out", [0.8], parse_methods("expert-drop"), calib)
+        else:
+            sweep_module.sweep(tiny_model_dir, tmp_path / "out", [1], SearchOptions(layers=1), calib)
+    assert not (tmp_path / "out").exists()

@@ -74,6 +74,29 @@ def test_expert_drop_keeping_all_experts_in_any_order_equals_original(name):
     torch.testing.assert_close(logits(reduced, ids), reference, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["qwen3_moe", "olmoe", "qwen2_moe", "mixtral", "deepseek_v2"])
+def test_expert_drop_to_fewer_experts_keeps_exactly_the_chosen_ones(name):
+    """E' < E: the config says E', every block has E' experts, expert j is old expert keep[j] and the
+    router has the kept rows (qwen3_moe's config stores the count as num_local_experts)."""
+    model = make_tiny(name)
+    plans = []
+    for block in moe_blocks(model):
+        keep = sorted(torch.randperm(block.num_experts, generator=torch.Generator().manual_seed(3))[:3].tolist())
+        mix = torch.zeros(3, block.num_experts, dtype=torch.float64)
+        mix[torch.arange(3), torch.tensor(keep)] = 1.0
+        plans.append(ExpertPlan(block.layer_idx, mix, tuple(keep)))
+    reduced = reduce_experts(model, plans)
+    spec = family_spec(reduced)
+    assert {getattr(reduced.config, k) for k in spec.num_experts_keys if getattr(reduced.config, k, None)} == {3}
+    for plan, old, new in zip(plans, moe_blocks(model), moe_blocks(reduced)):
+        assert new.num_experts == 3
+        torch.testing.assert_close(new.router_weight, old.router_weight[list(plan.router_rows)], rtol=0, atol=0)
+        for j, e in enumerate(plan.router_rows):
+            for new_w, old_w in zip(new.expert_weights(j), old.expert_weights(e), strict=True):
+                torch.testing.assert_close(new_w, old_w, rtol=0, atol=0)
+    assert reduced(input_ids=ids_for(reduced), use_cache=False).logits.shape[-1] == model.config.vocab_size
+
+
 def test_msmoe_restricted_groups_and_merged_weights():
     model = make_tiny("deepseek_v2")
     stats = calibration_stats(model, ids_for(model, n=4, s=16))
@@ -129,3 +152,14 @@ def test_bad_baseline_options():
     stats = calibration_stats(model, ids_for(model))
     with pytest.raises(CdmoeError, match="out of range"):
         apply_baseline(model, stats, BaselineOptions("expert-drop", keep_experts=1))
+
+
+def test_unreadable_calibration_is_refused_before_the_weights_load(tiny_model_dir, tmp_path, monkeypatch):
+    import cdmoe.methods.baselines as baselines
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(baselines, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(CdmoeError, match="cannot read calibration dataset"):
+        run_baseline(tiny_model_dir, tmp_path / "out", BaselineOptions("expert-drop", keep_experts=5),
+                     CalibSpec("no-such-org/no-such-dataset", 4, 32, 0))
+    assert not (tmp_path / "out").exists()

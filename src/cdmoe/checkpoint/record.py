@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import PreTrainedModel
+
 from ..errors import CdmoeError
 from ..models.adapter import family_spec
 from ..models.budget import model_params
@@ -30,7 +32,8 @@ def family_name(model) -> str:
     return cdmoe["base_model_type"] if cdmoe else model.config.model_type
 
 
-def condense_layers(model, choices: list[LayerChoice], *, base_model: str | None = None, search: dict | None = None) -> dict:
+def condense_layers(model: PreTrainedModel, choices: list[LayerChoice], *, base_model: str | None = None,
+                    search: dict | None = None) -> dict:
     """Condense ``choices`` into ``model`` in place; return the record describing it."""
     spec = family_spec(model)
     params = model_params(model)
@@ -38,7 +41,8 @@ def condense_layers(model, choices: list[LayerChoice], *, base_model: str | None
         raise CdmoeError("this model is already condensed; condense the original model instead")
     if getattr(model, PLAN_ATTR, None) is None:  # how it will be saved, fixed while its names are the source's
         attach_storage_plan(model, None)
-    itemsize = plan_of(model).default.itemsize  # bytes as stored (the checkpoint's dtype), not as computed
+    plan = plan_of(model)
+    itemsize = plan.default.itemsize  # bytes as stored (the checkpoint's dtype), not as computed
     condense_model(model, choices)
     summary = params.summary({c.layer: len(c.experts) for c in choices}, bytes_per_param=itemsize)
     return {
@@ -53,6 +57,7 @@ def condense_layers(model, choices: list[LayerChoice], *, base_model: str | None
             for c in sorted(choices, key=lambda c: c.layer)
         ],
         "params": summary,
+        **plan.record(),  # a quantised source: what the output keeps of it
         "search": search or {},
     }
 

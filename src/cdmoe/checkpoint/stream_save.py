@@ -27,6 +27,7 @@ import torch
 
 from ..memory.layer_store import INDEX_NAME, SINGLE_NAME, SequentialStore
 from ..models.condensed import LayerChoice
+from .fp8_output import encode_fp8, family_layout, fp8_config, new_names_in_source_layout
 
 __all__ = ["condensed_skeleton", "write_streamed"]
 
@@ -64,8 +65,13 @@ def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice],
     cast: dict[tuple, torch.Tensor] = {}  # tied tensors (embeddings / lm_head) must stay one tensor after the cast
     rest = {k: cast.setdefault((v.data_ptr(), v.shape), v.to(storage.dtype_for(k, v)))
             for k, v in store.model.state_dict().items() if not k.startswith(prefix + ".")}
+    fp8 = storage.fp8 is not None  # an FP8 output (fp8_output.py): the source's layout, fp8 weights encoded
+    new = new_names_in_source_layout(skeleton, storage) if fp8 else set()
+    if fp8:
+        rest = encode_fp8(rest, storage, new)
     # save_pretrained writes config, generation config and code, and the non-layer tensors as model.safetensors
-    skeleton.save_pretrained(directory, state_dict=rest, max_shard_size="10000GB")
+    with fp8_config(skeleton, storage):
+        skeleton.save_pretrained(directory, state_dict=rest, max_shard_size="10000GB")
     rest_file = shard.format(n + 1, n + 1)
     (directory / SINGLE_NAME).rename(directory / rest_file)
     with_original_keys = getattr(skeleton.config, "cdmoe", None) is None  # native format: per-expert keys, as saved whole
@@ -79,7 +85,9 @@ def write_streamed(store: SequentialStore, skeleton, choices: list[LayerChoice],
             with store.resident(idx) as layer:
                 tensors = {name: v.to(storage.dtype_for(name, v)).contiguous()
                            for name, v in ((f"{prefix}.{idx}.{k}", v) for k, v in layer.state_dict().items())}
-            if with_original_keys:
+            if fp8:
+                tensors = encode_fp8(family_layout(skeleton, tensors), storage, new)
+            elif with_original_keys:
                 tensors = revert_weight_conversion(skeleton, tensors)
             save_file(tensors, directory / shard.format(idx + 1, n + 1), metadata={"format": "pt"})
             weight_map.update({k: shard.format(idx + 1, n + 1) for k in tensors})

@@ -19,7 +19,9 @@ import json
 import shutil
 from pathlib import Path
 
-from ..io.output_dir import STATE_DIR, atomic_output_dir, check_output_dir, partial_dir
+from transformers import PreTrainedModel
+
+from ..io.output_dir import STATE_DIR, atomic_output_dir, check_output_dir, partial_dir, write_output_file
 from .record import RECORD_NAME
 
 __all__ = ["STATE_DIR", "atomic_output_dir", "check_output_dir", "partial_dir", "save", "save_condensed", "versions",
@@ -99,11 +101,14 @@ def save_condensed(
     it is moved into place.
     """
     from ..models.storage_dtypes import cast_to_storage, plan_of
+    from .fp8_output import save_weights
 
+    plan = None
     if not getattr(model, "is_quantized", False):  # a quantised model is written as transformers loaded it
-        cast_to_storage(model, storage if storage is not None else plan_of(model, source))
+        plan = storage if storage is not None else plan_of(model, source)
+        cast_to_storage(model, plan)
     with atomic_output_dir(out, force=force, inputs=(source, *inputs)) as tmp:
-        write_condensed(tmp, record, lambda d: model.save_pretrained(d, max_shard_size=max_shard_size),
+        write_condensed(tmp, record, lambda d: save_weights(model, d, plan, max_shard_size),
                         tokenizer=tokenizer, source=source, extra_files=extra_files)
     return Path(out)
 
@@ -112,10 +117,10 @@ def write_record(directory: str | Path, record: dict) -> None:
     """Rewrite the record of a finished output directory (e.g. to add measurements)."""
     path = Path(directory) / RECORD_NAME
     previous = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**record, "versions": previous.get("versions", versions())}, indent=2) + "\n")
+    write_output_file(path, json.dumps({**record, "versions": previous.get("versions", versions())}, indent=2) + "\n")
 
 
-def save(model, out: str | Path, record: dict, *, tokenizer=None, source: str | Path | None = None,
+def save(model: PreTrainedModel, out: str | Path, record: dict, *, tokenizer=None, source: str | Path | None = None,
          force: bool = False, extra_files=None, storage=None, inputs=()) -> Path:
     """Write the condensed model, tokenizer, record and model card to ``out`` (atomically).
 

@@ -135,7 +135,7 @@ def compare(
         measure_rss=peak_rss,
         task_batch_size=task_batch_size,
         device=device,
-        progress=lambda msg: console.print(msg, highlight=False, markup=False),
+        progress=lambda msg: console.print(msg, highlight=False),
     )
     print((out / "compare.md").read_text())
     out_console.print(f"wrote {out / 'compare.md'}, {out / 'compare.json'}, {result['plot']}")

@@ -30,7 +30,9 @@ def eval_cmd(
     ppl_stride: Annotated[
         Optional[int], typer.Option(help="perplexity stride (default: the window; non-overlapping)")
     ] = None,
-    ppl_tokens: Annotated[Optional[int], typer.Option(help="max tokens of --ppl-text")] = None,
+    ppl_tokens: Annotated[
+        Optional[int], typer.Option(help="max tokens of --ppl-text (default or 0: the whole text)")
+    ] = None,
     force: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
     backend: Annotated[
         str, typer.Option(help="hf: transformers in this process | vllm: lm-eval's vLLM model in the vLLM venv")
@@ -125,12 +127,13 @@ def measure(
 @_friendly
 def report(
     dirs: Annotated[list[Path], typer.Argument(help="cdmoe output directories")],
-    out: Annotated[Path, typer.Option(help="where report.json and the plots go")] = Path("report"),
+    out: Annotated[Path, typer.Option(help="output directory for report.json and the plots")] = Path("report"),
+    force: Annotated[bool, typer.Option(help="replace --out if an earlier report is there")] = False,
 ):
     """Gather condense records and evaluations of output directories into report.json and PNG plots."""
-    from ..comparison.report import build_report
+    from ..comparison.report import write_report
 
-    print_report(build_report(dirs, out), out)
+    print_report(write_report(dirs, out, force), out)
 
 
 def print_report(result: dict, out: Path) -> None:

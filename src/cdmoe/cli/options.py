@@ -7,11 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import CdmoeError
 
-console = Console(stderr=True)
-out_console = Console()
+# markup off: messages, paths and hints hold brackets (pip install 'cdmoe[quant]') that rich would eat as tags
+console = Console(stderr=True, markup=False)
+out_console = Console(markup=False)
 
 # options shared by several commands
 Experts = Annotated[Optional[int], typer.Option(help="K routed experts kept per layer (default: top-k)")]
@@ -23,7 +25,7 @@ Seed = Annotated[int, typer.Option(help="calibration sampling seed")]
 Metric = Annotated[str, typer.Option(help="search metric: js | kl | ppl")]
 Final = Annotated[str, typer.Option(help="final-output distribution for layer search: hidden | logits")]
 EvalText = Annotated[Optional[str], typer.Option(help="held-out text for perplexity before/after")]
-EvalTokens = Annotated[int, typer.Option(help="max tokens of --eval-text")]
+EvalTokens = Annotated[int, typer.Option(help="max tokens of --eval-text (0: the whole text)")]
 Dtype = Annotated[str, typer.Option(help="compute dtype: auto (the checkpoint's on a GPU, fp32 on CPU) | bf16 | fp16 | "
                                           "fp32 | tf32 (fp32 with TF32 matmuls on a GPU)")]
 Device = Annotated[str, typer.Option(help="auto (GPU if present, else CPU; several GPUs: the model spread over all) | "
@@ -61,7 +63,7 @@ def _friendly(fn):
             with trust_remote_code(kwargs.get("trust_remote_code", False)), matmul_precision(kwargs.get("dtype")):
                 return fn(*args, **kwargs)
         except CdmoeError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            console.print(Text("error:", style="bold red"), str(err), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,10 @@ import torch
 from ..checkpoint.record import condense_layers
 from ..checkpoint.writer import atomic_output_dir, check_output_dir, save
 from ..errors import CdmoeError
+from ..evaluation.lmeval import check_tasks
 from ..evaluation.measure import disk_bytes, peak_rss
-from ..evaluation.perplexity import perplexity, token_stream
+from ..evaluation.perplexity import perplexity, token_limit, token_stream
+from ..io.write_rule import work_dir
 from ..methods.baselines import (
     BaselineOptions,
     apply_baseline,
@@ -87,15 +88,19 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
         raise CdmoeError("--budget takes memory ratios in (0, 1], e.g. 0.8,0.6")
     resolve_device(device)
     out = Path(out)
+    token_limit(eval_tokens)
+    for method in methods:  # every optional package the run will need, before any point is computed
+        check_quantize(method.quantize, f"{method.name} in --methods")
+    check_tasks(tasks, task_text)
     check_inputs(model, calib, {"--eval-text": eval_text, "--task-text": task_text})
     for scheme in sorted({m.quantize for m in methods if m.quantize}):
-        check_quantize(scheme, model)  # installed, and fits the model's widths
+        check_quantize(scheme, model=model)  # fits the model's widths
     inputs = (model, calib.source, eval_text, task_text)
     check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)
+    calib_ids = load_calibration(tokenizer, calib)  # an unreadable source is refused before the weights load
     base = load_model(model, dtype=dtype, device=device)
     params = model_params(base)
-    calib_ids = load_calibration(tokenizer, calib)
     stats = calibration_stats(base, calib_ids, reap=any(m.base == "reap" for m in methods))
     del base  # every point loads its own copy
     first = params.layers[0]
@@ -187,7 +192,7 @@ class _Scorer:
         if self.stream is not None:
             scores["ppl"] = perplexity(model, self.stream, self.seq_len)
         if self.tasks:
-            with tempfile.TemporaryDirectory(prefix="cdmoe-tasks-") as work:
+            with work_dir("cdmoe-tasks-", "lm-eval task files") as work:
                 names, include = resolve_tasks(self.tasks, self.task_text, Path(work))
                 scores["tasks"] = summarize(evaluate(model, self.tokenizer, names, include,
                                                      batch_size=self.task_batch_size))
@@ -272,7 +277,8 @@ def markdown_table(result: dict) -> str:
 
 
 def plot_compare(result: dict, path: Path) -> Path:
-    """Every method's points against measured memory: perplexity, and average accuracy when tasks ran."""
+    """Every method's points against measured memory: perplexity, and average accuracy when tasks ran (neither
+    scored: the prefill speed-up)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,7 +289,8 @@ def plot_compare(result: dict, path: Path) -> Path:
         by_method.setdefault(row["method"], []).append(row)
     panels = [(lambda r: r.get("ppl"), "held-out perplexity (lower is better)"),
               (_average, "average accuracy (%, higher is better)")]
-    panels = [(value, label) for value, label in panels if any(value(r) is not None for r in result["rows"])]
+    panels = [(value, label) for value, label in panels if any(value(r) is not None for r in result["rows"])] or [
+        (lambda r: r.get("speedup"), "prefill speed-up (x; no --eval-text or --tasks: quality not scored)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     markers = "os^vD<>pPX*hH+x"
     for ax, (value, label) in zip(axes[0], panels):

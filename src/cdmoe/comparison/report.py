@@ -16,10 +16,10 @@ from pathlib import Path
 from ..checkpoint.record import read_record
 from ..errors import CdmoeError
 from ..evaluation.plots import _pyplot, plot_single_layer_scores
-from ..io.output_dir import check_parents
+from ..io.output_dir import atomic_output_dir
 from ..models.input_checks import read_json_object
 
-__all__ = ["collect", "build_report"]
+__all__ = ["collect", "build_report", "write_report"]
 
 
 def _read(path: Path) -> dict | None:
@@ -111,14 +111,12 @@ def _plot_experts(row: dict, path: Path) -> Path:
 
 
 def build_report(directories: list[str | Path], out: str | Path) -> dict:
-    """Write ``report.json`` and PNG plots for ``directories`` into ``out``; return the report."""
+    """Write ``report.json`` and PNG plots for ``directories`` into the directory ``out`` (created); return the report.
+    (A command writing a report on its own goes through :func:`write_report`.)"""
     if not directories:
         raise CdmoeError("pass at least one cdmoe output directory")
     rows = sorted((collect(d) for d in directories), key=lambda r: -r["memory_ratio"])
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CdmoeError(f"--out {out} is a file; pass a directory for report.json and the plots")
-    check_parents(out.resolve(), out)
     out.mkdir(parents=True, exist_ok=True)
     plots = {}
     made = _plot_quality(rows, "memory_ratio", "memory ratio (condensed / original parameters)",
@@ -136,3 +134,12 @@ def build_report(directories: list[str | Path], out: str | Path) -> dict:
               "plots": plots}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def write_report(directories: list[str | Path], out: str | Path, force: bool = False) -> dict:
+    """``cdmoe report``: :func:`build_report` into the output directory ``out`` (atomically; never into or
+    around the directories read, and an earlier report replaced only with ``force``)."""
+    if not directories:
+        raise CdmoeError("pass at least one cdmoe output directory")
+    with atomic_output_dir(out, force, inputs=directories) as work:
+        return build_report(directories, work)

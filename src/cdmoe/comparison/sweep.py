@@ -14,7 +14,7 @@ from pathlib import Path
 from ..checkpoint.record import condense_layers
 from ..checkpoint.writer import atomic_output_dir, check_output_dir, save
 from ..errors import CdmoeError
-from ..evaluation.perplexity import perplexity, token_stream
+from ..evaluation.perplexity import perplexity, token_limit, token_stream
 from ..methods.condense import EvalOptions
 from ..models.input_checks import check_inputs
 from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
@@ -37,12 +37,13 @@ def sweep(model: str | Path, out: str | Path, layer_counts: list[int], search: S
     out = Path(out)
     search.check()
     resolve_device(device)
+    token_limit(evaluation.max_tokens)
     check_inputs(model, calib, {"--eval-text": evaluation.text})
     inputs = (model, calib.source, evaluation.text)
     check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)
+    calib_ids = load_calibration(tokenizer, calib)  # an unreadable source is refused before the weights load
     base = load_model(model, dtype=dtype, device=device)
-    calib_ids = load_calibration(tokenizer, calib)
     result = run_search(base, calib_ids, replace(search, layers=counts[-1]), progress)
     stream = token_stream(tokenizer, evaluation.text, evaluation.max_tokens) if evaluation.text else None
     original_ppl = perplexity(base, stream, evaluation.seq_len or calib.seq_len) if stream is not None else None

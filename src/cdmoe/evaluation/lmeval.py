@@ -8,12 +8,13 @@ runs no lm-eval task; any other value is a comma-separated list of lm-eval task 
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 from ..errors import CdmoeError
+from ..io.optional_deps import require
+from ..io.write_rule import work_dir
 
-__all__ = ["PAPER_TASKS", "resolve_tasks", "evaluate", "summarize"]
+__all__ = ["PAPER_TASKS", "check_tasks", "resolve_tasks", "evaluate", "summarize"]
 
 PAPER_TASKS = ["arc_challenge", "boolq", "hellaswag", "mmlu", "openbookqa", "piqa", "rte", "winogrande"]
 # the headline metric per task, as the paper's tables report them
@@ -27,22 +28,34 @@ def resolve_tasks(tasks: str, task_text: str | Path | None, workdir: Path) -> tu
     if tasks == "paper":
         return PAPER_TASKS, None
     if tasks == "demo":
-        text = Path(task_text) if task_text else Path("demo/data/test.txt.gz")
-        if not text.exists():
-            raise CdmoeError(f"--task-text {text} does not exist; pass the held-out text the demo tasks are built from")
-        return [CLOZE_TASK, PPL_TASK], str(build_demo_tasks(text, workdir))
+        return [CLOZE_TASK, PPL_TASK], str(build_demo_tasks(demo_task_text(task_text), workdir))
     return [t.strip() for t in tasks.split(",") if t.strip()], None
+
+
+def demo_task_text(task_text: str | Path | None) -> Path:
+    """The held-out text ``--tasks demo`` is built from (default: the demo's test text), checked."""
+    text = Path(task_text) if task_text else Path("demo/data/test.txt.gz")
+    if not text.exists():
+        raise CdmoeError(f"--task-text {text} does not exist; pass the held-out text the demo tasks are built from")
+    return text
+
+
+def check_tasks(tasks: str | None, task_text: str | Path | None) -> None:
+    """What ``tasks`` will need, checked before any work: lm-eval installed, the demo tasks' text."""
+    if tasks and tasks != "none":
+        require("lm_eval", "lm-eval tasks (--tasks)")
+    if tasks == "demo":
+        demo_task_text(task_text)
 
 
 def evaluate(model, tokenizer, tasks: list[str], include_path: str | None = None, limit: int | None = None,
              batch_size: str | int = "auto", seed: int = 0) -> dict:
     """Run lm-eval on ``model``; return its results dict (``results``, ``n-samples``, ``config``...)."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise CdmoeError("lm-eval is not installed; pip install 'cdmoe[eval]'") from None
+    require("lm_eval", "lm-eval tasks (--tasks)")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
@@ -86,21 +99,20 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
     ``tensor_parallel_size`` and ``max_model_len`` when given (vLLM's defaults: 1, the model's length).
     ``device``: where the hf backend computes (:func:`cdmoe.models.placement.place`).
     """
-    from ..models.placement import resolve_device
-
     from ..io.output_dir import check_output_file, write_output_file
     from ..models.input_checks import check_inputs
     from ..models.loading import load_model, load_tokenizer
-    from .perplexity import perplexity, token_stream
+    from ..models.placement import resolve_device
+    from .perplexity import perplexity, token_limit, token_stream
 
     if batch_size != "auto" and not (str(batch_size).isdigit() and int(batch_size) >= 1):
         raise CdmoeError(f"--batch-size takes a positive integer or auto, got {batch_size!r}")
     for option, value, least in (("--ppl-seq-len", ppl_seq_len, 2), ("--ppl-stride", ppl_stride, 1),
-                                 ("--ppl-tokens", ppl_tokens, 2), ("--limit", limit, 1),
-                                 ("--tensor-parallel-size", tensor_parallel_size, 1),
+                                 ("--limit", limit, 1), ("--tensor-parallel-size", tensor_parallel_size, 1),
                                  ("--max-model-len", max_model_len, 1)):
         if value is not None and value < least:
             raise CdmoeError(f"{option} must be at least {least}, got {value}")
+    ppl_tokens = token_limit(ppl_tokens, "--ppl-tokens")
     if ppl_stride is not None and ppl_stride > ppl_seq_len:
         raise CdmoeError(f"--ppl-stride {ppl_stride} is larger than --ppl-seq-len {ppl_seq_len}; tokens would be skipped")
     if backend not in ("hf", "vllm"):
@@ -113,7 +125,9 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
                          "--tasks (the demo tasks include a perplexity task)")
     if backend == "hf":
         resolve_device(device)
-    check_inputs(model_path, texts={"--ppl-text": ppl_text, "--task-text": task_text})
+        check_tasks(tasks, task_text)
+    check_inputs(model_path, texts={"--ppl-text": ppl_text, "--task-text": task_text},
+                 seq_lens={"--ppl-seq-len": ppl_seq_len} if ppl_text else None, quantized=True)
     target = check_output_file(out or "eval.json", force, inputs=(model_path, task_text, ppl_text))
     if backend == "vllm":
         from .lmeval_vllm import evaluate_vllm, vllm_python as find_vllm_python
@@ -124,7 +138,7 @@ def run_eval(model_path: str | Path, tasks: str = "paper", task_text: str | None
         tokenizer = load_tokenizer(model_path)
     result: dict = {"results": {}, "tasks": []}
     if tasks != "none":
-        with tempfile.TemporaryDirectory(prefix="cdmoe-tasks-") as work:
+        with work_dir("cdmoe-tasks-", "lm-eval task files") as work:
             names, include = resolve_tasks(tasks, task_text, Path(work))
             if backend == "vllm":
                 result = evaluate_vllm(model_path, names, include, limit, batch_size, dtype, python=interpreter,

@@ -19,11 +19,23 @@ import torch.nn.functional as F
 from ..errors import CdmoeError
 from ..search.calibration import read_documents
 
-__all__ = ["token_stream", "perplexity"]
+__all__ = ["token_limit", "token_stream", "perplexity"]
+
+
+def token_limit(value: int | None, option: str = "--eval-tokens") -> int | None:
+    """The one reading of every max-tokens option (``--eval-tokens``, ``--ppl-tokens``): None or 0 is the
+    whole text (returned as None); a negative count or 1 (no token to predict) is a one-line error."""
+    if value is None or value == 0:
+        return None
+    if value < 2:
+        raise CdmoeError(f"{option} must be at least 2 (or 0 for the whole text), got {value}")
+    return value
 
 
 def token_stream(tokenizer, source: str | Path, max_tokens: int | None = None, option: str = "--eval-text") -> torch.Tensor:
-    """One long (N,) stream of token ids from a text source (``option``: the flag that named it, for errors)."""
+    """One long (N,) stream of token ids from a text source (``option``: the flag that named it, for errors),
+    at most ``max_tokens`` long (None or 0: the whole text)."""
+    max_tokens = token_limit(max_tokens, option.replace("-text", "-tokens"))
     path = Path(source)
     if path.exists() or path.suffix:
         docs = read_documents(path, option)

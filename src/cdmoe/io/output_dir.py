@@ -1,18 +1,18 @@
-"""Output directories that never lose a user's data: checked, locked, written atomically.
+"""Output directories and result files that never lose a user's data: checked, locked, written atomically.
 
-Every command that writes a directory goes through :func:`atomic_output_dir`:
+Every command that writes a directory goes through :func:`atomic_output_dir`, every result file through
+:func:`check_output_file` / :func:`write_output_file`:
 
-- **checked first** (:func:`check_output_dir`, also called before any heavy work): paths are
-  resolved; an output that is, contains or lies inside the model or any other input, or that
-  is or contains the current directory, is refused, ``--force`` or not; an existing output is
-  replaced only with ``--force`` and only if cdmoe wrote it (it holds one of
-  :data:`OUTPUT_MARKERS`); a file in the way or a parent that is a file is refused;
-- **locked**: the work happens in ``.OUT.partial/`` beside ``OUT`` (:func:`partial_dir`), on
-  which the run holds an exclusive ``flock`` with its pid in ``.OUT.partial/.lock``; a second
-  run into the same ``OUT`` stops with a one-line error naming that pid;
-- **atomic**: ``OUT`` appears (renamed from the partial directory) only when everything was
-  written; on failure the partial directory is removed, unless it holds resumable search
-  progress (``state/``), which a rerun of the same command continues. A full disk says so.
+- **checked first** by the one rule of :mod:`cdmoe.io.write_rule` (also called before any heavy
+  work): never the current directory or a parent of it, never an input or inside or around one, never
+  over a file without ``--force``, and an existing directory only with ``--force`` and only if it is an
+  output cdmoe wrote (its manifest lists every file in it);
+- **locked**: the work happens in ``.OUT.partial/`` beside ``OUT`` (:func:`partial_dir`, a work
+  directory carrying cdmoe's marker), on which the run holds an exclusive ``flock`` with its pid in
+  ``.OUT.partial/.lock``; a second run into the same ``OUT`` stops with a one-line error naming that pid;
+- **atomic**: ``OUT`` appears (renamed from the partial directory, with its manifest) only when
+  everything was written; on failure the partial directory is removed, unless it holds resumable search
+  progress (``state/``), which a rerun of the same command continues. A full disk says so in one line.
 """
 
 from __future__ import annotations
@@ -26,66 +26,36 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import CdmoeError
+from .write_rule import (
+    WORK_MARKER,
+    check_write_path,
+    claim_work_dir,
+    is_work_dir,
+    mark_work_dir,
+    resolved,
+    write_manifest,
+)
 
-__all__ = ["LOCK_NAME", "OUTPUT_MARKERS", "STATE_DIR", "atomic_output_dir", "check_output_dir", "check_output_file",
-           "check_parents", "partial_dir", "write_output_file"]
+__all__ = ["LOCK_NAME", "STATE_DIR", "atomic_output_dir", "check_output_dir", "check_output_file", "partial_dir",
+           "write_error", "write_output_file"]
 
 STATE_DIR = "state"  # resumable search progress inside the partial directory
 LOCK_NAME = ".lock"  # the pid of the run holding the partial directory
-OUTPUT_MARKERS = ("cdmoe.json", "compare.json", "sweep.json")  # a directory holding one was written by cdmoe
 
 
-def _resolved(path: str | Path) -> Path:
-    return Path(path).expanduser().resolve()
-
-
-def _overlap(a: Path, b: Path) -> bool:
-    """``a`` is ``b``, contains it or lies inside it."""
-    return a == b or a in b.parents or b in a.parents
-
-
-def check_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """Fail fast (before any heavy work) if writing ``out`` could destroy data; return ``out`` resolved.
+def check_output_dir(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = (),
+                     option: str = "--out") -> Path:
+    """Fail fast (before any heavy work) if writing the directory ``out`` could destroy data; return it resolved.
 
     ``inputs``: the paths the command reads (model, record, data files); hub ids and other
     names that are not local paths are ignored.
     """
-    target = _resolved(out)
-    cwd = Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
-        raise CdmoeError(f"--out {out} is {'the current directory' if target == cwd else 'a parent of the current directory'}; "
-                         "choose a new directory for the output")
-    for item in inputs:
-        if item is None or not Path(str(item)).expanduser().exists():
-            continue
-        source = _resolved(item)
-        if _overlap(target, source):
-            where = "is" if target == source else ("lies inside" if source in target.parents else "contains")
-            raise CdmoeError(f"--out {out} {where} the input {item}; choose an output directory outside every input")
-    check_parents(target, out)
-    if target.exists():
-        if not target.is_dir():
-            raise CdmoeError(f"output path {out} is a file; choose a directory path for --out")
-        if not force:
-            raise CdmoeError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
-        if not any((target / name).exists() for name in OUTPUT_MARKERS):
-            raise CdmoeError(f"--force replaces only directories cdmoe wrote, and {out} holds no "
-                             f"{' / '.join(OUTPUT_MARKERS)}; remove it yourself or choose another --out")
-    return target
-
-
-def check_parents(target: Path, out) -> None:
-    """Fail if the nearest existing parent of ``target`` is a file."""
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CdmoeError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
-            return
+    return check_write_path(out, option=option, inputs=inputs, force=force, kind="dir")
 
 
 def partial_dir(out: str | Path) -> Path:
     """The deterministic working directory of a run writing ``out`` (beside it, hidden)."""
-    out = _resolved(out)
+    out = resolved(out)
     return out.parent / f".{out.name}.partial"
 
 
@@ -107,7 +77,7 @@ def _locked(directory: Path, out) -> Iterator[None]:
 
 def _clear(directory: Path) -> None:
     for child in directory.iterdir():
-        if child.name != LOCK_NAME:
+        if child.name not in (LOCK_NAME, WORK_MARKER):
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
@@ -121,18 +91,35 @@ def _usual_modes(directory: Path) -> None:
             os.chmod(path, 0o666 & ~mask)
 
 
-def _write_error(err: BaseException, out, full_disk_hint: str) -> CdmoeError | None:
-    """The one-line error for a write into ``out`` that the disk or the permissions stopped (None: another error)."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CdmoeError(f"no space left on the device while writing {out}; {full_disk_hint}")
-    if isinstance(err, PermissionError):
-        return CdmoeError(f"cannot write {out} ({err.strerror}: {err.filename}); choose a writable --out")
+_FULL_DISK = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+
+
+def write_error(err: BaseException, out, full_disk_hint: str, option: str = "--out") -> CdmoeError | None:
+    """The one-line error for a write into ``out`` that the disk or the permissions stopped (None: another error).
+    A full disk is recognised also where a library wraps it (safetensors' ``SafetensorError: ... os error 28``)."""
+    seen, visited = err, set()
+    while seen is not None and id(seen) not in visited:  # the error and the ones it was raised from or during
+        visited.add(id(seen))
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT) or any(
+                text in str(seen).lower() for text in _FULL_DISK):
+            return CdmoeError(f"no space left on the device while writing {out}; {full_disk_hint}")
+        if isinstance(seen, PermissionError):
+            return CdmoeError(f"cannot write {out} ({seen.strerror}: {seen.filename}); choose a writable {option}")
+        seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _claim_partial(tmp: Path, out, option: str) -> None:
+    """Create the partial directory of ``out``, or take one an earlier cdmoe run left (its marker, or,
+    from runs before the marker, its lock file or search state)."""
+    if tmp.is_dir() and not is_work_dir(tmp) and ((tmp / LOCK_NAME).exists() or (tmp / STATE_DIR).is_dir()):
+        mark_work_dir(tmp, "partial output")
+    claim_work_dir(tmp, "partial output", option)
 
 
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, force: bool = False, resumable: bool = False,
-                      inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+                      inputs: Iterable[str | Path | None] = (), option: str = "--out") -> Iterator[Path]:
     """Yield the locked partial directory of ``out``; move it to ``out`` only on success.
 
     ``resumable``: a search state (``state/``) left by an interrupted run is kept for this run
@@ -140,12 +127,9 @@ def atomic_output_dir(out: str | Path, force: bool = False, resumable: bool = Fa
     the directory becomes ``out``. Without it, the directory always starts empty.
     """
     inputs = list(inputs)
-    target = check_output_dir(out, force, inputs)
+    target = check_output_dir(out, force, inputs, option)
     tmp = partial_dir(target)
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CdmoeError(f"cannot create {tmp} for --out {out} ({err.strerror}); choose a writable location") from None
+    _claim_partial(tmp, out, option)
     with _locked(tmp, out):
         keep = resumable and not force and (tmp / STATE_DIR).exists()
         if not keep:
@@ -156,9 +140,11 @@ def atomic_output_dir(out: str | Path, force: bool = False, resumable: bool = Fa
             if resumable:
                 shutil.rmtree(tmp / STATE_DIR, ignore_errors=True)
             (tmp / LOCK_NAME).unlink()
+            (tmp / WORK_MARKER).unlink()
+            write_manifest(tmp)
             _usual_modes(tmp)
             if target.exists():  # appeared while this run worked, or --force
-                check_output_dir(out, force, inputs)
+                check_output_dir(out, force, inputs, option)
                 shutil.rmtree(target)
             tmp.rename(target)
         except BaseException as err:
@@ -169,39 +155,31 @@ def atomic_output_dir(out: str | Path, force: bool = False, resumable: bool = Fa
                 (tmp / LOCK_NAME).unlink(missing_ok=True)
             hint = (f"the search progress is kept in {tmp}: free some space and rerun the same command to resume"
                     if kept else "nothing was written; free some space and rerun")
-            friendly = _write_error(err, out, hint)
+            friendly = write_error(err, out, hint, option)
             if friendly is not None:
                 raise friendly from None
             raise
 
 
-def check_output_file(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """Fail fast if writing the result file ``out`` would replace an input, or an existing file
-    without ``--force``; return ``out`` resolved. (Commands write result files where ``--out``
-    says, by default in the current directory: never into a model directory unasked.)"""
-    target = _resolved(out)
-    for item in inputs:
-        if item is not None and Path(str(item)).expanduser().exists() and target == _resolved(item):
-            raise CdmoeError(f"--out {out} is the input {item}; choose another --out")
-    if target.is_dir():
-        raise CdmoeError(f"--out {out} is a directory; pass a file path such as {Path(out) / 'result.json'}")
-    check_parents(target, out)
-    if target.exists() and not force:
-        raise CdmoeError(f"{out} already exists; choose another --out or pass --force to replace it")
-    return target
+def check_output_file(out: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = (),
+                      option: str = "--out") -> Path:
+    """Fail fast if writing the result file ``out`` would write inside an input or replace an existing
+    file without ``--force``; return ``out`` resolved. (Commands write result files where ``--out``
+    says, by default in the current directory: never into a model directory.)"""
+    return check_write_path(out, option=option, inputs=inputs, force=force, kind="file")
 
 
 def write_output_file(out: str | Path, text: str) -> Path:
     """Write ``text`` to ``out`` atomically (a temporary file beside it, renamed into place)."""
-    target = _resolved(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = resolved(out)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text)
         os.replace(tmp, target)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        friendly = _write_error(err, out, "free some space and rerun")
+        friendly = write_error(err, out, "nothing was written; free some space and rerun")
         if friendly is not None:
             raise friendly from None
         raise

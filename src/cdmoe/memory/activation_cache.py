@@ -13,7 +13,7 @@ size, calibration sequence length, hidden size) in the compute dtype, under a ke
   ``DIR/{kind}-{layer}-{batch}.safetensors`` holding one CPU tensor ``hidden_states`` in the
   same dtype, so a tensor reads back bit for bit. ``DIR`` is a fresh ``cdmoe-activations-*``
   directory made inside the parent given (``cdmoe condense``: ``.OUT.partial/`` or
-  ``--activations-dir``) and removed by :meth:`~DiskActivations.close`.
+  ``--activations-dir``), with cdmoe's work marker, and removed by :meth:`~DiskActivations.close`.
 
 One file per (layer, batch), not per layer: whole mode records batch by batch (one forward
 pass yields every layer's input of one batch) and re-runs go layer by layer, so a file per
@@ -28,13 +28,12 @@ per file).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import CdmoeError
+from ..io.write_rule import new_work_dir, remove_work_dir
 
 __all__ = ["ACTIVATION_BACKENDS", "DIR_PREFIX", "DiskActivations", "MemoryActivations", "activation_cache",
            "check_activations"]
@@ -84,8 +83,7 @@ class DiskActivations:
     def __init__(self, parent: str | Path):
         parent = Path(parent)
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.directory = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=parent))
+            self.directory = new_work_dir(parent, DIR_PREFIX, "activation cache")
         except OSError as err:
             raise CdmoeError(f"cannot create an activation cache in {parent} ({err.strerror}); "
                              "pass --activations-dir with a writable directory") from None
@@ -128,8 +126,8 @@ class DiskActivations:
         return sorted(self.directory.glob("*.safetensors")) if self.directory.exists() else []
 
     def close(self) -> None:
-        """Delete every entry and the directory."""
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Delete every entry and the directory (which carries cdmoe's work marker: nothing else is deleted)."""
+        remove_work_dir(self.directory)
 
     def __enter__(self):
         return self

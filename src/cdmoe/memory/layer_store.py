@@ -101,6 +101,7 @@ class SequentialStore:
         from ..io.remote_code import remote_code_error, trusted
         from ..models import register  # noqa: F401  (condensed checkpoints as input)
         from ..models.adapter import family_spec
+        from ..models.fp8_blocks import declares_fp8
 
         trust_remote_code = trusted() if trust_remote_code is None else trust_remote_code
         self.trust_remote_code = trust_remote_code
@@ -109,8 +110,11 @@ class SequentialStore:
         self.device = torch.device(device)
         self.dtype = dtype
         self.files = checkpoint_tensor_files(self.path)
+        self.fp8 = _block_fp8(self.path)  # fp8 weights are read as their bf16 cast (models/fp8_blocks.py)
         try:
             config = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+            if declares_fp8(getattr(config, "quantization_config", None)):
+                del config.quantization_config  # the layers hold bf16 values; an FP8 output gets it back
             with init_empty_weights(include_buffers=False):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         except ValueError as err:
@@ -158,15 +162,18 @@ class SequentialStore:
         from transformers.modeling_utils import LoadStateDictConfig
         from transformers.utils import logging as hf_logging
 
+        from ..models.fp8_blocks import dequantizing_state
+
         config = LoadStateDictConfig(dtype=self.dtype, device_map={"": str(self.device)},
                                      weight_mapping=get_model_conversion_mapping(self.model))
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         # shards are opened per load and closed after: mapped pages of layers already used must not stay resident
+        scales = [self.fp8.scales[k] for k in keys if k in self.fp8.scales] if self.fp8 is not None else []
         with contextlib.ExitStack() as stack:
             handles = {name: stack.enter_context(safe_open(self.path / name, "pt"))
-                       for name in sorted({self.files[k] for k in keys})}
-            state = {k: handles[self.files[k]].get_slice(k) for k in keys}
+                       for name in sorted({self.files[k] for k in [*keys, *scales]})}
+            state = dequantizing_state(keys, lambda k: handles[self.files[k]].get_slice(k), self.fp8)
             try:
                 info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
             finally:
@@ -241,6 +248,13 @@ class SequentialStore:
         fused = fuse_condensed_mlp(MoEBlock(idx, original, self.spec, self.model.config), experts, gates)
         self._originals[idx] = original
         setattr(layer, self.spec.block_attr, fused)
+
+
+def _block_fp8(path: Path):
+    from ..models.fp8_blocks import block_fp8
+    from ..models.input_checks import read_config
+
+    return block_fp8(path, read_config(path))
 
 
 def _persistent_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -33,7 +33,7 @@ from ..checkpoint.record import RECORD_FORMAT, family_name
 from ..checkpoint.writer import check_output_dir, save, write_record
 from ..errors import CdmoeError
 from ..evaluation.measure import disk_bytes
-from ..evaluation.perplexity import perplexity, token_stream
+from ..evaluation.perplexity import perplexity, token_limit, token_stream
 from ..models.adapter import moe_blocks
 from ..models.budget import model_params
 from ..models.input_checks import check_inputs
@@ -75,6 +75,10 @@ class BaselineOptions:
             raise CdmoeError(f"{self.method} needs --keep-experts E' (routed experts kept per layer)")
         if self.method == "slim" and self.quantize is None:
             raise CdmoeError("slim needs --quantize (w8a8, w4a16, fp8, int8 or int4)")
+        for option, value, users in (("--layers", self.layers, ("layer-drop", "block-drop")),
+                                     ("--keep-experts", self.keep_experts, EXPERT_METHODS)):
+            if value is not None and self.method not in users:
+                raise CdmoeError(f"{self.method} does not use {option} (only {', '.join(users)} do); drop it")
         check_quantize(self.quantize)
         for option, value in (("--layers", self.layers), ("--keep-experts", self.keep_experts)):
             if value is not None and value < 1:
@@ -140,20 +144,21 @@ def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, c
     """Run one baseline end to end on ``model`` (computed on ``device``) and save it to ``out``; return its record."""
     options.validate()
     resolve_device(device)
+    token_limit(eval_tokens)
     check_inputs(model, calib if options.method != "slim" else None, {"--eval-text": eval_text})
-    check_quantize(options.quantize, model)  # the scheme fits the model's widths
+    check_quantize(options.quantize, model=model)  # the scheme fits the model's widths
     inputs = (model, calib.source, eval_text)
     check_output_dir(out, force, inputs)
     started = time.perf_counter()
     tokenizer = load_tokenizer(model)
+    calib_ids = load_calibration(tokenizer, calib) if options.method != "slim" else None  # before the weights load
     loaded = load_model(model, dtype=dtype, device=device)
     if options.method in _EXPERT_PLANS:  # E' out of range: refused before the calibration pass
         for block in moe_blocks(loaded):
             check_kept(block, options.keep_experts)
     stats = None
-    if options.method != "slim":
-        stats = calibration_stats(loaded, load_calibration(tokenizer, calib), options.batch_size,
-                                  reap=options.method == "reap")
+    if calib_ids is not None:
+        stats = calibration_stats(loaded, calib_ids, options.batch_size, reap=options.method == "reap")
     stream = token_stream(tokenizer, eval_text, eval_tokens) if eval_text else None
     evaluation = {}
     if stream is not None:

@@ -58,10 +58,9 @@ GROUP_SIZES = (128, 64, 32)
 
 
 def _ct():
-    try:
-        import compressed_tensors  # noqa: F401
-    except ImportError:
-        raise CdmoeError("--quantize w8a8|w4a16|fp8 needs compressed-tensors; pip install 'cdmoe[quant]'") from None
+    from ..io.optional_deps import require
+
+    require("compressed_tensors", "--quantize w8a8|w4a16|fp8")
 
 
 def check_scheme(name: str, model: str | Path | None = None) -> None:
@@ -83,6 +82,9 @@ def check_scheme(name: str, model: str | Path | None = None) -> None:
     config = load_config(model)
     if isinstance(config, dict):  # a remote-code family whose code is not trusted: checked after loading
         return
+    if getattr(config, "quantization_config", None):  # block FP8 (others are refused by check_inputs)
+        raise CdmoeError(f"{model} is already quantised (block FP8); its outputs keep the source's FP8 bytes and "
+                         f"scales: drop --quantize {name}")
     from ..models import register  # noqa: F401  (cdmoe-format inputs build their condensed structure)
 
     with torch.device("meta"):

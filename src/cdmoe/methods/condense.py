@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -10,12 +9,21 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.fp8_output import save_weights
 from ..checkpoint.record import condense_layers
 from ..checkpoint.stream_save import condensed_skeleton, write_streamed
-from ..checkpoint.writer import STATE_DIR, atomic_output_dir, check_output_dir, write_condensed, write_record
+from ..checkpoint.writer import (
+    STATE_DIR,
+    atomic_output_dir,
+    check_output_dir,
+    partial_dir,
+    write_condensed,
+    write_record,
+)
 from ..errors import CdmoeError
-from ..evaluation.perplexity import perplexity, token_stream
+from ..evaluation.perplexity import perplexity, token_limit, token_stream
 from ..evaluation.plots import plot_single_layer_scores
+from ..io.write_rule import check_write_path, remove_work_dir
 from ..memory.activation_cache import DIR_PREFIX, activation_cache, check_activations
 from ..memory.devices import choose_mode, resolve_device
 from ..memory.layer_store import SequentialStore
@@ -89,11 +97,13 @@ def condense(
     dev = resolve_device(device)
     check_quantize(quantize)
     check_inputs(model, calib, {"--eval-text": evaluation.text})
-    check_quantize(quantize, model)  # the scheme fits the model's widths
-    if evaluation.max_tokens < 2:
-        raise CdmoeError(f"--eval-tokens must be at least 2, got {evaluation.max_tokens}")
+    check_quantize(quantize, model=model)  # the scheme fits the model's widths
+    token_limit(evaluation.max_tokens)
     inputs = (model, calib.source, evaluation.text)
     check_output_dir(out, force, inputs)
+    if activations_dir is not None:
+        check_write_path(activations_dir, option="--activations-dir", inputs=inputs, kind="parent",
+                         avoid=(out, partial_dir(out)))
     started = time.perf_counter()
     compute = compute_dtype(dtype, str(dev))
     stored = checkpoint_dtype(model)
@@ -126,7 +136,7 @@ def condense(
         if state.resumed:  # printed even with --quiet: the user should know the run continues an old one
             progress_note(f"resuming the interrupted run in {tmp / STATE_DIR}: {state.resumed}")
         for stale in tmp.glob(f"{DIR_PREFIX}*"):  # a killed run's activation cache, never part of the output
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_work_dir(stale)
         placement = place(device, whole=mode == "whole")
         if placement.device.type == "cuda":
             progress_note(f"computing in {str(compute).removeprefix('torch.')} on {describe(placement)}")
@@ -171,7 +181,7 @@ def condense(
 def progress_note(text: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(text, highlight=False)
+    Console(stderr=True, markup=False).print(text, highlight=False)
 
 
 def _whole(loaded, model, result, search_record: dict, evaluation: EvalOptions, calib: CalibSpec, tokenizer,
@@ -201,6 +211,7 @@ def _whole(loaded, model, result, search_record: dict, evaluation: EvalOptions, 
         from .baselines import finish_quantized
 
         loaded, record["quantization"] = finish_quantized(loaded, quantize, storage)
+        storage = None  # written as bitsandbytes holds it
     else:
         cast_to_storage(loaded, storage)  # computed in fp32 on CPU; saved in the source's dtypes, tensor by tensor
-    return record, lambda directory: loaded.save_pretrained(directory, max_shard_size="5GB")
+    return record, lambda directory: save_weights(loaded, directory, storage)

@@ -10,6 +10,7 @@ either the router rows kept (Expert Drop, restricted M-SMoE) or the map E -> E' 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -114,10 +115,8 @@ def reduce_experts(model: nn.Module, plans: list[ExpertPlan]) -> nn.Module:
             for e in range(block.num_experts) if "{}" in old else ():
                 state.pop(old.format(e))
         state.update(_merged_tensors(block, plan.mix, prefix))
-    config = type(model.config).from_dict({**model.config.to_dict(), key: new_e})
-    for name, value in vars(model.config).items():  # runtime settings such as _attn_implementation
-        if name.startswith("_"):
-            config.__dict__[name] = value
+    config = copy.deepcopy(model.config)  # keeps runtime settings such as _attn_implementation
+    setattr(config, key, new_e)  # through the config's attribute_map (qwen3_moe: num_experts -> num_local_experts)
     new = type(model)._from_config(config, dtype=model.dtype)
     new.load_state_dict(state, strict=True)
     return new.eval()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -24,9 +23,12 @@ from torch import nn
 from ..checkpoint.record import RECORD_NAME, read_record
 from ..checkpoint.writer import check_output_dir, save_condensed
 from ..errors import CdmoeError
-from ..evaluation.perplexity import perplexity, token_stream
+from ..evaluation.perplexity import perplexity, token_limit, token_stream
+from ..io.optional_deps import require
+from ..io.output_dir import partial_dir
+from ..io.write_rule import check_write_path, claim_work_dir, remove_work_dir
 from ..models.adapter import attr_path, family_spec
-from ..models.input_checks import check_text_file
+from ..models.input_checks import check_inputs
 from ..models.loading import load_model, load_tokenizer, round_to_checkpoint_dtype
 from ..models.placement import trainer_device
 from .condense import EvalOptions
@@ -78,6 +80,8 @@ class FinetuneOptions:
         if self.seq_len < 2:
             raise CdmoeError(f"--seq-len must be at least 2, got {self.seq_len}")
         resolve_dtype(self.dtype)
+        if self.lora:
+            require("peft", "--lora")
 
 
 def condensed_record(directory: str | Path) -> dict:
@@ -151,7 +155,8 @@ def _checkpoints(directory: Path) -> list[Path]:
 
 
 def _prepare_checkpoint_dir(directory: Path, options: FinetuneOptions, resume: bool, force: bool) -> None:
-    """Refuse to mix runs: resuming needs this run's checkpoints, a fresh run an unused directory."""
+    """Refuse to mix runs: resuming needs this run's checkpoints, a fresh run an unused directory. The
+    directory is one cdmoe created (checked up front by :func:`~cdmoe.io.write_rule.check_write_path`)."""
     saved = directory / ARGS_NAME
     mine = {k: v for k, v in asdict(options).items() if k not in ("save_steps", "logging_steps")}
     if resume:
@@ -173,8 +178,8 @@ def _prepare_checkpoint_dir(directory: Path, options: FinetuneOptions, resume: b
         if not force:
             raise CdmoeError(f"{directory} holds checkpoints of an earlier run; pass --resume to continue it or "
                              "--force to start over")
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+        remove_work_dir(directory)
+    claim_work_dir(directory, "fine-tuning checkpoints", "--checkpoint-dir")
     saved.write_text(json.dumps(mine, indent=2) + "\n")
 
 
@@ -249,11 +254,15 @@ def finetune(
 
     options.check()
     train_on = trainer_device(device)
-    check_text_file(options.data, "--data")
+    token_limit(evaluation.max_tokens)
+    check_inputs(directory, texts={"--data": options.data, "--eval-text": evaluation.text},
+                 seq_lens={"--seq-len": options.seq_len, "EvalOptions.seq_len": evaluation.seq_len})
     record = condensed_record(directory)
-    inputs = (directory, options.data)
+    inputs = (directory, options.data, evaluation.text)
     check_output_dir(out, force, inputs)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else Path(f"{out}.checkpoints")
+    check_write_path(checkpoint_dir, option="--checkpoint-dir", inputs=inputs, kind="work",
+                     avoid=(out, partial_dir(out)))
     tokenizer = load_tokenizer(directory)
     data = build_dataset(tokenizer, options.data, options.format, options.seq_len)
     _prepare_checkpoint_dir(checkpoint_dir, options, resume, force)
@@ -332,5 +341,5 @@ def finetune(
     new_record["finetune"] = entry
     save_condensed(model, out, new_record, tokenizer=tokenizer, force=force, storage=storage, inputs=inputs)
     if not keep_checkpoints:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        remove_work_dir(checkpoint_dir)
     return new_record

@@ -41,7 +41,10 @@ _ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an 
 def _read_json_rows(path: Path) -> list[dict]:
     text = path.read_text("utf-8")
     if path.suffix == ".json" and text.lstrip().startswith("["):  # commonsense_170k.json is one array
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CdmoeError(f"{path} is not valid JSON ({err}); expected one JSON array of records") from None
     rows = []
     for i, line in enumerate(text.splitlines()):
         if line.strip():
@@ -86,11 +89,27 @@ def load_records(spec: str) -> list[dict]:
     return rows
 
 
+def _format_of(record: dict) -> str | None:
+    return next((name for name in ("commonsense", "mmlu", "text") if _FIELDS[name] <= set(record)), None)
+
+
+def check_one_format(records: list[dict], spec: str, fmt: str, detected: bool) -> None:
+    """Every record must have the fields of ``fmt`` (``detected``: and be detected as ``fmt``, as record 1
+    was): a file mixing formats is refused rather than trained on in part."""
+    for i, record in enumerate(records):
+        found = _format_of(record)
+        if not _FIELDS[fmt] <= set(record) or detected and found != fmt:
+            what = f"a {found} record" if found else f"a record with the fields {sorted(record)}"
+            first = "record 1 is" if detected else "--format is"
+            raise CdmoeError(f"{spec}: record {i + 1} is {what}, {first} {fmt}; cdmoe trains on one format per "
+                             f"file: split the file by format (or fix that record) and pass one with --data")
+
+
 def detect_format(record: dict) -> str:
     """The format whose fields ``record`` has."""
-    for name in ("commonsense", "mmlu", "text"):
-        if _FIELDS[name] <= set(record):
-            return name
+    found = _format_of(record)
+    if found:
+        return found
     raise CdmoeError(f"cannot tell the data format from the fields {sorted(record)}; supported formats: "
                      "text (field 'text'), commonsense (instruction/input/output/answer), "
                      "mmlu (question/choices/answer)")
@@ -177,11 +196,13 @@ def build_dataset(tokenizer, spec: str, fmt: str = "auto", seq_len: int = 256) -
     if seq_len < 2:
         raise CdmoeError("--seq-len must be >= 2")
     records = load_records(spec)
-    fmt = detect_format(records[0]) if fmt == "auto" else fmt
+    detected = fmt == "auto"
+    fmt = detect_format(records[0]) if detected else fmt
     missing = _FIELDS[fmt] - set(records[0])
     if missing:
         raise CdmoeError(f"{spec} records lack {sorted(missing)} needed by format {fmt!r} "
                          f"(fields: {sorted(records[0])})")
+    check_one_format(records, spec, fmt, detected)
     if fmt == "text":
         examples = _packed(tokenizer, [r["text"] for r in records if (r.get("text") or "").strip()], seq_len)
         if not examples:

@@ -18,14 +18,15 @@ NF4 (two 4-bit codes per byte, one fp32 absmax per block of 64 weights).
 from __future__ import annotations
 
 import re
-import tempfile
 import warnings
 
 import torch
 from torch import nn
 
 from ..errors import CdmoeError
+from ..io.optional_deps import require
 from ..io.remote_code import trusted
+from ..io.write_rule import work_dir
 from ..models.adapter import family_spec, moe_blocks
 from ..models.bnb_cpu import guard_cpu_packing
 from ..models.condensed import to_cdmoe_format
@@ -39,11 +40,9 @@ NF4_STATE_BYTES = 80  # bitsandbytes' serialised quant-state JSON, per module (a
 
 
 def _bnb_config(bits: str, skip: list[str], compute_dtype: torch.dtype):
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise CdmoeError("quantisation needs bitsandbytes; pip install 'cdmoe[quant]'") from None
+    check_quantize(bits)
+    from transformers import BitsAndBytesConfig
+
     if bits == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if bits == "int4":
@@ -52,18 +51,22 @@ def _bnb_config(bits: str, skip: list[str], compute_dtype: torch.dtype):
     raise CdmoeError(f"unknown --quantize {bits!r}; use {' or '.join(BITS)}")
 
 
-def check_quantize(bits: str | None, model=None) -> None:
-    """A one-line error for an unknown ``--quantize`` or a missing library (before anything is loaded):
-    ``int8``/``int4`` are bitsandbytes' (this module), ``w8a8``/``w4a16``/``fp8`` compressed-tensors'
-    (:mod:`cdmoe.methods.compressed`; with ``model``, a path or hub id, also whether its widths fit)."""
+def check_quantize(bits: str | None, needed_by: str | None = None, model=None) -> None:
+    """A one-line error for an unknown ``--quantize`` or a missing library (before anything is loaded);
+    ``needed_by`` names what asked for it (default ``--quantize BITS``). ``int8``/``int4`` are bitsandbytes'
+    (this module), ``w8a8``/``w4a16``/``fp8`` compressed-tensors' (:mod:`cdmoe.methods.compressed`; with
+    ``model``, a path or hub id, also whether its widths fit the scheme)."""
     from .compressed import SCHEMES, check_scheme
 
     if bits is None:
         return
     if bits in SCHEMES:
+        require("compressed_tensors", needed_by or f"--quantize {bits}")
         check_scheme(bits, model)
-    elif bits not in BITS:
+        return
+    if bits not in BITS:
         raise CdmoeError(f"unknown --quantize {bits!r}; use {' | '.join((*SCHEMES, *BITS))}")
+    require("bitsandbytes", needed_by or f"--quantize {bits}")
 
 
 def unfuse_experts(model: nn.Module) -> nn.Module:
@@ -139,7 +142,7 @@ def quantize_model(model: nn.Module, bits: str, storage=None) -> nn.Module:
     storage = storage if storage is not None else StoragePlan(default=model.dtype)
     dtype = storage.default
     config = _bnb_config(bits, skip, dtype)
-    with tempfile.TemporaryDirectory(prefix="cdmoe-quant-") as tmp:
+    with work_dir("cdmoe-quant-", "quantisation round trip") as tmp:
         cast_to_storage(model, storage)
         model.save_pretrained(tmp)
         with warnings.catch_warnings():

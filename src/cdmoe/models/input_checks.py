@@ -4,6 +4,7 @@
   and (when weights are needed) safetensors files whose headers parse and whose sizes match
   them (an empty, truncated or corrupt file is named); a directory with only pickle weights
   (``pytorch_model.bin``) is refused, since loading them runs ``torch.load``.
+- :func:`check_quantization`: a quantised checkpoint other than block FP8 is refused.
 - :func:`check_text_file`: a local text input (``--calib``, ``--eval-text``, ``--ppl-text``,
   ``--task-text``, ``--data``) exists, has a supported suffix, is what its suffix says (a
   ``.gz`` file is gzip) and its first bytes are UTF-8 text, not binary.
@@ -22,8 +23,8 @@ from pathlib import Path
 
 from ..errors import CdmoeError
 
-__all__ = ["TEXT_SUFFIXES", "check_inputs", "check_model_dir", "check_text_file", "looks_local", "read_config",
-           "read_json_object", "safetensors_header", "shard_files"]
+__all__ = ["TEXT_SUFFIXES", "check_inputs", "check_model_dir", "check_quantization", "check_text_file", "looks_local",
+           "read_config", "read_json_object", "safetensors_header", "shard_files"]
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".json", ".parquet")
 _SAMPLE = 1 << 16  # bytes of a text file checked up front
@@ -37,10 +38,14 @@ def looks_local(name_or_path: str | Path) -> bool:
 
 def read_json_object(path: Path, fix: str) -> dict:
     """The JSON object in ``path``, or a one-line error saying what is wrong and ``fix``."""
+    if Path(path).is_dir():
+        raise CdmoeError(f"{path} is a directory, not a JSON file; {fix}")
     try:
         data = json.loads(Path(path).read_text("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CdmoeError(f"{path} is not valid JSON ({err}); {fix}") from None
+    except OSError as err:
+        raise CdmoeError(f"cannot read {path} ({err.strerror}); {fix}") from None
     if not isinstance(data, dict):
         raise CdmoeError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
     return data
@@ -82,8 +87,10 @@ def check_family_keys(data: dict, where) -> None:
 def safetensors_header(path: Path) -> dict:
     """The header of a safetensors file (tensor name -> dtype, shape, data_offsets), read without the
     tensors, checked against the file's size: an empty, truncated or corrupt file is a one-line error."""
-    size = path.stat().st_size
     hint = "re-download or re-convert the checkpoint"
+    if not path.is_file():
+        raise CdmoeError(f"{path} is not a file; {hint}")
+    size = path.stat().st_size
     if size < 8:
         raise CdmoeError(f"{path} is {'empty' if size == 0 else 'truncated'} ({size} bytes); {hint}")
     with open(path, "rb") as f:
@@ -114,7 +121,7 @@ def shard_files(directory: Path) -> list[str]:
         return sorted(p.name for p in directory.glob("*.safetensors"))
     try:
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise CdmoeError(f"{index} is not a valid safetensors index; re-download the checkpoint") from None
 
 
@@ -204,23 +211,45 @@ def gunzip(path: Path, option: str) -> bytes:
         raise CdmoeError(f"{option} {path} is not a valid gzip file; rename it or re-create it") from None
 
 
+def check_quantization(config: dict, where) -> None:
+    """Refuse a quantised checkpoint other than block FP8 (read as its bf16 cast, :mod:`cdmoe.models.fp8_blocks`):
+    GPTQ, AWQ, bitsandbytes, compressed-tensors, ... would be condensed from values cdmoe does not read right."""
+    entry = config.get("quantization_config")
+    if not isinstance(entry, dict) or not entry or entry.get("quant_method") == "fp8":
+        return
+    method = entry.get("quant_method") or next((k for k in ("load_in_4bit", "load_in_8bit") if entry.get(k)), "unknown")
+    raise CdmoeError(f"{where} is quantised ({method}); cdmoe reads unquantised and block-FP8 checkpoints only: "
+                     "dequantise it first (load it with its library and save_pretrained in bf16) or use the "
+                     "unquantised release")
+
+
 def check_inputs(model: str | Path, calib=None, texts: dict[str, str | Path | None] | None = None,
-                 weights: bool = True) -> None:
-    """Every check a command can make before loading anything: the model directory, the
-    calibration spec (``calib``: a :class:`~cdmoe.search.calibration.CalibSpec`) and text files
-    (``texts``: {option: path})."""
+                 weights: bool = True, seq_lens: dict[str, int | None] | None = None, quantized: bool = False) -> None:
+    """Every check a command can make before loading anything: the model directory (a quantised one
+    only with ``quantized``, e.g. to evaluate it; else :func:`check_quantization`), the calibration
+    spec (``calib``: a :class:`~cdmoe.search.calibration.CalibSpec`), text files (``texts``: {option:
+    path}) and window lengths (``seq_lens``: {option: tokens}, within the model's positions)."""
     config = check_model_dir(model, weights)
+    if config is not None and not quantized:
+        check_quantization(config, model)
+    if config is not None and weights:
+        from .fp8_blocks import block_fp8
+
+        block_fp8(Path(str(model)).expanduser(), config)  # an FP8 layout cdmoe cannot read is refused now
+    seq_lens = dict(seq_lens or {})
     if calib is not None:
         if calib.samples < 1:
             raise CdmoeError(f"--samples must be at least 1, got {calib.samples}")
-        if calib.seq_len < 2:
-            raise CdmoeError(f"--seq-len must be at least 2, got {calib.seq_len}")
+        seq_lens["--seq-len"] = calib.seq_len
         check_text_file(calib.source, "--calib")
-        if config is not None:
-            config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
-            positions = config.get("max_position_embeddings")
-            if isinstance(positions, int) and calib.seq_len > positions:
-                raise CdmoeError(f"--seq-len {calib.seq_len} exceeds the model's {positions} positions "
-                                 f"(max_position_embeddings); pass --seq-len {positions} or less")
+    if config is not None:
+        config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    positions = (config or {}).get("max_position_embeddings")
+    for option, tokens in seq_lens.items():
+        if tokens is not None and tokens < 2:
+            raise CdmoeError(f"{option} must be at least 2, got {tokens}")
+        if isinstance(positions, int) and tokens is not None and tokens > positions:
+            raise CdmoeError(f"{option} {tokens} exceeds the model's {positions} positions "
+                             f"(max_position_embeddings); pass {option} {positions} or less")
     for option, path in (texts or {}).items():
         check_text_file(path, option)

@@ -60,13 +60,19 @@ def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str
     _check_path(name_or_path, weights=True)
     from . import register  # noqa: F401  (condensed checkpoints load natively)
 
+    trust = trusted() if trust_remote_code is None else trust_remote_code
+    device_map = {"device_map": placement.device_map} if placement.device_map is not None else {}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=compute_dtype(dtype, placement.device),
-            trust_remote_code=trusted() if trust_remote_code is None else trust_remote_code,
-            output_loading_info=True, ignore_mismatched_sizes=True,  # mismatches are refused below, by name
-            **({"device_map": placement.device_map} if placement.device_map is not None else {}),
-        )
+        fp8_config = _without_fp8_entry(name_or_path, trust)
+        if fp8_config is not None:  # block FP8 (or a cast that kept the entry): read as its bf16 cast
+            model, info = _load_block_fp8(name_or_path, fp8_config, compute_dtype(dtype, placement.device), trust,
+                                          device_map)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(name_or_path), dtype=compute_dtype(dtype, placement.device), trust_remote_code=trust,
+                output_loading_info=True, ignore_mismatched_sizes=True,  # mismatches are refused below, by name
+                **device_map,
+            )
     except OSError as err:
         raise CdmoeError(
             f"cannot load {name_or_path} ({str(err).splitlines()[0]}); if the hub is unreachable, pass a local directory"
@@ -87,6 +93,66 @@ def load_model(name_or_path: str | Path, dtype: str | None = "auto", device: str
     if placement.device_map is not None:  # placed by from_pretrained
         return model.eval()
     return model.to(placement.device).eval()
+
+
+def _without_fp8_entry(name_or_path, trust: bool):
+    """The config of a local checkpoint whose config.json declares fp8 quantisation, without that entry
+    (the weights are read as bf16, :mod:`cdmoe.models.fp8_blocks`; the storage plan keeps the entry for
+    FP8 outputs); None for any other checkpoint."""
+    from transformers import AutoConfig
+
+    from .fp8_blocks import declares_fp8, quantization_entry
+    from .input_checks import looks_local, read_config
+
+    if not looks_local(name_or_path):
+        if declares_fp8(getattr(AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust),
+                                "quantization_config", None)):
+            raise CdmoeError(f"{name_or_path} is an FP8 checkpoint on the hub; cdmoe reads FP8 weights from a local "
+                             "directory: download it first (hf download) and pass that directory")
+        return None
+    path = Path(str(name_or_path))
+    if not declares_fp8(quantization_entry(read_config(path))):
+        return None
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    del config.quantization_config
+    return config
+
+
+def _load_block_fp8(path, config, dtype, trust: bool, placement: dict):
+    """``from_pretrained`` of a block-FP8 checkpoint with every fp8 weight dequantised by Eq. (1) of
+    :mod:`cdmoe.models.fp8_blocks` (bf16, then the compute dtype), as if its bf16 cast were loaded."""
+    import contextlib
+
+    from safetensors import safe_open
+    from transformers import GenerationConfig
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    from .fp8_blocks import block_fp8, dequantizing_state
+    from .input_checks import read_config
+
+    path = Path(str(path))
+    fp8 = block_fp8(path, read_config(path))
+    if dtype == "auto":  # the checkpoint's declared dtype, not the fp8 storage
+        dtype = checkpoint_dtype(path) or torch.bfloat16
+    with contextlib.ExitStack() as stack:
+        if fp8 is None:  # no float8 tensor on disk: a bf16 cast that kept the entry, loaded without it
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path), config=config, dtype=dtype, trust_remote_code=trust, output_loading_info=True,
+                ignore_mismatched_sizes=True, **placement)
+        else:
+            mapping = AutoModelForCausalLM._model_mapping
+            if type(config) not in mapping:
+                raise CdmoeError(f"{path} is an FP8 checkpoint of a family transformers does not have ({config.model_type}); "
+                                 "cdmoe reads FP8 weights of native families only: dequantise it to bf16 first")
+            handles = {name: stack.enter_context(safe_open(path / name, "pt")) for name in sorted(set(fp8.files.values()))}
+            state = dequantizing_state(fp8.files, lambda k: handles[fp8.files[k]].get_slice(k), fp8)
+            model, info = _get_model_class(config, mapping).from_pretrained(  # the Auto class needs a path
+                None, config=config, state_dict=state, dtype=dtype, output_loading_info=True,
+                ignore_mismatched_sizes=True, **placement)
+    model.config._name_or_path = str(path)
+    if (path / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model, info
 
 
 def _check_loading_info(name_or_path, info: dict) -> None:
@@ -127,11 +193,34 @@ def round_to_checkpoint_dtype(model, source: str | Path | None, dtype: str | Non
     return plan
 
 
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.model", "*.tiktoken")
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    """A local model directory has a tokenizer's vocabulary, and its tokenizer JSON files parse (one line
+    naming the file otherwise)."""
+    if not path.is_dir():
+        return
+    if not any(next(path.glob(pattern), None) for pattern in _VOCAB_FILES):
+        raise CdmoeError(f"{path} has no tokenizer files (tokenizer.json, or tokenizer.model, or vocab.json and "
+                         "merges.txt); copy them from the original model's directory")
+    from .input_checks import read_json_object
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (path / name).exists():
+            read_json_object(path / name, f"restore {name} from the original model's directory")
+
+
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool | None = None):
     """``AutoTokenizer.from_pretrained`` with one-line errors (``trust_remote_code`` as in :func:`load_model`)."""
     _check_path(name_or_path)
+    _check_tokenizer_files(Path(str(name_or_path)).expanduser())
     try:
         return AutoTokenizer.from_pretrained(
             str(name_or_path), trust_remote_code=trusted() if trust_remote_code is None else trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise remote_code_error(name_or_path, err) or CdmoeError(f"cannot load a tokenizer from {name_or_path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # tokenizers fail in many types (OSError, ValueError, KeyError on a bad tokenizer.json)
+        found = remote_code_error(name_or_path, err) if isinstance(err, (OSError, ValueError)) else None
+        message = " ".join(str(err).split()) or "no message"
+        raise found or CdmoeError(f"cannot load a tokenizer from {name_or_path} ({type(err).__name__}: {message}); "
+                                  "check its tokenizer.json and tokenizer_config.json, or copy them from the "
+                                  "original model's directory") from None

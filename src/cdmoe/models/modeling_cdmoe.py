@@ -26,6 +26,7 @@ instance of a subclass of the family's ``*ForCausalLM`` class.
       "dropped_layers": [5],            # optional: MoE sub-layer removed (Layer Drop)
       "dropped_blocks": [6],            # optional: whole decoder layer removed (Block Drop)
       "unfused_experts": [1, 2],        # optional: routed experts as one nn.Linear trio per expert
+      "checkpoint_keys": "family",      # optional: the family's on-disk keys (FP8 outputs: one tensor per expert)
       "router_attr": "gate",            # with merged_experts: attribute of the block that holds the router
       "merged_experts": {"4": {"num_experts": 3, "expert_map": [0, 0, 1, 2, 1, 0, 2, 2]}}
     }
@@ -51,6 +52,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -97,9 +99,8 @@ class CondensedMLP(nn.Module):
     (intermediate_size, hidden_size); down_proj weight (hidden_size, intermediate_size).
     """
 
-    def __init__(
-        self, hidden_size: int, intermediate_size: int, hidden_act: str, gated_width: int = 0, bias: bool = False
-    ):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, gated_width: int = 0,
+                 bias: bool = False):
         super().__init__()
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -226,13 +227,8 @@ def _apply_structure(model: nn.Module, config) -> None:
         merge_routed_experts(block, spec.get("experts_attr", "experts"), spec.get("router_attr", "gate"),
                              entry["expert_map"])
     for idx, layer in spec.get("condensed_layers", {}).items():
-        mlp = CondensedMLP(
-            config.hidden_size,
-            layer["intermediate_size"],
-            config.hidden_act,
-            gated_width=layer.get("gated_width", 0),
-            bias=layer.get("bias", False),
-        )
+        mlp = CondensedMLP(config.hidden_size, layer["intermediate_size"], config.hidden_act,
+                           gated_width=layer.get("gated_width", 0), bias=layer.get("bias", False))
         setattr(layers[int(idx)], spec["block_attr"], mlp)
     for idx in spec.get("dropped_layers", []):
         setattr(layers[int(idx)], spec["block_attr"], DroppedMLP())
@@ -279,18 +275,20 @@ def _is_native(cls: type) -> bool:
     return cls.__module__.startswith("transformers.")
 
 
-_CLASS_CACHE: dict[tuple[type, type], tuple[type, type]] = {}
+_CLASS_CACHE: dict[tuple[type, type, bool], tuple[type, type]] = {}
 
 
-def condensed_classes(base_config_cls: type, base_model_cls: type) -> tuple[type, type]:
+def condensed_classes(base_config_cls: type, base_model_cls: type, family_keys: bool = False) -> tuple[type, type]:
     """Config and model classes of a condensed checkpoint of one family.
 
     The config class is the family's config class with ``model_type = "cdmoe"`` (so a
     saved ``config.json`` never passes for the original family); the model class is the
     family's ``*ForCausalLM`` whose ``__init__`` swaps the condensed blocks in before
-    weights load, so weight names stay the family's own.
+    weights load, so weight names stay the family's own. ``family_keys`` (``cdmoe.checkpoint_keys:
+    family``, FP8 outputs): the checkpoint has the family's on-disk keys (one tensor per expert), which
+    load through the family's key conversions, as the original's do.
     """
-    key = (base_config_cls, base_model_cls)
+    key = (base_config_cls, base_model_cls, family_keys)
     if key in _CLASS_CACHE:
         return _CLASS_CACHE[key]
 
@@ -313,11 +311,11 @@ def condensed_classes(base_config_cls: type, base_model_cls: type) -> tuple[type
 
     # _auto_class None: transformers must not rewrite auto_map from these (generated) classes
     cfg_cls = type(f"Cdmoe{base_config_cls.__name__}", (base_config_cls,), {"model_type": "cdmoe", "_auto_class": None})
-    model_cls = type(
-        f"Condensed{base_model_cls.__name__}",
-        (base_model_cls,),
-        {"config_class": cfg_cls, "__init__": __init__, "save_pretrained": save_pretrained, "_auto_class": None},
-    )
+    model_cls = type(f"Condensed{base_model_cls.__name__}{'FamilyKeys' if family_keys else ''}", (base_model_cls,),
+                     {"config_class": cfg_cls, "__init__": __init__, "save_pretrained": save_pretrained, "_auto_class": None})
+    mapping = get_checkpoint_conversion_mapping(base_config_cls.model_type) if family_keys else None
+    if mapping:
+        register_checkpoint_conversion_mapping(model_cls.__name__, mapping, overwrite=True)
     _CLASS_CACHE[key] = (cfg_cls, model_cls)
     return cfg_cls, model_cls
 
@@ -376,7 +374,8 @@ class CdmoeForCausalLM(PreTrainedModel):
     @classmethod
     def _model_class(cls, config: PretrainedConfig, trust_remote_code: bool | None = None):
         family_config = to_family_config(config, trust_remote_code)
-        _, model_cls = condensed_classes(*_family_classes(family_config, trust_remote_code))
+        family_keys = family_config.cdmoe.get("checkpoint_keys") == "family"
+        _, model_cls = condensed_classes(*_family_classes(family_config, trust_remote_code), family_keys)
         return family_config, model_cls
 
     @classmethod

@@ -19,6 +19,13 @@ A :class:`StoragePlan` maps each model tensor name to the dtype it is written in
 
 Since every source dtype (bf16, fp16, fp32) is exactly representable in the fp32 compute
 dtype, casting a loaded tensor back to its source dtype gives the source's bytes.
+
+A block-FP8 source (:mod:`cdmoe.models.fp8_blocks`) is read as its bf16 cast, so its fp8 weights are
+planned as bf16, and the plan keeps the source's :class:`~cdmoe.models.fp8_blocks.BlockFp8` (``fp8``):
+with ``dtype="auto"`` the output is FP8 again (:mod:`cdmoe.checkpoint.fp8_output`), and a new Linear
+weight (a condensed MLP) is rounded to what its block quantisation will hold (:func:`round_to_storage`).
+A ``quantization_config: fp8`` whose weights are not fp8 on disk, or an explicit dtype, gives no FP8
+output; the dropped entry is kept in ``dropped_quantization`` for the record.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["StoragePlan", "attach_storage_plan", "cast_to_storage", "checkpoint_model_keys", "plan_of",
-           "round_to_storage", "source_dtypes", "storage_plan"]
+from .fp8_blocks import BlockFp8
+
+__all__ = ["StoragePlan", "attach_storage_plan", "cast_to_storage", "checkpoint_model_keys", "fp8_new_names",
+           "plan_of", "round_to_storage", "source_dtypes", "storage_plan"]
 
 _FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
 PLAN_ATTR = "_cdmoe_storage_plan"  # set on a model by cdmoe.load_model: its plan, made before any method renames tensors
@@ -51,6 +60,33 @@ class StoragePlan:
     by_name: dict[str, torch.dtype] = field(default_factory=dict)
     fp32: re.Pattern | None = None
     requested: str | torch.dtype | None = "auto"  # the --dtype it was made for
+    fp8: BlockFp8 | None = None  # an FP8 output: the source's blocks, scales and files
+    source: Path | None = None  # the source directory (its fp8 bytes are copied into FP8 outputs)
+    dropped_quantization: dict | None = None  # a source quantization_config the output does not keep
+
+    def fp8_new(self, name: str, module: nn.Module, leaf: str) -> bool:
+        """Whether tensor ``name`` (``leaf`` of ``module``) is block-quantised in the output although
+        the source does not have it: a new Linear weight (Eq. 3's fused MLP) outside the entry's
+        ``modules_to_not_convert``."""
+        return name not in self.by_name and self._fp8_linear(name, module, leaf)
+
+    def _fp8_linear(self, name: str, module: nn.Module, leaf: str) -> bool:
+        if self.fp8 is None or leaf != "weight" or not isinstance(module, nn.Linear):
+            return False
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        return should_convert_module(name.rpartition(".")[0], self.fp8.entry.get("modules_to_not_convert"))
+
+    def record(self) -> dict:
+        """What the record (``cdmoe.json``) says about the source's quantisation ({} if none)."""
+        if self.fp8 is not None:
+            return {"source_quantization": {"method": "fp8", "weight_block_size": list(self.fp8.block), "output": (
+                "fp8: tensors kept from the source with its bytes and scales, new Linear weights block-quantised")}}
+        if self.dropped_quantization is not None:
+            return {"source_quantization": {"dropped_quantization_config": self.dropped_quantization, "output": (
+                "not quantised: the source's weights are not fp8 on disk" if self.requested == "auto"
+                else f"not quantised: --dtype {self.requested}")}}
+        return {}
 
     def dtype_for(self, name: str, tensor: torch.Tensor) -> torch.dtype:
         if not tensor.is_floating_point():
@@ -123,24 +159,42 @@ def _config_dtype(model: nn.Module) -> torch.dtype | None:
     return stored if isinstance(stored, torch.dtype) else None
 
 
+def _source_fp8(source: str | Path | None) -> tuple[Path | None, BlockFp8 | None, dict | None]:
+    """(local directory, its block FP8, its quantization_config entry) of ``source``."""
+    from .fp8_blocks import block_fp8, quantization_entry
+    from .input_checks import read_config
+
+    directory = _local_checkpoint(source) if source is not None else None
+    if directory is None or not (directory / "config.json").exists():
+        return directory, None, None
+    config = read_config(directory)
+    return directory, block_fp8(directory, config), quantization_entry(config)
+
+
 def storage_plan(model: nn.Module, source: str | Path | None, dtype: str | torch.dtype | None = "auto") -> StoragePlan:
     """Where ``model`` (loaded from ``source``, possibly in another compute dtype) is saved:
     per tensor, the source's dtype (``dtype="auto"``) or ``dtype`` with transformers' fp32 rules."""
+    from .fp8_blocks import declares_fp8
     from .loading import resolve_dtype
 
+    source = source if source is not None else getattr(model.config, "_name_or_path", None) or None
+    directory, fp8, entry = _source_fp8(source)
+    dropped = entry if declares_fp8(entry) else None
     wanted = resolve_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
     if wanted != "auto":
-        return StoragePlan(default=wanted, fp32=_fp32_pattern(model, wanted), requested=dtype)
+        return StoragePlan(default=wanted, fp32=_fp32_pattern(model, wanted), requested=dtype, dropped_quantization=dropped)
     from .loading import checkpoint_dtype
 
-    source = source if source is not None else getattr(model.config, "_name_or_path", None) or None
     default = (checkpoint_dtype(source) if source is not None else None) or _config_dtype(model) or model.dtype
     on_disk = source_dtypes(source) if source is not None else {}
+    if fp8 is not None:  # fp8 weights are read as bf16 (Eq. 1 of fp8_blocks); their scales load into nothing
+        on_disk = {k: torch.bfloat16 if k in fp8.scales else d for k, d in on_disk.items() if k not in fp8.scale_names}
     by_name = {}
     if on_disk:
         for key, target in checkpoint_model_keys(model, on_disk).items():
             by_name.setdefault(target, on_disk[key])
-    return StoragePlan(default=default, by_name=by_name, fp32=_fp32_pattern(model, default), requested="auto")
+    return StoragePlan(default=default, by_name=by_name, fp32=_fp32_pattern(model, default), requested="auto",
+                       fp8=fp8, source=directory, dropped_quantization=dropped if fp8 is None else None)
 
 
 def attach_storage_plan(model: nn.Module, source: str | Path | None, dtype: str | torch.dtype | None = "auto") -> None:
@@ -173,13 +227,31 @@ def _tensors(model: nn.Module):
             yield (f"{mod_name}.{leaf}" if mod_name else leaf), mod, leaf, tensor
 
 
+def fp8_new_names(model: nn.Module, plan: StoragePlan) -> set[str]:
+    """The state-dict names of ``model`` that an FP8 output block-quantises although the source does not
+    have them (:meth:`StoragePlan.fp8_new`); empty unless the plan writes FP8."""
+    return {name for name, mod, leaf, _ in _tensors(model) if plan.fp8_new(name, mod, leaf)}
+
+
 @torch.no_grad()
-def _recast(model: nn.Module, plan: StoragePlan, back: bool) -> None:
+def _recast(model: nn.Module, plan: StoragePlan, back: bool, source=None) -> None:
+    """Cast every tensor to its stored dtype (``back``: and back to its own). ``source``
+    (:class:`~cdmoe.models.fp8_blocks.SourceBlocks`, FP8 plans with ``back``): a Linear weight that
+    will be block-quantised (a new one, or an fp8 one of the source a method changed) is rounded
+    through its blocks too."""
+    from .fp8_blocks import dequantize, quantize
+
     for name, mod, leaf, tensor in _tensors(model):
+        if tensor.device.type == "meta":
+            continue
         target = plan.dtype_for(name, tensor)
-        if tensor.dtype == target or tensor.device.type == "meta":
+        quantized = source is not None and plan._fp8_linear(name, mod, leaf) and (
+            name not in plan.by_name or name in plan.fp8.scales and source.unchanged(name, tensor.data) is None)
+        if tensor.dtype == target and not quantized:
             continue
         value = tensor.data.to(target)
+        if quantized:  # what its blocks will hold on disk
+            value = dequantize(*quantize(value, plan.fp8.block), plan.fp8.block)
         if back:
             value = value.to(tensor.dtype)
         if leaf in mod._parameters:
@@ -190,7 +262,13 @@ def _recast(model: nn.Module, plan: StoragePlan, back: bool) -> None:
 
 def round_to_storage(model: nn.Module, plan: StoragePlan) -> None:
     """Round every tensor to its stored dtype and back, in place: what is evaluated is what is saved."""
-    _recast(model, plan, back=True)
+    if plan.fp8 is None:
+        _recast(model, plan, back=True)
+        return
+    from .fp8_blocks import SourceBlocks
+
+    with SourceBlocks(plan.source, plan.fp8) as source:
+        _recast(model, plan, back=True, source=source)
 
 
 def cast_to_storage(model: nn.Module, plan: StoragePlan) -> None:
