@@ -31,6 +31,10 @@ def test_parse_methods():
     assert (reap.base, reap.knob, reap.quantize) == ("reap", "keep_experts", "int4")
     with pytest.raises(CdmoeError, match="unknown"):
         parse_methods("cd-moe:bogus")
+    ct = {m.name: m for m in parse_methods("cd-moe+w8a8,slim-w4a16,layer-drop+fp8")}
+    assert [(m.base, m.quantize) for m in ct.values()] == [("cd-moe", "w8a8"), ("slim", "w4a16"), ("layer-drop", "fp8")]
+    with pytest.raises(CdmoeError, match=r"unknown quantisation 'w2a2' .* use \+w8a8, \+w4a16, \+fp8, \+int8, \+int4"):
+        parse_methods("cd-moe+w2a2")
 
 
 def test_largest_fitting_is_a_ceiling():

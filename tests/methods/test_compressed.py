@@ -184,3 +184,29 @@ def test_a_scheme_that_does_not_fit_is_refused_before_loading(source, tmp_path):
     with pytest.raises(CdmoeError, match=r"w4a16 needs input widths divisible by 32"):
         check_scheme("w4a16", tmp_path / "narrow")
     check_scheme("w8a8", tmp_path / "narrow")  # per-row scales fit any width
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+def test_compare_predicts_the_bytes_written(source, tmp_path, scheme):
+    """``slim-SCHEME``'s predicted ratio (parameter accounting, :mod:`cdmoe.comparison.budgets`) against the
+    bytes the output's weight file really holds over the source's (both bf16 sources: 2 bytes a weight)."""
+    from cdmoe.comparison.budgets import candidate_ratios, parse_methods
+    from cdmoe.models.budget import model_params
+
+    params = model_params(load_model(source, dtype="auto"))
+    predicted = candidate_ratios(parse_methods(f"slim-{scheme}")[0], params, None, 2, 8)[0]
+    _quantised(source, tmp_path / "out", scheme, condense=False)
+    written = (tmp_path / "out" / "model.safetensors").stat().st_size / (source / "model.safetensors").stat().st_size
+    # the prediction leaves out w8a8's fp32 row scales (4 bytes per row of >= 128 one-byte codes: < 3.2% of the
+    # codes' bytes, codes ~half the source's bytes here: < 0.016 of the ratio) and the file headers
+    assert 0 <= written - predicted < (0.02 if scheme == "w8a8" else 0.012)
+
+
+def test_a_block_fp8_source_is_refused_before_loading(tmp_path):
+    """A block-FP8 source keeps its own FP8 bytes and scales in its outputs: --quantize is refused, in one line."""
+    from fp8_checks import fp8_checkpoints
+
+    fp8, _ = fp8_checkpoints(tmp_path, "deepseek_v3", [128, 128], **{k: SIZES[k] for k in ("hidden_size",)})
+    with pytest.raises(CdmoeError, match=r"already quantised \(block FP8\).*drop --quantize w8a8") as refused:
+        check_scheme("w8a8", fp8)
+    assert "\n" not in str(refused.value)
