@@ -210,3 +210,15 @@ def test_a_block_fp8_source_is_refused_before_loading(tmp_path):
     with pytest.raises(CdmoeError, match=r"already quantised \(block FP8\).*drop --quantize w8a8") as refused:
         check_scheme("w8a8", fp8)
     assert "\n" not in str(refused.value)
+
+
+def test_a_linear_shared_expert_gate_is_kept(tmp_path):
+    """qwen2_moe's per-token shared-expert gate is an nn.Linear (H -> 1): kept with the source's bytes, not quantised."""
+    source = tmp_path / "qwen2_moe"
+    make_tiny("qwen2_moe", seed=2).to(torch.bfloat16).save_pretrained(source)
+    _quantised(source, tmp_path / "out", "w8a8", condense=False)
+    stored, original = tensors(tmp_path / "out"), tensors(source)
+    gates = [k for k in original if k.endswith("shared_expert_gate.weight")]
+    assert gates and not any(k.startswith(g.removesuffix("weight")) and k != g for g in gates for k in stored)
+    assert all(digest(stored[g]) == digest(original[g]) for g in gates)
+    assert any(k.endswith("shared_expert.up_proj.weight_scale") for k in stored)  # its neighbours are quantised
