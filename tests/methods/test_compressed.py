@@ -222,3 +222,26 @@ def test_a_linear_shared_expert_gate_is_kept(tmp_path):
     assert gates and not any(k.startswith(g.removesuffix("weight")) and k != g for g in gates for k in stored)
     assert all(digest(stored[g]) == digest(original[g]) for g in gates)
     assert any(k.endswith("shared_expert.up_proj.weight_scale") for k in stored)  # its neighbours are quantised
+
+
+def test_condense_and_slim_write_w8a8_outputs_end_to_end(tiny_model_dir, tmp_path):
+    """condense --quantize w8a8 and baseline slim --quantize w8a8: compressed-tensors directories whose
+    perplexity, measured from disk after saving, is the plain condensed one's within int8's error."""
+    from conftest import DEMO_CALIB, DEMO_TEXT
+
+    from cdmoe.methods.baselines import BaselineOptions, run_baseline
+    from cdmoe.methods.condense import EvalOptions, condense
+    from cdmoe.search.calibration import CalibSpec
+    from cdmoe.search.run import SearchOptions
+
+    calib, search = CalibSpec(str(DEMO_CALIB), 4, 32, 0), SearchOptions(layers=2, experts=2)
+    record = condense(tiny_model_dir, tmp_path / "cd", search, calib, EvalOptions(str(DEMO_TEXT), 512, baselines=False),
+                      show_progress=False, quantize="w8a8")
+    saved = json.loads((tmp_path / "cd" / "config.json").read_text())
+    assert saved["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert record["quantization"]["scheme"] == "w8a8" and record["quantization"]["output_format"] == "cdmoe"
+    ev = record["evaluation"]
+    assert abs(ev["quantized_ppl"] / ev["condensed_ppl"] - 1) < 0.02, ev
+    slim = run_baseline(tiny_model_dir, tmp_path / "slim", BaselineOptions("slim", quantize="w8a8"), calib)
+    assert slim["quantization"]["scheme"] == "w8a8"
+    assert json.loads((tmp_path / "slim" / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
