@@ -1,6 +1,8 @@
-"""Output-token throughput of an original vs a condensed model served by vLLM.
+"""Output-token throughput of an original vs a condensed model (and more: quantised ones) served by vLLM.
 
-    .venv-vllm/bin/python benchmarks/vllm_throughput.py ORIGINAL_DIR CONDENSED_DIR
+    .venv-vllm/bin/python benchmarks/vllm_throughput.py ORIGINAL_DIR CONDENSED_DIR [--also NAME=DIR ...]
+    # quantised outputs too (cdmoe baseline slim / condense --quantize w8a8), same prompts, same run:
+    #   ... demo/model runs/demo-condensed --also w8a8=runs/demo-w8a8 --also condensed+w8a8=runs/demo-condensed-w8a8
     # the demo model:  bash scripts/demo.sh, then
     VLLM_MLA_DISABLE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python benchmarks/vllm_throughput.py \
         demo/model runs/demo-condensed --dtype float32 --eager
@@ -12,7 +14,8 @@ ids with --random-prompts), one ``generate`` call of ``--batch`` prompts x
 ``--repeats`` times; the median output tokens/s is reported, with the weight memory
 (checkpoint tensors at the serving dtype) and the KV-cache blocks vLLM allocated
 (same ``VLLM_CPU_KVCACHE_SPACE`` for both, so the block count differs only through the
-per-token KV size, which condensing does not change). Ratio = condensed / original.
+per-token KV size, which condensing does not change). Ratio = model / original.
+Quantised checkpoints (compressed-tensors) count their codes and scales at their stored size.
 """
 
 from __future__ import annotations
@@ -34,8 +37,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_FLOATS = {"F16", "BF16", "F32", "F64"}
+_STORED_BYTES = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1,
+                 "F8_E5M2": 1, "BOOL": 1}
+
+
 def weight_bytes(model_dir: Path, dtype: str) -> int:
-    """Bytes of the checkpoint's tensors at the serving dtype (from the safetensors headers).
+    """Bytes of the checkpoint's tensors at the serving dtype (from the safetensors headers); a quantised
+    checkpoint's integer / float8 codes and its ``*_scale`` tensors at their stored size (vLLM keeps them).
     Not measured in the worker: vLLM-CPU repacks linear and fused-MoE weights after loading,
     so the torch parameters there undercount."""
     import torch
@@ -45,7 +54,11 @@ def weight_bytes(model_dir: Path, dtype: str) -> int:
     for shard in sorted(model_dir.glob("*.safetensors")):
         with open(shard, "rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        total += sum(math.prod(t["shape"]) * itemsize for k, t in header.items() if k != "__metadata__")
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            served = t["dtype"] in _FLOATS and not name.endswith(("_scale", "_scale_inv", "_zero_point"))
+            total += math.prod(t["shape"]) * (itemsize if served else _STORED_BYTES[t["dtype"]])
     return total
 
 
@@ -96,6 +109,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("original", type=Path)
     ap.add_argument("condensed", type=Path)
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=DIR",
+                    help="another model to measure in the same run (e.g. w8a8=runs/demo-w8a8); repeatable")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -109,15 +124,19 @@ def main() -> None:
 
     extra = engine_kwargs(enforce_eager=args.eager)
     batch = prompts(args.original, args.batch, args.prompt_len, args.random_prompts)
-    res = {name: measure(path, batch, args.new_tokens, args.repeats, args.dtype, extra)
-           for name, path in (("original", args.original), ("condensed", args.condensed))}
-    o, c = res["original"], res["condensed"]
+    models = {"original": args.original, "condensed": args.condensed}
+    for item in args.also:
+        name, _, path = item.partition("=")
+        if not path:
+            ap.error(f"--also takes NAME=DIR, got {item!r}")
+        models[name] = Path(path)
+    res = {name: measure(path, batch, args.new_tokens, args.repeats, args.dtype, extra) for name, path in models.items()}
+    o = res["original"]
     print(f"batch {args.batch} x {args.new_tokens} new tokens, {args.dtype}, median of {args.repeats}")
     for name, r in res.items():
-        print(f"{name:>10}: {r['output_tokens_per_s']:8.1f} output tok/s  weights {r['weight_bytes'] / 2**20:8.1f} MiB"
-              f"  KV-cache blocks {r['kv_cache_blocks']}")
-    print(f"     ratio: {c['output_tokens_per_s'] / o['output_tokens_per_s']:.3f}x throughput, "
-          f"{c['weight_bytes'] / o['weight_bytes']:.3f}x weight memory")
+        print(f"{name:>16}: {r['output_tokens_per_s']:8.1f} output tok/s  weights {r['weight_bytes'] / 2**20:8.1f} MiB"
+              f"  KV-cache blocks {r['kv_cache_blocks']}  ratio {r['output_tokens_per_s'] / o['output_tokens_per_s']:.3f}x"
+              f" throughput, {r['weight_bytes'] / o['weight_bytes']:.3f}x weight memory")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **res}, indent=1))
 

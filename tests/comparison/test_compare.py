@@ -40,6 +40,10 @@ def test_parse_methods():
     for bad in ("layer-drop+heal", "cd-moe+heal+int4", "cd-moe+bogus"):
         with pytest.raises(CdmoeError, match="heal|suffix"):
             parse_methods(bad)
+    ct = {m.name: m for m in parse_methods("cd-moe+w8a8,slim-w4a16,layer-drop+fp8")}
+    assert [(m.base, m.quantize) for m in ct.values()] == [("cd-moe", "w8a8"), ("slim", "w4a16"), ("layer-drop", "fp8")]
+    with pytest.raises(CdmoeError, match=r"unknown suffix 'w2a2' .* use \+w8a8, \+w4a16, \+fp8, \+int8, \+int4"):
+        parse_methods("cd-moe+w2a2")
 
 
 def test_largest_fitting_is_a_ceiling():

@@ -304,3 +304,65 @@ def test_a_budget_plan_resolves_with_its_per_layer_expert_counts(tmp_path):
     data["cdmoe"]["pruned_experts"]["2"]["num_experts"] = 5
     (tmp_path / "plan" / "config.json").write_text(json.dumps(data))
     _refused(tmp_path / "plan", what="model.layers.2.mlp.gate.weight has shape (4, 64), pruned layer 2 keeps 5 experts")
+
+
+# --- quantised outputs (compressed-tensors): what this machine's vLLM serves, the rest refused in one line ---
+
+def _quantised_config(tmp_path, scheme: str) -> dict:
+    """A condensed tiny deepseek_v2 (input widths multiples of 128: every scheme fits) quantised with ``scheme``."""
+    from cdmoe.methods.compressed import quantize_compressed
+    from cdmoe.models.storage_dtypes import StoragePlan
+
+    model = make_tiny("deepseek_v2", hidden_size=128, moe_intermediate_size=128, intermediate_size=256,
+                      kv_lora_rank=128, v_head_dim=32)
+    cdmoe.condense_layers(model, [cdmoe.LayerChoice(layer=2, experts=(0, 2), gates=(0.3, 0.2))])
+    model, _ = quantize_compressed(model, scheme, StoragePlan(default=torch.float32))
+    model.save_pretrained(tmp_path / scheme)
+    import json
+
+    return json.loads((tmp_path / scheme / "config.json").read_text())
+
+
+def test_a_w8a8_output_resolves_with_its_quantisation_and_unfused_experts(tmp_path):
+    config = _quantised_config(tmp_path, "w8a8")
+    resolved = family_config(config, name_or_path=str(tmp_path / "w8a8"))  # its files checked too
+    assert resolved.architectures == ["CdmoeDeepseekV2ForCausalLM"]
+    assert resolved.quantization_config["quant_method"] == "compressed-tensors"
+    assert resolved.cdmoe["unfused_experts"] == [1, 3]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU these schemes are vLLM's to run")
+@pytest.mark.parametrize("scheme", ["w4a16", "fp8"])
+def test_schemes_the_cpu_cannot_run_are_refused_in_one_line(tmp_path, scheme):
+    with pytest.raises(CdmoeVllmError, match=f"{scheme} checkpoints need a GPU") as refused:
+        family_config(_quantised_config(tmp_path, scheme))
+    assert "\n" not in str(refused.value)
+
+
+def test_a_bitsandbytes_output_is_refused_naming_what_is_served():
+    model = make_tiny("qwen2_moe")
+    cdmoe.condense_layers(model, [cdmoe.LayerChoice(layer=1, experts=(0, 2), gates=(0.3, 0.2))])
+    config = {**_config(model), "quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}
+    with pytest.raises(CdmoeVllmError, match=r"quantised \(bitsandbytes\) .* --quantize w8a8, w4a16 or fp8"):
+        family_config(config)
+
+
+def test_a_packed_condensed_tensor_of_the_wrong_shape_is_refused(tmp_path):
+    """w4a16 stores a condensed projection as weight_packed (rows, columns / 8): checked from the headers."""
+    import json
+
+    from cdmoe_vllm.files import check_files
+    from safetensors.torch import load_file, save_file
+
+    config = _quantised_config(tmp_path, "w4a16")
+    out = tmp_path / "w4a16"
+    spec = {**config["cdmoe"], "kept_layers": [0, 1, 2, 3]}
+    kinds = ["dense", "moe", "condensed", "moe"]
+    check_files(out, config, spec, spec["kept_layers"], kinds)  # intact: passes
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.2.mlp.down_proj.weight_packed"
+    assert tuple(tensors[name].shape) == (128, config["cdmoe"]["condensed_layers"]["2"]["intermediate_size"] // 8)
+    tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CdmoeVllmError, match=f"{name} has shape"):
+        check_files(out, json.loads((out / "config.json").read_text()), spec, spec["kept_layers"], kinds)

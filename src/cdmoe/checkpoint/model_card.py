@@ -30,6 +30,17 @@ def _quantization_lines(record: dict) -> list[str]:
     q = record.get("quantization")
     if not q:
         return []
+    if q["library"] == "compressed-tensors":
+        acts = q["activations"]
+        how = "activations unquantised" if acts is None else \
+            f"activations {acts['type']}{acts['num_bits']} with a dynamic scale per {acts['strategy']}"
+        return ["", "## Quantisation", "",
+                f"Then {q['linear_modules']} linear modules (attention, MLPs, experts, condensed MLPs) were quantised "
+                f"with compressed-tensors, scheme {q['scheme']} (preset {q['preset']}, format `{q['format']}`: weights "
+                f"{q['weights']['type']}{q['weights']['num_bits']} per {q['weights']['strategy']}, round to nearest; "
+                f"{how}); embeddings, norms, routers and the LM head are stored as the source stores them. It loads "
+                "with `pip install compressed-tensors` in transformers and serves in vLLM (a cdmoe-format directory "
+                "with the cdmoe vLLM plugin)."]
     return ["", "## Quantisation", "",
             f"Then the {q['targets']} were quantised with {q['library']} ({q['format']}, weight-only; "
             f"{q['linear_modules']} linear modules); other weights are stored in {q['stored_dtype']}. Loading needs "

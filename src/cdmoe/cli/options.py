@@ -50,7 +50,7 @@ Activations = Annotated[
                  "slower; auto: memory when it fits)"),
 ]
 Quantize = Annotated[
-    Optional[str], typer.Option(help="then quantise experts / condensed MLPs: int8 | int4 (bitsandbytes)")
+    Optional[str], typer.Option(help="then quantise: w8a8 | w4a16 | fp8 (compressed-tensors, vLLM's format) | int8 | int4 (bitsandbytes)")
 ]
 
 

@@ -32,7 +32,7 @@ def print_summary(record: dict, out: Path) -> None:
         )
         if "quantized_ppl" in ev:
             table.add_row(
-                f"  then quantised ({record['quantization']['bits']}, from disk)", "", f"{ev['quantized_ppl']:.2f}"
+                f"  then quantised ({record['quantization'].get('scheme') or record['quantization']['bits']}, from disk)", "", f"{ev['quantized_ppl']:.2f}"
             )
         if "healed_ppl" in ev:
             table.add_row("  then healed (from disk)", "", f"{ev['healed_ppl']:.2f}")

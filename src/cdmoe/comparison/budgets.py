@@ -2,9 +2,10 @@
 
 A method's knob is N (condensed or dropped layers, dropped blocks) or E' (experts per layer); the
 ratio is predicted from the parameter accounting alone (:mod:`cdmoe.models.budget`), bf16 weights
-against int8/int4 codes with their scales, so that :func:`cdmoe.comparison.compare.compare` can
-pick, before anything is run, the largest setting that fits each memory budget (a ceiling). The
-budget planner (``budget``) has no knob: its plan is made for each budget, in its bytes.
+against int8/int4/fp8 codes with their scales (:data:`SCHEME_BYTES`), so that
+:func:`cdmoe.comparison.compare.compare` can pick, before anything is run, the largest setting that fits
+each memory budget (a ceiling). The budget planner (``budget``) has no knob: its plan is made for each
+budget, in its bytes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ DEFAULT_METHODS = ("cd-moe", "cd-moe-s", "layer-drop", "block-drop", "expert-dro
                    "msmoe-restricted", "slim-int8", "slim-int4", "cd-moe+int4", "layer-drop+int4")
 ABLATION_METHODS = ("cd-moe:random", "cd-moe:l1", "cd-moe:pl-alpha-hill", "cd-moe:frequency", "cd-moe:layer-rank",
                     "cd-moe:global-layer-rank", "cd-moe:kl", "cd-moe:ppl")
-INT4_BYTES, INT8_BYTES = 0.5 + 4 / 64, 1.0  # bytes per quantised weight (codes + scales)
+INT4_BYTES, INT8_BYTES = 0.5 + 4 / 64, 1.0  # bytes per quantised weight (codes + scales), bitsandbytes
+# compressed-tensors (fp32 scales): w8a8 one per row, w4a16 one per group of (at most) 128, fp8 one per block
+SCHEME_BYTES = {"w8a8": 1.0, "w4a16": 0.5 + 4 / 128, "fp8": 1.0, "int8": INT8_BYTES, "int4": INT4_BYTES}
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,9 @@ def parse_methods(text: str) -> list[Method]:
             if base not in ("cd-moe", "layer-drop", "block-drop", "slim", "budget", *EXPERT_METHODS) or (
                     variant and base != "cd-moe") or (bits and base == "budget"):
                 raise CdmoeError(f"unknown method {name!r}; see `cdmoe compare --help` for the names")
-            if bits and bits not in ("int8", "int4") or len(suffixes) > 1:
-                raise CdmoeError(f"unknown suffix {'+'.join(suffixes)!r} in {name!r}; use +int8, +int4 or (CD-MoE) +heal")
+            if bits and bits not in SCHEME_BYTES or len(suffixes) > 1:
+                raise CdmoeError(f"unknown suffix {'+'.join(suffixes)!r} in {name!r}; use "
+                                 f"+{', +'.join(SCHEME_BYTES)} or (CD-MoE) +heal")
             if heal and base != "cd-moe":
                 raise CdmoeError(f"+heal trains condensed layers; {name!r} has none (use cd-moe+heal or cd-moe-s+heal)")
             out.append(Method(name, base, search, bits or None, heal))
@@ -84,10 +88,18 @@ def largest_fitting(cands: dict[int, float], budget: float) -> int | None:
     return max(fits, key=lambda knob: (cands[knob], -knob)) if fits else None
 
 
-def _bytes_ratio(params: ModelParams, total_after: int, targets: int, quantize: str | None) -> float:
+def _bytes_ratio(params: ModelParams, total_after: int, targets: int, quantize: str | None,
+                 routers: int | None = None) -> float:
+    """Predicted weight bytes after / before (bf16). ``targets``: the weights bitsandbytes quantises
+    (routed experts, condensed MLPs); compressed-tensors quantises every decoder-layer weight but
+    the routers (``routers``: the remaining ones; default all), so its targets are the total less the
+    embeddings, final norm and LM head and those routers."""
     if quantize is None:
         return total_after / params.total
-    per = INT4_BYTES if quantize == "int4" else INT8_BYTES
+    if quantize in ("w8a8", "w4a16", "fp8"):
+        targets = total_after - params.non_layer - (sum(layer.other for layer in params.layers) if routers is None
+                                                    else routers)
+    per = SCHEME_BYTES[quantize]
     return ((total_after - targets) * 2 + targets * per) / (params.total * 2)
 
 
@@ -101,11 +113,13 @@ def candidate_ratios(method: Method, params: ModelParams, stats, top_k: int, num
         for n in range(1, len(moe) + 1):
             chosen = {i: k for i in moe[:n]}
             targets = experts_all - params.routed_total(moe[:n]) + sum(layer.condensed(k) for layer in params.layers[:n])
-            out[n] = _bytes_ratio(params, params.condensed_total(chosen), targets, method.quantize)
+            out[n] = _bytes_ratio(params, params.condensed_total(chosen), targets, method.quantize,
+                                  sum(layer.other for layer in params.layers[n:]))
         return out
     if method.base == "layer-drop":
         return {n: _bytes_ratio(params, params.layer_dropped_total(moe[:n]), experts_all - params.routed_total(moe[:n]),
-                                method.quantize) for n in range(1, len(moe) + 1)}
+                                method.quantize, sum(layer.other for layer in params.layers[n:]))
+                for n in range(1, len(moe) + 1)}
     if method.base == "block-drop":
         ranked = most_similar_first(stats.block_cosine)
         return {n: _bytes_ratio(params, params.block_dropped_total(ranked[:n]), 0, None)

@@ -16,9 +16,10 @@ Method names: ``cd-moe`` (greedy experts K = top-k and layers), ``cd-moe-s`` (sh
 experts only), ``cd-moe:VARIANT`` with VARIANT an expert selector (random, l1,
 pl-alpha-hill, frequency), a layer selector (layer-rank, global-layer-rank) or a metric
 (kl, ppl); ``layer-drop``, ``block-drop``, ``expert-drop``, ``reap``, ``msmoe`` (E' is the average over
-layers), ``msmoe-restricted``; ``slim-int8`` and
-``slim-int4``; any structural method with ``+int8`` / ``+int4`` appended (condense or drop,
-then quantise); ``cd-moe+heal``, ``cd-moe-s+heal`` (and any ``cd-moe`` variant with ``+heal``): condense,
+layers), ``msmoe-restricted``; ``slim-SCHEME`` (quantisation alone) and any structural method with
+``+SCHEME`` appended (condense or drop, then quantise), SCHEME one of ``w8a8``, ``w4a16``, ``fp8``
+(compressed-tensors, vLLM's format) or ``int8``, ``int4`` (bitsandbytes): ``cd-moe+w8a8``, ``slim-w4a16``;
+``cd-moe+heal``, ``cd-moe-s+heal`` (and any ``cd-moe`` variant with ``+heal``): condense,
 then heal the condensed layers on the same calibration windows (:mod:`cdmoe.methods.heal`, default options).
 """
 
@@ -100,6 +101,8 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
     check_inputs(model, calib, {"--eval-text": eval_text, "--task-text": task_text})
     if any(m.base == "budget" for m in methods):
         check_budget_source(model)
+    for scheme in sorted({m.quantize for m in methods if m.quantize}):
+        check_quantize(scheme, model=model)  # fits the model's widths
     inputs = (model, calib.source, eval_text, task_text)
     check_output_dir(out, force, inputs)
     tokenizer = load_tokenizer(model)

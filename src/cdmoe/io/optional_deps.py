@@ -14,7 +14,8 @@ from ..errors import CdmoeError
 __all__ = ["EXTRAS", "require"]
 
 # import name -> (pip package, cdmoe extra that installs it)
-EXTRAS = {"bitsandbytes": ("bitsandbytes", "quant"), "lm_eval": ("lm-eval", "eval"), "peft": ("peft", "finetune")}
+EXTRAS = {"bitsandbytes": ("bitsandbytes", "quant"), "compressed_tensors": ("compressed-tensors", "quant"),
+          "lm_eval": ("lm-eval", "eval"), "peft": ("peft", "finetune")}
 
 
 def _installed(module: str) -> bool:

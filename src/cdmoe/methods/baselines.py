@@ -45,6 +45,7 @@ from .expert_drop import expert_drop_plans
 from .expert_reduce import check_kept, merge_experts, reduce_experts
 from .layer_drop import drop_blocks, drop_layers, most_similar_first, top_layers
 from .msmoe import msmoe_plans, msmoe_restricted_plans
+from .compressed import SCHEMES, quantize_compressed
 from .quantize import check_quantize, layers_quantized, quantize_model, quantized_bytes
 from .reap import reap_plans
 
@@ -62,7 +63,7 @@ class BaselineOptions:
     method: str
     layers: int | None = None  # N for layer-drop / block-drop
     keep_experts: int | None = None  # E' for expert-drop / reap / msmoe-restricted, the average E' for msmoe
-    quantize: str | None = None  # int8 | int4 (required by slim, optional after the others)
+    quantize: str | None = None  # w8a8 | w4a16 | fp8 | int8 | int4 (required by slim, optional after the others)
     batch_size: int = 8
 
     def validate(self) -> None:
@@ -73,7 +74,7 @@ class BaselineOptions:
         if self.method in EXPERT_METHODS and not self.keep_experts:
             raise CdmoeError(f"{self.method} needs --keep-experts E' (routed experts kept per layer)")
         if self.method == "slim" and self.quantize is None:
-            raise CdmoeError("slim needs --quantize int8 or int4")
+            raise CdmoeError("slim needs --quantize (w8a8, w4a16, fp8, int8 or int4)")
         for option, value, users in (("--layers", self.layers, ("layer-drop", "block-drop")),
                                      ("--keep-experts", self.keep_experts, EXPERT_METHODS)):
             if value is not None and self.method not in users:
@@ -122,6 +123,8 @@ def apply_baseline(model: nn.Module, stats: CalibStats | None, options: Baseline
 def finish_quantized(model: nn.Module, bits: str, storage) -> tuple[nn.Module, dict]:
     """Quantise ``model``'s experts / condensed MLPs (the other tensors stored as ``storage``, a
     :class:`~cdmoe.models.storage_dtypes.StoragePlan`, says); return the quantised model and its record entry."""
+    if bits in SCHEMES:  # compressed-tensors, vLLM's format
+        return quantize_compressed(model, bits, storage)
     dtype = storage.default
     moe_layers = len(moe_blocks(model))
     quantized = quantize_model(model, bits, storage=storage)
@@ -140,6 +143,7 @@ def run_baseline(model: str | Path, out: str | Path, options: BaselineOptions, c
     resolve_device(device)
     token_limit(eval_tokens)
     check_inputs(model, calib if options.method != "slim" else None, {"--eval-text": eval_text})
+    check_quantize(options.quantize, model=model)  # the scheme fits the model's widths
     inputs = (model, calib.source, eval_text)
     check_output_dir(out, force, inputs)
     started = time.perf_counter()

@@ -60,8 +60,8 @@ def condense(
     layer), ``auto`` picks sequential when the weights do not fit ``device``'s free memory.
     The search progress is kept in ``.OUT.partial/state/``: rerunning the same command after
     an interruption resumes it (a different command there is refused unless ``force``).
-    With ``quantize`` (int8 | int4; whole mode), the condensed MLPs and remaining experts are then
-    quantised (:mod:`cdmoe.methods.quantize`) and the quantised model's perplexity is measured from disk.
+    With ``quantize`` (w8a8 | w4a16 | fp8: compressed-tensors; int8 | int4: bitsandbytes; whole mode), the
+    model is then quantised (:mod:`cdmoe.methods.compressed`, :mod:`cdmoe.methods.quantize`) and the quantised model's perplexity is measured from disk.
     ``activations``: ``memory`` keeps the calibration hidden states in CPU memory, ``disk`` in
     safetensors files (:mod:`cdmoe.memory.activation_cache`) in a directory inside ``activations_dir``
     (default: ``.OUT.partial/``), deleted when the search ends; same result, less memory, slower;
@@ -80,6 +80,7 @@ def condense(
     session = start_session(model, out, calib, {"--eval-text": evaluation.text}, dtype=dtype, device=device,
                             mode=mode, force=force, activations=activations, activations_dir=activations_dir,
                             search=search, memory_check=memory_check)
+    check_quantize(quantize, model=model)  # the scheme fits the model's widths (config only)
     if session.mode == "sequential" and evaluation.text:
         raise CdmoeError("--eval-text needs the whole model in memory; drop it (evaluate the output with "
                          "cdmoe eval) or use --mode whole")

@@ -51,13 +51,21 @@ def _bnb_config(bits: str, skip: list[str], compute_dtype: torch.dtype):
     raise CdmoeError(f"unknown --quantize {bits!r}; use {' or '.join(BITS)}")
 
 
-def check_quantize(bits: str | None, needed_by: str | None = None) -> None:
-    """A one-line error for an unknown ``--quantize`` or a missing bitsandbytes (before anything is loaded);
-    ``needed_by`` names what asked for it (default ``--quantize BITS``)."""
+def check_quantize(bits: str | None, needed_by: str | None = None, model=None) -> None:
+    """A one-line error for an unknown ``--quantize`` or a missing library (before anything is loaded);
+    ``needed_by`` names what asked for it (default ``--quantize BITS``). ``int8``/``int4`` are bitsandbytes'
+    (this module), ``w8a8``/``w4a16``/``fp8`` compressed-tensors' (:mod:`cdmoe.methods.compressed`; with
+    ``model``, a path or hub id, also whether its widths fit the scheme)."""
+    from .compressed import SCHEMES, check_scheme
+
     if bits is None:
         return
+    if bits in SCHEMES:
+        require("compressed_tensors", needed_by or f"--quantize {bits}")
+        check_scheme(bits, model)
+        return
     if bits not in BITS:
-        raise CdmoeError(f"unknown --quantize {bits!r}; use {' or '.join(BITS)}")
+        raise CdmoeError(f"unknown --quantize {bits!r}; use {' | '.join((*SCHEMES, *BITS))}")
     require("bitsandbytes", needed_by or f"--quantize {bits}")
 
 

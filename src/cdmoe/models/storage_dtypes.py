@@ -42,6 +42,7 @@ from .fp8_blocks import BlockFp8
 __all__ = ["StoragePlan", "attach_storage_plan", "cast_to_storage", "checkpoint_model_keys", "fp8_new_names",
            "plan_of", "round_to_storage", "source_dtypes", "storage_plan"]
 
+_FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
 PLAN_ATTR = "_cdmoe_storage_plan"  # set on a model by cdmoe.load_model: its plan, made before any method renames tensors
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -220,7 +221,7 @@ def _tensors(model: nn.Module):
         entries = list(mod._parameters.items()) + [(n, b) for n, b in mod._buffers.items()
                                                    if n not in mod._non_persistent_buffers_set]
         for leaf, tensor in entries:
-            if tensor is None or id(tensor) in seen:
+            if tensor is None or id(tensor) in seen or tensor.dtype in _FLOAT8:  # float8: quantised codes
                 continue
             seen.add(id(tensor))
             yield (f"{mod_name}.{leaf}" if mod_name else leaf), mod, leaf, tensor

@@ -12,12 +12,13 @@ The returned config describes the stack vLLM builds:
   stack; ``cdmoe["kept_layers"]`` maps vLLM's layer index to the original index;
 * ``cdmoe`` keeps the spec (``condensed_layers``, ``dropped_layers``, ``pruned_experts`` use original
   indices; a pruned layer is the family's MoE block built with its own expert count);
-* DeepseekV2's greedy routing gets the group keys vLLM needs (:func:`greedy_routing_overrides`).
+* DeepseekV2's greedy routing gets the group keys vLLM needs (:func:`greedy_routing_overrides`);
+* ``quantization_config`` (compressed-tensors, :mod:`cdmoe_vllm.quant`) stays: vLLM reads it.
 
 This runs in vLLM's front-end process, before any engine process starts, so everything that
 can be refused from the config and the file headers is refused here, in one line
 (:class:`CdmoeVllmError`): a malformed entry (:mod:`cdmoe_vllm.spec`), what the plugin cannot
-serve exactly, and, for a local directory, incomplete weight files (:mod:`cdmoe_vllm.files`).
+serve exactly (on this machine: :mod:`cdmoe_vllm.quant`), and, for a local directory, incomplete weight files (:mod:`cdmoe_vllm.files`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .errors import SUPPORTED_FAMILIES, CdmoeVllmError, malformed, unsupported
 from .files import check_files
+from .quant import check_quantisation
 from .spec import check_spec
 
 __all__ = ["ARCHITECTURES", "SUPPORTED_FAMILIES", "CdmoeConfig", "CdmoeVllmError", "family_config",
@@ -131,6 +133,18 @@ def original_overrides(model_dir: Path) -> dict:
     return greedy_routing_overrides(data.get("model_type"), data)
 
 
+def _on_cpu() -> bool:
+    """Whether vLLM runs on its CPU platform (without vLLM, as in cdmoe's own tests: whether torch sees no GPU)."""
+    try:
+        from .engine import on_cpu
+
+        return on_cpu()
+    except ImportError:
+        import torch
+
+        return not torch.cuda.is_available()
+
+
 def family_config(config_dict: dict, **kwargs):
     """The family config (transformers class of ``base_model_type``) vLLM should build.
     ``kwargs["name_or_path"]`` (set by ``AutoConfig.from_pretrained``) is the model vLLM was given:
@@ -142,12 +156,9 @@ def family_config(config_dict: dict, **kwargs):
         raise unsupported(f"condensed {base!r} models are not supported", where)
     quantisation = config_dict.get("quantization_config")
     if quantisation:
-        method = quantisation.get("quant_method", "?") if isinstance(quantisation, dict) else "?"
-        raise unsupported(f"quantised ({method}) condensed checkpoints are not supported", where)
-    for key, what in (("merged_experts", "M-SMoE outputs (experts merged behind the full router)"),
-                      ("unfused_experts", "outputs with unfused (one module per expert) MoE layers")):
-        if spec.get(key):
-            raise unsupported(f"{what} are not supported", where)
+        check_quantisation(quantisation, where, _on_cpu())
+    if spec.get("merged_experts"):
+        raise unsupported("M-SMoE outputs (experts merged behind the full router) are not supported", where)
     if any(layer.get("bias") for layer in spec.get("condensed_layers", {}).values()):
         raise unsupported("condensed layers with biases are not supported", where)
     _check_layers(base, config_dict, spec, where)

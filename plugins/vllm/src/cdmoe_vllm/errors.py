@@ -26,8 +26,8 @@ def _where(where: str | None) -> str:
 
 def unsupported(what: str, where: str | None = None) -> CdmoeVllmError:
     """Something cdmoe writes but vLLM cannot serve exactly: the message names what it serves."""
-    return CdmoeVllmError(f"cdmoe-vllm: {_where(where)}{what}; vLLM serves unquantised condensed checkpoints of "
-                          f"the families {', '.join(SUPPORTED_FAMILIES)}")
+    return CdmoeVllmError(f"cdmoe-vllm: {_where(where)}{what}; vLLM serves condensed checkpoints (unquantised, or "
+                          f"compressed-tensors w8a8/w4a16/fp8) of the families {', '.join(SUPPORTED_FAMILIES)}")
 
 
 def malformed(what: str, where: str | None = None, fix: str = REWRITE) -> CdmoeVllmError:

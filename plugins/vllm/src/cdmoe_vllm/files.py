@@ -29,6 +29,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from .errors import RECOPY, malformed
+from .quant import scheme_of
 
 __all__ = ["INDEX", "check_files"]
 
@@ -72,8 +73,10 @@ def _headers(model_dir: Path, shards: list[str], where: str) -> dict[str, tuple[
 
 def _condensed_tensors(data: dict, spec: dict, kept: list[int]) -> dict[str, tuple[str, tuple[int, int]]]:
     """Checkpoint name -> (which layer, shape) of every condensed layer's tensors (names as saved:
-    Block Drop checkpoints are numbered by the kept stack)."""
+    Block Drop checkpoints are numbered by the kept stack). A w4a16 checkpoint stores the projections
+    as ``weight_packed`` (rows, columns * 4 / 32), eight int4 codes per int32."""
     hidden, layers, block = data["hidden_size"], spec.get("layers_path", "model.layers"), spec.get("block_attr", "mlp")
+    packed = scheme_of(data.get("quantization_config") or {}) == "w4a16"
     expected = {}
     for key, layer in spec.get("condensed_layers", {}).items():
         if int(key) not in kept:  # its block was dropped too: nothing of it is built
@@ -82,7 +85,10 @@ def _condensed_tensors(data: dict, spec: dict, kept: list[int]) -> dict[str, tup
         shapes = {"gate_proj": (width, hidden), "up_proj": (width, hidden), "down_proj": (hidden, width)}
         if layer.get("gated_width", 0):
             shapes["shared_gate"] = (1, hidden)
-        expected.update({f"{prefix}.{name}.weight": (f"condensed layer {key}", s) for name, s in shapes.items()})
+        for name, (rows, cols) in shapes.items():
+            stored = ("weight_packed", (rows, -(-cols * 4 // 32))) if packed and name != "shared_gate" else \
+                ("weight", (rows, cols))
+            expected[f"{prefix}.{name}.{stored[0]}"] = (f"condensed layer {key}", stored[1])
     return expected
 
 

@@ -65,32 +65,28 @@ class _CondensedMixin:
         return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load ``gate_proj``/``up_proj``/``down_proj`` (or ``w1``/``w3``/``w2``,
-        ``gate_up_proj`` with a ``shard_id``) and ``shared_gate`` weights; names relative to
-        this module."""
+        """Load ``gate_proj``/``up_proj``/``down_proj`` (or ``w1``/``w3``/``w2``, ``gate_up_proj``
+        with a ``shard_id``) and ``shared_gate`` tensors, names relative to this module: ``weight``, and
+        for a quantised checkpoint compressed-tensors' ``weight_scale``, ``weight_packed``, ... of each."""
         params = dict(self.named_parameters())
         loaded = set()
         for name, tensor in weights:
-            stem = name.removesuffix(".weight")
+            stem, _, suffix = name.partition(".")
             # vLLM's sharded loaders narrow a too-large tensor silently: check the full shape
             expected = self.full_shape[::-1] if stem in _DOWN else self.full_shape  # gate/up (shard): (I, H)
-            if stem != "shared_gate" and tuple(tensor.shape) != expected:
+            if stem != "shared_gate" and suffix == "weight" and tuple(tensor.shape) != expected:
                 raise ValueError(f"cdmoe-vllm: {name} has shape {tuple(tensor.shape)}, the condensed layer expects {expected}")
-            if stem in _GATE_UP_SHARDS or stem == "gate_up_proj":
-                shard = _GATE_UP_SHARDS.get(stem, getattr(tensor, "shard_id", None))
-                param = params["gate_up_proj.weight"]
-                param.weight_loader(param, tensor, shard)
-                loaded.add("gate_up_proj.weight")
-            elif stem in _DOWN:
-                param = params["down_proj.weight"]
-                param.weight_loader(param, tensor)
-                loaded.add("down_proj.weight")
-            elif name == "shared_gate.weight" and self.shared_gate is not None:
-                param = params[name]
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-                loaded.add(name)
-            else:
+            target = ("gate_up_proj" if stem in _GATE_UP_SHARDS or stem == "gate_up_proj" else
+                      "down_proj" if stem in _DOWN else stem) + f".{suffix}"
+            if target not in params or (stem == "shared_gate" and suffix != "weight"):
                 raise ValueError(f"cdmoe-vllm: unexpected weight {name!r} for a condensed MLP")
+            param = params[target]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if target.startswith("gate_up_proj."):
+                loader(param, tensor, _GATE_UP_SHARDS.get(stem, getattr(tensor, "shard_id", None)))
+            else:
+                loader(param, tensor)
+            loaded.add(target)
         return loaded
 
 

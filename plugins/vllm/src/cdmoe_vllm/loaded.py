@@ -11,7 +11,8 @@ the checkpoint tensor. This works alike for every family: it looks at values, no
 (A checkpoint that itself holds NaN is refused too; it could not be served anyway.)
 
 Cost: one fill and one scan of the weights, in chunks of ``CHUNK`` elements (no full-size
-temporary), once per load; quantised loads (``quantization=...``) are not checked.
+temporary), once per load. Online quantisation (``quantization=...``) is not checked; in a quantised
+checkpoint the floating-point tensors (scales) are, its integer weights are not (each comes with a scale).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from .weights import to_checkpoint_name
 __all__ = ["CHUNK", "check_loaded", "poison"]
 
 CHUNK = 1 << 26  # elements per NaN scan step: a 64 MiB boolean temporary at most
+# a quantised model's attention layers get KV-cache scales, defaults unless the checkpoint quantises the
+# KV cache (cdmoe's do not): not checkpoint tensors
+KV_CACHE_SCALES = {f"{kind}_{what}" for kind in ("q", "k", "v", "prob") for what in ("scale", "zero_point")}
 # vLLM's merged layers and their checkpoint shards, where a family's packed_modules_mapping omits
 # them (Mixtral's and OLMoE's have no dense MLP of their own, the condensed layers do)
 _MERGED = {"gate_up_proj": ["gate_proj", "up_proj"], "qkv_proj": ["q_proj", "k_proj", "v_proj"]}
@@ -39,7 +43,7 @@ def poison(model: nn.Module) -> None:
 
 def _checked(model: nn.Module):
     for name, param in model.named_parameters():  # (a tied lm_head is the embedding: listed once)
-        if param.is_floating_point() and param.device.type != "meta":
+        if param.is_floating_point() and param.device.type != "meta" and name.rpartition(".")[2] not in KV_CACHE_SCALES:
             yield name, param
 
 

@@ -41,6 +41,8 @@ from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 from .engine import on_cpu
 from .layers import DroppedMLP, condensed_mlp
 from .loaded import check_loaded, poison
+from .moe_fallback import int8_moe_fallback
+from .quant import scheme_of
 from .weights import to_vllm_weights
 
 __all__ = [
@@ -165,7 +167,9 @@ class _Condensed:
     family: str
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
-        with _condensed_construction(FAMILIES[self.family], vllm_config):
+        scheme = scheme_of(getattr(vllm_config.model_config.hf_config, "quantization_config", None) or {})
+        with _condensed_construction(FAMILIES[self.family], vllm_config), \
+                int8_moe_fallback(vllm_config.quant_config, scheme):
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         lm_head, embed = getattr(self, "lm_head", None), getattr(self.model, "embed_tokens", None)
         head_weight, embed_weight = getattr(lm_head, "weight", None), getattr(embed, "weight", None)
@@ -175,8 +179,10 @@ class _Condensed:
         if on_cpu():
             _native_rotary(self)
         # the first load fills every parameter (later calls, e.g. an RL weight update, send a subset);
-        # vLLM's online quantisation replaces parameters while loading, so it is not checked
-        self._check_first_load = vllm_config.quant_config is None
+        # vLLM's online quantisation (quantization=... on an unquantised checkpoint) replaces parameters
+        # while loading, so it is not checked; a quantised checkpoint's float tensors (scales) are
+        self._check_first_load = vllm_config.quant_config is None or \
+            getattr(self.config, "quantization_config", None) is not None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         family = FAMILIES[self.family]

@@ -8,6 +8,9 @@ per-expert layout, so on load:
   ``[e, I:]`` (each (I, H)); ``{p}.experts.down_proj`` (E, H, I) becomes
   ``{p}.experts.{e}.{down}.weight`` (H, I); (gate, up, down) are the family's names
   (Mixtral: w1, w3, w2);
+* unfused experts (one tensor per expert and projection, as quantised outputs store them:
+  ``{p}.experts.{e}.gate_proj.{weight, weight_scale, ...}``) keep their layout and take the
+  family's projection names;
 * the block attribute ``mlp`` of transformers becomes vLLM's (Mixtral: ``block_sparse_moe``).
 
 Everything else (attention, norms, condensed ``mlp.gate_proj`` ...) keeps its name: the
@@ -25,6 +28,7 @@ import torch
 __all__ = ["to_checkpoint_name", "to_vllm_weights"]
 
 _BLOCK = re.compile(r"^(model\.layers\.\d+)\.mlp\.")
+_UNFUSED = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.")
 # vLLM's fused-MoE parameters (``experts.w13_weight``; vLLM 0.32: ``experts.routed_experts.w13_weight``)
 # -> the fused checkpoint tensors they are read from
 _FUSED = {re.compile(r"\.experts\.(?:\w+\.)*w13_weight$"): ".experts.gate_up_proj",
@@ -36,9 +40,11 @@ def to_vllm_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` pairs of the checkpoint -> pairs with vLLM's names (lazy)."""
     gate, up, down = expert_names
+    projections = {"gate_proj": gate, "up_proj": up, "down_proj": down}
     for name, tensor in weights:
         if slot != "mlp":
             name = _BLOCK.sub(rf"\1.{slot}.", name)
+        name = _UNFUSED.sub(lambda m: f".experts.{m[1]}.{projections[m[2]]}.", name)
         if name.endswith(".experts.gate_up_proj"):
             stem, half = name.removesuffix("gate_up_proj"), tensor.shape[1] // 2
             for e in range(tensor.shape[0]):
