@@ -91,7 +91,7 @@ CONDENSE_OPTIONS = {
     "--seq-len past the positions": (lambda t: ["--seq-len", "100000"], "--seq-len", "max_position_embeddings"),
     "--samples 0": (lambda t: ["--samples", "0"], "--samples", "at least 1"),
     "--experts -1": (lambda t: ["--experts", "-1"], "--experts", "0 (shared experts only) or more"),
-    "--quantize int3": (lambda t: ["--quantize", "int3"], "--quantize", "use int8 or int4"),
+    "--quantize int3": (lambda t: ["--quantize", "int3"], "--quantize", "use w8a8 | w4a16 | fp8 | int8 | int4"),
     "--dtype foo": (lambda t: ["--dtype", "foo"], "dtype", "unknown dtype"),
 }
 
