@@ -60,6 +60,9 @@ def condense(model: str | Path | PreTrainedModel, out: str | Path, *, layers: in
                                           "expert_selector": expert_selector != "greedy",
                                           "layer_selector": layer_selector != "greedy", "eval_text": bool(eval_text),
                                           "quantize": bool(quantize), "a loaded model": isinstance(model, PreTrainedModel)})
+    from .search.heal_fit import HealOptions
+
+    healing = HealOptions(samples=heal_samples) if heal or heal_samples is not None else None
     if budget is not None:
         from .methods.budget_plan import condense_budget
         from .search.plan_run import PlanOptions
@@ -68,14 +71,11 @@ def condense(model: str | Path | PreTrainedModel, out: str | Path, *, layers: in
             return condense_budget(model, out, PlanOptions(budgets=(budget,), metric=metric, final=final,
                                                            batch_size=batch_size), CalibSpec(calib, samples, seq_len, seed),
                                    dtype=dtype, force=force, show_progress=progress, mode=mode, device=device,
-                                   activations=activations)
+                                   activations=activations, heal=healing)
     search = SearchOptions(layers=layers, experts=experts_option(experts, shared_only), metric=metric, final=final,
                            batch_size=batch_size, expert_selector=expert_selector, layer_selector=layer_selector,
                            seed=seed)
     spec = CalibSpec(calib, samples, seq_len, seed)
-    from .search.heal_fit import HealOptions
-
-    healing = HealOptions(samples=heal_samples) if heal or heal_samples is not None else None
     with _context(trust_remote_code, dtype):
         if isinstance(model, PreTrainedModel):
             if healing is not None:

@@ -37,6 +37,7 @@ def test_parse_methods():
     assert healed["cd-moe+heal"].heal and healed["cd-moe+heal"].base == "cd-moe" and not healed["cd-moe+heal"].quantize
     assert healed["cd-moe-s+heal"].heal and healed["cd-moe-s+heal"].search == {"experts": 0}
     assert not by_name["cd-moe+int4"].heal
+    assert parse_methods("budget+heal")[0].heal and parse_methods("budget+heal")[0].base == "budget"
     for bad in ("layer-drop+heal", "cd-moe+heal+int4", "cd-moe+bogus"):
         with pytest.raises(CdmoeError, match="heal|suffix"):
             parse_methods(bad)

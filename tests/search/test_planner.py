@@ -211,3 +211,26 @@ def test_a_block_fp8_source_is_refused_before_any_work(tmp_path, monkeypatch):
         assert result.exit_code == 2 and "block-FP8 checkpoint, which the budget planner" in result.output, result.output
         assert len(result.output.strip().splitlines()) <= 3 and "Traceback" not in result.output
         assert not (tmp_path / "o").exists() and not partial_dir(tmp_path / "o").exists()
+
+
+def test_budget_heal_heals_the_plans_condensed_layers_as_cdmoe_heal_does(tiny_model_dir, tmp_path):
+    """condense --budget --heal == condense --budget, then cdmoe heal (same windows, same options): the same
+    bytes; only the condensed MLPs differ from the unhealed plan (pruned and kept layers bit-identical)."""
+    import cdmoe
+    from cdmoe.search.heal_fit import HealOptions
+
+    path = _checkpoint(tmp_path, "deepseek_v2", tiny_model_dir, dtype=torch.float32)
+    calib = CalibSpec(str(DEMO_CALIB), 16, 64, 0)
+    plain = condense_budget(path, tmp_path / "plain", PlanOptions(budgets=(0.7,)), calib, show_progress=False,
+                            mode="whole")
+    actions = {v["action"] for v in plain["layers"].values()}
+    assert "condense" in actions and actions & {"prune", "keep"}  # a mix: healing must leave the rest alone
+    healed = condense_budget(path, tmp_path / "healed", PlanOptions(budgets=(0.7,)), calib, show_progress=False,
+                             mode="whole", heal=HealOptions(steps=20, eval_every=5))
+    assert sorted(healed["heal"]["layers"], key=int) == [str(c["layer"]) for c in plain["condensed"]]
+    cdmoe.heal(tmp_path / "plain", tmp_path / "after", steps=20, eval_every=5)
+    a, b, p = (tensors(tmp_path / d) for d in ("healed", "after", "plain"))
+    assert a.keys() == b.keys() == p.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    changed = {k for k in a if not torch.equal(a[k], p[k])}
+    mlps = {f"model.layers.{c['layer']}.mlp.{w}_proj.weight" for c in plain["condensed"] for w in ("gate", "up", "down")}
+    assert changed == mlps

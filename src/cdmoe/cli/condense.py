@@ -116,7 +116,8 @@ def condense(
                                                          batch_size=batch_size),
                                  CalibSpec(source=calib, samples=samples, seq_len=seq_len, seed=seed), dtype=dtype,
                                  force=force, show_progress=not quiet, mode=mode, device=device,
-                                 activations=activations, activations_dir=activations_dir)
+                                 activations=activations, activations_dir=activations_dir, memory_check=memory_check,
+                                 heal=HealOptions(samples=heal_samples) if heal or heal_samples is not None else None)
         return print_budget_summary(record, out)
 
     record = run_condense(

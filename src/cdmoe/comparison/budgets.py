@@ -74,9 +74,10 @@ def parse_methods(text: str) -> list[Method]:
                 raise CdmoeError(f"unknown method {name!r}; see `cdmoe compare --help` for the names")
             if bits and bits not in SCHEME_BYTES or len(suffixes) > 1:
                 raise CdmoeError(f"unknown suffix {'+'.join(suffixes)!r} in {name!r}; use "
-                                 f"+{', +'.join(SCHEME_BYTES)} or (CD-MoE) +heal")
-            if heal and base != "cd-moe":
-                raise CdmoeError(f"+heal trains condensed layers; {name!r} has none (use cd-moe+heal or cd-moe-s+heal)")
+                                 f"+{', +'.join(SCHEME_BYTES)} or (CD-MoE, budget) +heal")
+            if heal and base not in ("cd-moe", "budget"):
+                raise CdmoeError(f"+heal trains condensed layers; {name!r} has none (use cd-moe+heal, cd-moe-s+heal or "
+                                 "budget+heal)")
             out.append(Method(name, base, search, bits or None, heal))
     return out
 

@@ -195,7 +195,7 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
             loaded, record["quantization"] = finish_quantized(loaded, method.quantize, storage)
         save(loaded, path, record, tokenizer=tokenizer, force=True, storage=storage)
         del loaded
-        if method.heal:  # in place, on the same calibration windows, the original loaded again
+        if method.heal and record.get("condensed"):  # in place, on the same calibration windows, the original again
             progress(f"[compare] healing {name} (N={knob})")
             healed = heal_directory(path, path, record, model, calib_ids, calib.to_dict(), HealOptions(),
                                     mode="whole", device=resolve_device(device), dtype=dtype,

@@ -156,10 +156,12 @@ def apply_budget_plan(model: nn.Module, source, ratio: float, result: PlanResult
 def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, calib: CalibSpec = CalibSpec(),
                     dtype: str = "auto", force: bool = False, show_progress: bool = True, mode: str = "auto",
                     device: str = "auto", activations: str = "auto",
-                    activations_dir: str | Path | None = None, memory_check: bool = True) -> dict:
+                    activations_dir: str | Path | None = None, memory_check: bool = True, heal=None) -> dict:
     """Plan ``model`` for the one budget of ``options`` and save the result to ``out``; return the record.
     ``mode``, ``device``, ``activations`` and resuming as :func:`cdmoe.methods.condense.condense`."""
     options.check()
+    if heal is not None:
+        heal.check()
     if len(options.budgets) != 1:
         raise ValueError("condense_budget writes one budget; compare plans several")
     ratio = options.budgets[0]
@@ -202,6 +204,14 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
 
         record["search"]["timings"]["total_s"] = time.perf_counter() - session.started
         write_condensed(tmp, record, write_weights, tokenizer=session.tokenizer)
+        if heal is not None and record.get("condensed"):  # the plan's condensed layers, as condense --heal does
+            from .heal import heal_condensed_output
+
+            del loaded, store, write_weights
+            record = heal_condensed_output(tmp, record, model, calib, calib_ids, heal, mode=session.mode,
+                                           device=session.dev, dtype=dtype, tokenizer=session.tokenizer,
+                                           activations=session.activations, activations_dir=activations_dir,
+                                           show_progress=show_progress)
     record["budget"]["written_bytes"] = disk_bytes(out)
     write_record(out, record)
     return record

@@ -215,9 +215,12 @@ def _chosen(record: dict, layers: Collection[int] | None) -> list[dict]:
 
 def _condensed_record(directory) -> dict:
     method = read_record(directory).get("method", "cd-moe")
-    if method != "cd-moe":
-        raise CdmoeError(f"{directory} holds a {method} output; cdmoe heal trains the layers of a cdmoe condense output")
+    if method not in ("cd-moe", "budget"):  # budget: the planner's condensed layers (its other layers stay)
+        raise CdmoeError(f"{directory} holds a {method} output; cdmoe heal trains the condensed layers of a cdmoe "
+                         "condense output (--layers or --budget)")
     record = read_record(directory, condensed=True)
+    if not record.get("condensed"):
+        raise CdmoeError(f"{directory} has no condensed layer to heal (its plan prunes or drops only)")
     if record.get("quantization"):
         raise CdmoeError(f"{directory} is quantised; heal the condensed directory before quantising it")
     return record
