@@ -70,7 +70,7 @@ def random_block(config: Path):
     data.update(num_hidden_layers=1, first_k_dense_replace=0, mlp_only_layers=[])
     cfg = AutoConfig.for_model(data.pop("model_type"), **data)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)  # the config says bf16: fp32 here
     spec = family_spec(model)
     module = getattr(model.model.layers[0], spec.block_attr).to_empty(device="cpu")
     gen = torch.Generator().manual_seed(0)
