@@ -27,12 +27,7 @@ CALIB = CalibSpec(str(DEMO_CALIB), 4, 32, 0)
 SAME = ("expert_search", "layer_order", "layer_step_scores", "single_layer_scores")  # bit-identical numbers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _run(source, out, experts, mode, evaluation=EvalOptions()):

@@ -28,12 +28,7 @@ cli = CliRunner()
 FAST = {"samples": 40, "steps": 40, "batch_tokens": 256, "eval_every": 10, "patience": 3}  # a few seconds per heal
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _checkpoint(tmp: Path, family: str, tokenizer_from: Path, **overrides) -> Path:
