@@ -205,13 +205,8 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
         record["search"]["timings"]["total_s"] = time.perf_counter() - session.started
         write_condensed(tmp, record, write_weights, tokenizer=session.tokenizer)
         if heal is not None and record.get("condensed"):  # the plan's condensed layers, as condense --heal does
-            from .heal import heal_condensed_output
-
-            del loaded, store, write_weights
-            record = heal_condensed_output(tmp, record, model, calib, calib_ids, heal, mode=session.mode,
-                                           device=session.dev, dtype=dtype, tokenizer=session.tokenizer,
-                                           activations=session.activations, activations_dir=activations_dir,
-                                           show_progress=show_progress)
+            del loaded, store, write_weights  # healing loads the original model again (or layer by layer)
+            record = session.heal(tmp, record, heal, show_progress)
     record["budget"]["written_bytes"] = disk_bytes(out)
     write_record(out, record)
     return record

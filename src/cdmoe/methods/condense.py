@@ -131,13 +131,8 @@ def condense(
 
         write_condensed(tmp, record, write_weights, tokenizer=tokenizer, extra_files=write_plots)
         if heal is not None:
-            from .heal import heal_condensed_output
-
             del loaded, store, write_weights  # healing loads the original model again (or layer by layer)
-            record = heal_condensed_output(tmp, record, model, calib, calib_ids, heal, mode=session.mode,
-                                           device=session.dev, dtype=dtype, tokenizer=tokenizer,
-                                           activations=session.activations,
-                                           activations_dir=activations_dir, show_progress=show_progress)
+            record = session.heal(tmp, record, heal, show_progress)
     if quantize and "evaluation" in record:  # as a user loads it
         ev = record["evaluation"]
         ev["quantized_ppl"] = perplexity(load_model(out, device=device), token_stream(tokenizer, ev["text"], evaluation.max_tokens),

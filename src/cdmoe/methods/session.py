@@ -81,6 +81,16 @@ class Session:
         self.calib_ids = load_calibration(self.tokenizer, self.calib)
         return self.calib_ids
 
+    def heal(self, tmp: Path, record: dict, options, show_progress: bool) -> dict:
+        """Heal the condensed layers of the output just written to ``tmp`` on this run's calibration source
+        (``condense --heal``, with ``--layers`` or ``--budget``); return the record with its ``heal`` entry."""
+        from .heal import heal_condensed_output
+
+        return heal_condensed_output(tmp, record, self.model, self.calib, self.calib_ids, options, mode=self.mode,
+                                     device=self.dev, dtype=self.dtype, tokenizer=self.tokenizer,
+                                     activations=self.activations, activations_dir=self.activations_dir,
+                                     show_progress=show_progress)
+
     @contextlib.contextmanager
     def open(self, key: dict, state_cls) -> Iterator[tuple]:
         """(tmp dir, state, model, store or None, activation cache): the partial output directory with the
