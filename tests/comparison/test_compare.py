@@ -216,3 +216,19 @@ def test_unreadable_calibration_is_refused_before_the_weights_load(tiny_model_di
         else:
             sweep_module.sweep(tiny_model_dir, tmp_path / "out", [1], SearchOptions(layers=1), calib)
     assert not (tmp_path / "out").exists()
+
+
+def test_budget_and_budget_heal_share_one_planner_run(tiny_model_dir, tmp_path, monkeypatch):
+    import cdmoe.comparison.compare as compare_module
+
+    runs = []
+    real = compare_module.plan_budgets
+    monkeypatch.setattr(compare_module, "plan_budgets", lambda *a, **k: runs.append(1) or real(*a, **k))
+    out = tmp_path / "cmp"
+    compare(tiny_model_dir, out, [0.7], parse_methods("budget,budget+heal"), CalibSpec(str(DEMO_CALIB), 4, 32, 0),
+            progress=lambda msg: None)
+    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    plain, healed = (json.loads((out / rows[m]["dir"] / "cdmoe.json").read_text()) for m in ("budget", "budget+heal"))
+    assert len(runs) == 1 and plain["layers"] == healed["layers"]
+    assert rows["budget"]["setting"] == rows["budget+heal"]["setting"]
+    assert ("heal" in healed) == bool(healed.get("condensed")) and "heal" not in plain

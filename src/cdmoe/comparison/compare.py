@@ -151,19 +151,21 @@ def compare(model: str | Path, out: str | Path, budgets: list[float], methods: l
 def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtype, progress, calib: CalibSpec,
                 device) -> None:
     """Write every planned point to ``work/points/...`` (its ``dir`` is relative to ``work``). CD-MoE
-    variants with the same search options (``cd-moe``, ``cd-moe+heal``, ``cd-moe+int4``) share one search."""
+    variants with the same search options (``cd-moe``, ``cd-moe+heal``, ``cd-moe+int4``) share one search, and
+    ``budget`` and ``budget+heal`` one planner run."""
     searches: dict[str, object] = {}
     for (name, knob), point in plan.items():
         method: Method = point["method"]
-        if method.base == "budget" and name not in searches:  # one planner run for all budgets
+        if method.base == "budget" and "budget" not in searches:  # one planner run: all budgets, budget(+heal)
             options = PlanOptions(budgets=tuple(p["budgets"][0] for (n, _), p in plan.items() if n == name))
-            searches[name] = plan_budgets(load_model(model, dtype=dtype, device=device), model, calib_ids, options,
-                                          dtype=dtype)[0]
-            for (n, _), p in plan.items():
-                if n == name:
+            searches["budget"] = plan_budgets(load_model(model, dtype=dtype, device=device), model, calib_ids,
+                                              options, dtype=dtype)[0]
+            planned = searches["budget"]
+            for p in plan.values():
+                if p["method"].base == "budget":
                     ratio = p["budgets"][0]
-                    p["predicted_ratio"] = searches[name].predicted[ratio] / searches[name].record["original_bytes"]
-                    p["setting"] = plan_summary(searches[name].plans[ratio])
+                    p["predicted_ratio"] = planned.predicted[ratio] / planned.record["original_bytes"]
+                    p["setting"] = plan_summary(planned.plans[ratio])
         budgets = ", ".join(f"{100 * b:.0f}%" for b in point["budgets"])
         setting = f" ({method.knob}={knob})" if method.knob != "none" else ""
         progress(f"[compare] {name}{setting}: predicted memory {100 * point['predicted_ratio']:.1f}% for budget {budgets}")
@@ -171,8 +173,9 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
         path = work / point["dir"]
         loaded = load_model(model, dtype=dtype, device=device)
         if method.base == "budget":
-            record = {**apply_budget_plan(loaded, model, point["budgets"][0], searches[name],
-                                          {**searches[name].record, "calibration": {"tokens": int(calib_ids.numel())}}),
+            planned = searches["budget"]
+            record = {**apply_budget_plan(loaded, model, point["budgets"][0], planned,
+                                          {**planned.record, "calibration": {"tokens": int(calib_ids.numel())}}),
                       "variant": name}
         elif method.base == "cd-moe":
             same = json.dumps(method.search, sort_keys=True)
