@@ -10,7 +10,7 @@
 #               methods includes both)
 #   heal        CD-MoE and CD-MoE-S, each alone and healed (cdmoe heal's defaults) at 80% / 65% (not run by
 #               default; about 10 minutes)
-#   w8a8        compressed-tensors W8A8 points (condense, Layer Drop, quantise alone) against CD-MoE and
+#   w8a8        compressed-tensors W8A8 points (condense, Layer Drop, the budget planner, quantise alone) against CD-MoE and
 #               CD-MoE + bitsandbytes int4 at 55% / 45% (perplexity, prefill speed in transformers; not run by
 #               default; about 1 minute)
 #   budget      the budget planner against each single method at 80% / 65% / 50% (perplexity; not run by
@@ -33,7 +33,7 @@ for run in ${@:-methods quantized ablations}; do
     reap)      cdmoe compare demo/model --out runs/compare-reap --budget 0.8,0.65 --methods expert-drop,reap $TASKS --peak-rss $COMMON ;;
     heal)      cdmoe compare demo/model --out runs/compare-heal --budget 0.8,0.65 --methods cd-moe,cd-moe+heal,cd-moe-s,cd-moe-s+heal $TASKS $COMMON ;;
     w8a8)      cdmoe compare demo/model --out runs/compare-w8a8 --budget 0.55,0.45 $COMMON \
-                 --methods cd-moe,slim-w8a8,cd-moe+w8a8,layer-drop+w8a8,cd-moe+int4 ;;
+                 --methods cd-moe,slim-w8a8,cd-moe+w8a8,layer-drop+w8a8,cd-moe+int4,budget+w8a8 ;;
     budget)    cdmoe compare demo/model --out runs/compare-budget --budget 0.8,0.65,0.5 $COMMON \
                  --methods budget,cd-moe,cd-moe-s,expert-drop,reap,layer-drop ;;
     *) echo "unknown run $run (methods | quantized | ablations | msmoe | reap | heal | w8a8 | budget)" >&2; exit 2 ;;

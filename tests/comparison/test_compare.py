@@ -176,7 +176,7 @@ def test_compare_budget_method_is_planned_for_each_budget_and_stays_under_it(tin
     small, large = sorted(rows, key=lambda r: r["budgets"][0])
     assert small["memory_ratio"] < large["memory_ratio"]
     with pytest.raises(CdmoeError, match="unknown"):
-        parse_methods("budget+int4")
+        parse_methods("budget:kl")
 
 
 def test_compare_without_eval_text_or_tasks_scores_what_it_measured(tiny_model_dir, tmp_path):
@@ -232,3 +232,21 @@ def test_budget_and_budget_heal_share_one_planner_run(tiny_model_dir, tmp_path, 
     assert len(runs) == 1 and plain["layers"] == healed["layers"]
     assert rows["budget"]["setting"] == rows["budget+heal"]["setting"]
     assert ("heal" in healed) == bool(healed.get("condensed")) and "heal" not in plain
+
+
+def test_budget_w8a8_is_planned_in_its_own_bytes(tiny_model_dir, tmp_path):
+    """compare's budget+w8a8: its own planner run, priced in the quantised bytes: at the same budget it keeps
+    more than the unquantised plan, and its measured bytes are what the planner predicted, within the budget."""
+    pytest.importorskip("compressed_tensors")
+    out = tmp_path / "cmp"
+    compare(tiny_model_dir, out, [0.6], parse_methods("budget,budget+w8a8"), CalibSpec(str(DEMO_CALIB), 4, 32, 0),
+            progress=lambda msg: None)
+    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    plain, quant = (json.loads((out / rows[m]["dir"] / "cdmoe.json").read_text()) for m in ("budget", "budget+w8a8"))
+    assert quant["quantization"]["scheme"] == "w8a8" and "quantization" not in plain
+    assert len(quant["steps"]) < len(plain["steps"])  # the quantised plan needs fewer structural steps
+    written = sum(f.stat().st_size for f in (out / rows["budget+w8a8"]["dir"]).glob("*.safetensors"))
+    assert written <= quant["budget"]["predicted_bytes"] <= quant["budget"]["budget_bytes"]
+    assert rows["budget+w8a8"]["memory_ratio"] <= 0.6
+    with pytest.raises(CdmoeError, match="budget\\+w8a8, budget\\+w4a16 or budget\\+fp8"):
+        parse_methods("budget+int4")

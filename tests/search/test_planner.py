@@ -172,7 +172,9 @@ def test_budget_options_are_refused_in_one_line(tiny_model_dir, tmp_path, monkey
             "--samples", "2", "--seq-len", "16", "--quiet"]
     for extra, words in ((["--layers", "2", "--budget", "0.6"], "not both"), ([], "--budget"),
                          (["--budget", "0.6", "--experts", "2"], "--experts"), (["--budget", "1.5"], "(0, 1]"),
-                         (["--budget", "0.05"], "below what any plan reaches")):
+                         (["--budget", "0.05"], "below what any plan reaches"),
+                         (["--budget", "0.6", "--quantize", "int4"], "use --quantize w8a8 | w4a16 | fp8"),
+                         (["--budget", "0.6", "--quantize", "w8a8", "--heal"], "do not combine yet")):
         result = cli.invoke(app, base + extra)
         assert result.exit_code == 2 and words in result.output, (extra, result.output)
         assert len(result.output.strip().splitlines()) <= 3 and "Traceback" not in result.output
@@ -193,6 +195,13 @@ def test_plan_budget_shows_bytes(tiny_model_dir):
     assert layer["keep"] > layer["prune-6"] > layer["prune-4"] and layer["condense-2"] > layer["condense-0"] > 0
     # keep is every stored tensor of one MoE block (fp32) plus its header bound
     assert data["fixed_bytes"] + len(data["layers"]) * layer["keep"] >= original
+    result = cli.invoke(app, ["plan", str(tiny_model_dir), "--budget", "0.6", "--quantize", "w8a8", "--json"])
+    assert result.exit_code == 0, result.output
+    quantised = json.loads(result.output)  # the budget still a ratio of the original bytes; actions in int8 bytes
+    assert quantised["original_bytes"] == original and quantised["quantize"] == "w8a8"
+    assert quantised["fixed_bytes"] < data["fixed_bytes"] and quantised["floor_bytes"] < data["floor_bytes"]
+    q_layer = next(iter(quantised["layers"].values()))["actions"]
+    assert 0.25 < q_layer["keep"] / layer["keep"] < 0.35  # fp32 experts to int8 codes + fp32 row scales
 
 
 def test_a_block_fp8_source_is_refused_before_any_work(tmp_path, monkeypatch):
@@ -234,3 +243,41 @@ def test_budget_heal_heals_the_plans_condensed_layers_as_cdmoe_heal_does(tiny_mo
     changed = {k for k in a if not torch.equal(a[k], p[k])}
     mlps = {f"model.layers.{c['layer']}.mlp.{w}_proj.weight" for c in plain["condensed"] for w in ("gate", "up", "down")}
     assert changed == mlps
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+def test_budget_with_quantize_is_the_plan_quantised_within_its_own_bytes(tiny_model_dir, tmp_path, scheme):
+    """condense --budget R --quantize SCHEME: the plan is made in the quantised output's bytes (exact tensor bytes,
+    under the budget, a plan that would not fit unquantised), and its output is the plan's model quantised:
+    plain transformers loads it with the logits of the in-memory plan fake-quantised (compressed-tensors),
+    and cdmoe apply replays plan and scheme to the same bytes."""
+    from cdmoe.methods.compressed import prepare_quantized
+    from cdmoe.models.loading import load_model, round_to_checkpoint_dtype
+    from cdmoe.models.mixed import LayerAction, apply_plan
+    from cdmoe.models.storage_dtypes import cast_to_storage
+
+    path = _checkpoint(tmp_path, "glm4_moe", tiny_model_dir, n_group=2, topk_group=1)
+    calib, out = CalibSpec(str(DEMO_CALIB), samples=6, seq_len=24), tmp_path / scheme
+    record = condense_budget(path, out, PlanOptions(budgets=(0.45,)), calib, show_progress=False, mode="whole",
+                             quantize=scheme)
+    budget = record["budget"]
+    tensor_total, files = _tensor_bytes(out)
+    assert tensor_total == budget["predicted_tensor_bytes"] and budget["quantize"] == scheme
+    assert files == budget["written_bytes"] <= budget["predicted_bytes"] <= budget["budget_bytes"]
+    plan = {int(layer): LayerAction.from_dict(a) for layer, a in record["layers"].items()}
+    assert {a.kind for a in plan.values()} >= {"prune", "condense"}, record["layers"]
+    model = load_model(path)
+    storage = round_to_checkpoint_dtype(model, path, "auto")
+    assert ByteTable(model, storage).total(plan) > budget["budget_bytes"]  # fits only once quantised
+    apply_plan(model, plan)
+    cast_to_storage(model, storage)  # the stored values are what is quantised
+    group = record["quantization"]["weights"]["group_size"]
+    expected_model = prepare_quantized(model.float(), scheme, torch.float32, group=group)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = expected_model(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    replayed = tensors(apply_record(path, out, tmp_path / "applied"))
+    written = tensors(out)
+    assert replayed.keys() == written.keys() and all(torch.equal(replayed[k], written[k]) for k in written)

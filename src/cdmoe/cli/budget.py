@@ -15,14 +15,18 @@ __all__ = ["print_budget_plan"]
 
 
 
-def print_budget_plan(model: str, budgets: list[float], dtype: str | None, as_json: bool) -> None:
-    """``cdmoe plan --budget``: the bytes a budget allows and what each action of a MoE layer weighs."""
+def print_budget_plan(model: str, budgets: list[float], dtype: str | None, as_json: bool,
+                      quantize: str | None = None) -> None:
+    """``cdmoe plan --budget``: the bytes a budget allows and what each action of a MoE layer weighs
+    (``quantize``: in that compressed-tensors scheme's bytes)."""
     from ..evaluation.measure import disk_bytes
+    from ..methods.budget_plan import check_budget_quantize
     from ..models.plan_budget import budget_bytes
 
     if not budgets or not all(0 < b <= 1 for b in budgets):
         raise CdmoeError(f"--budget takes ratios of the original weight bytes in (0, 1], got {budgets}")
-    result = budget_bytes(model, dtype)
+    check_budget_quantize(quantize)
+    result = budget_bytes(model, dtype, quantize)
     local = Path(model).is_dir() and any(Path(model).glob("*.safetensors"))
     original = disk_bytes(model) if local else result["original_bytes"]
     result.update(measured=local, original_bytes=original,
@@ -41,7 +45,8 @@ def print_budget_plan(model: str, budgets: list[float], dtype: str | None, as_js
                           f"{size_text(entry['remove_bytes'])}" + ("" if entry["reachable"] else " (not reachable)"))
     layers = result["layers"]
     first = next(iter(layers.values()))
-    table = Table(title=f"one MoE layer's actions ({len(layers)} MoE layers; bytes as stored)", show_header=True)
+    stored = f"bytes once quantised ({quantize})" if quantize else "bytes as stored"
+    table = Table(title=f"one MoE layer's actions ({len(layers)} MoE layers; {stored})", show_header=True)
     table.add_column("action")
     table.add_column("bytes", justify="right")
     table.add_column("saves", justify="right")

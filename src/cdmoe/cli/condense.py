@@ -106,8 +106,7 @@ def condense(
 
     check_budget_options(layers, budget, {"--experts": experts is not None, "--shared-only": shared_only,
                                           "--expert-selector": expert_selector != "greedy",
-                                          "--layer-selector": layer_selector != "greedy", "--eval-text": bool(eval_text),
-                                          "--quantize": bool(quantize)})
+                                          "--layer-selector": layer_selector != "greedy", "--eval-text": bool(eval_text)})
     if budget is not None:
         from ..methods.budget_plan import condense_budget
         from ..search.plan_run import PlanOptions
@@ -117,7 +116,8 @@ def condense(
                                  CalibSpec(source=calib, samples=samples, seq_len=seq_len, seed=seed), dtype=dtype,
                                  force=force, show_progress=not quiet, mode=mode, device=device,
                                  activations=activations, activations_dir=activations_dir, memory_check=memory_check,
-                                 heal=HealOptions(samples=heal_samples) if heal or heal_samples is not None else None)
+                                 heal=HealOptions(samples=heal_samples) if heal or heal_samples is not None else None,
+                                 quantize=quantize)
         return print_budget_summary(record, out)
 
     record = run_condense(

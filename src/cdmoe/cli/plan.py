@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from ..errors import CdmoeError
 from .options import (
     Activations,
     Device,
@@ -52,6 +53,8 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     budget: Annotated[Optional[str], typer.Option(help="what budgets mean in bytes, e.g. 0.8,0.6 (ratios of the "
                                                        "weight bytes; see condense --budget)")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="with --budget: the bytes of the output quantised by this "
+                                                         "compressed-tensors scheme (w8a8 | w4a16 | fp8)")] = None,
     trust_remote_code: TrustCode = False,
 ):
     """Parameters and memory of a condensing plan, from the config alone (no weights are read).
@@ -64,7 +67,9 @@ def plan(
     if budget is not None:
         from .budget import print_budget_plan
 
-        return print_budget_plan(model, _float_list(budget), dtype, as_json)
+        return print_budget_plan(model, _float_list(budget), dtype, as_json, quantize)
+    if quantize is not None:
+        raise CdmoeError("--quantize applies to plan --budget (the bytes of a quantised plan); add --budget R")
     known = count(model)
     result = run_plan(model, layers, _experts(experts, shared_only), _int_list(layer_ids), dtype, known=known)
     result.update(_memory(model, known, device, dtype, layers or result["moe_layers"], _experts(experts, shared_only),

@@ -71,7 +71,9 @@ def print_budget_summary(record: dict, out: Path) -> None:
     steps = " -> ".join(f"{s['layer']}:{s['action']}" for s in record["steps"]) or "none (the original fits)"
     out_console.print(f"steps ({record['search']['metric'].upper()} of the final output after the last: "
                       f"{record['steps'][-1]['divergence'] if record['steps'] else 0.0:.4g}): {steps}")
-    out_console.print(f"wrote {out} ({'native' if record['native_format'] else 'cdmoe'} format; record cdmoe.json)")
+    quantized = record.get("quantization")
+    scheme = f", compressed-tensors {quantized['scheme']}" if quantized else ""
+    out_console.print(f"wrote {out} ({'native' if record['native_format'] else 'cdmoe'} format{scheme}; record cdmoe.json)")
 
 
 def _label(action: dict) -> str:

@@ -70,8 +70,11 @@ def parse_methods(text: str) -> list[Method]:
                 else:
                     raise CdmoeError(f"unknown CD-MoE variant {variant!r} in --methods {name!r}")
             if base not in ("cd-moe", "layer-drop", "block-drop", "slim", "budget", *EXPERT_METHODS) or (
-                    variant and base != "cd-moe") or (bits and base == "budget"):
+                    variant and base != "cd-moe"):
                 raise CdmoeError(f"unknown method {name!r}; see `cdmoe compare --help` for the names")
+            if bits in ("int8", "int4") and base == "budget":
+                raise CdmoeError(f"{name!r}: the budget planner prices compressed-tensors outputs; use "
+                                 "budget+w8a8, budget+w4a16 or budget+fp8")
             if bits and bits not in SCHEME_BYTES or len(suffixes) > 1:
                 raise CdmoeError(f"unknown suffix {'+'.join(suffixes)!r} in {name!r}; use "
                                  f"+{', +'.join(SCHEME_BYTES)} or (CD-MoE, budget) +heal")

@@ -156,13 +156,14 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
     searches: dict[str, object] = {}
     for (name, knob), point in plan.items():
         method: Method = point["method"]
-        if method.base == "budget" and "budget" not in searches:  # one planner run: all budgets, budget(+heal)
+        planner = f"budget+{method.quantize}" if method.quantize else "budget"  # a scheme's plans are in its bytes
+        if method.base == "budget" and planner not in searches:  # one planner run: all budgets, budget(+heal)
             options = PlanOptions(budgets=tuple(p["budgets"][0] for (n, _), p in plan.items() if n == name))
-            searches["budget"] = plan_budgets(load_model(model, dtype=dtype, device=device), model, calib_ids,
-                                              options, dtype=dtype)[0]
-            planned = searches["budget"]
+            searches[planner] = plan_budgets(load_model(model, dtype=dtype, device=device), model, calib_ids,
+                                             options, dtype=dtype, quantize=method.quantize)
+            planned = searches[planner][0]
             for p in plan.values():
-                if p["method"].base == "budget":
+                if p["method"].base == "budget" and p["method"].quantize == method.quantize:
                     ratio = p["budgets"][0]
                     p["predicted_ratio"] = planned.predicted[ratio] / planned.record["original_bytes"]
                     p["setting"] = plan_summary(planned.plans[ratio])
@@ -172,8 +173,10 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
         point["dir"] = f"points/{name.replace(':', '_').replace('+', '_')}-{knob}"
         path = work / point["dir"]
         loaded = load_model(model, dtype=dtype, device=device)
+        group = None
         if method.base == "budget":
-            planned = searches["budget"]
+            planned, table = searches[planner]
+            group = table.quant.group if table.quant is not None else None  # w4a16: the group the plan priced
             record = {**apply_budget_plan(loaded, model, point["budgets"][0], planned,
                                           {**planned.record, "calibration": {"tokens": int(calib_ids.numel())}}),
                       "variant": name}
@@ -195,7 +198,7 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
             record = {**baseline_record(loaded, model, method.base, details), "variant": name}
         storage = round_to_checkpoint_dtype(loaded, model, dtype)
         if method.quantize:
-            loaded, record["quantization"] = finish_quantized(loaded, method.quantize, storage)
+            loaded, record["quantization"] = finish_quantized(loaded, method.quantize, storage, group)
         save(loaded, path, record, tokenizer=tokenizer, force=True, storage=storage)
         del loaded
         if method.heal and record.get("condensed"):  # in place, on the same calibration windows, the original again

@@ -120,11 +120,12 @@ def apply_baseline(model: nn.Module, stats: CalibStats | None, options: Baseline
     return model, details
 
 
-def finish_quantized(model: nn.Module, bits: str, storage) -> tuple[nn.Module, dict]:
+def finish_quantized(model: nn.Module, bits: str, storage, group: int | None = None) -> tuple[nn.Module, dict]:
     """Quantise ``model``'s experts / condensed MLPs (the other tensors stored as ``storage``, a
-    :class:`~cdmoe.models.storage_dtypes.StoragePlan`, says); return the quantised model and its record entry."""
+    :class:`~cdmoe.models.storage_dtypes.StoragePlan`, says); return the quantised model and its record entry.
+    ``group``: compressed-tensors' w4a16 group size (default: from the model's widths; :func:`quantize_compressed`)."""
     if bits in SCHEMES:  # compressed-tensors, vLLM's format
-        return quantize_compressed(model, bits, storage)
+        return quantize_compressed(model, bits, storage, group)
     dtype = storage.default
     moe_layers = len(moe_blocks(model))
     quantized = quantize_model(model, bits, storage=storage)

@@ -28,6 +28,7 @@ from ..errors import CdmoeError
 from ..evaluation.measure import disk_bytes
 from ..models.budget import model_params
 from ..models.byte_budget import ByteTable
+from ..models.compressed_bytes import QUANT_SCHEMES
 from ..models.loading import round_to_checkpoint_dtype
 from ..models.mixed import LayerAction, apply_plan, build_block
 from ..models.storage_dtypes import cast_to_storage, plan_of
@@ -35,10 +36,12 @@ from ..search.calibration import CalibSpec
 from ..search.plan_run import PlanOptions, PlanResult, run_plan
 from ..search.plan_state import PlanState
 from ..search.resume import run_key
+from .baselines import finish_quantized
+from .quantize import check_quantize
 from .reap import expert_saliency
 from .session import rich_progress, start_session
 
-__all__ = ["apply_budget_plan", "budget_record", "check_budget_options", "check_budget_source", "condense_budget", "original_bytes",
+__all__ = ["apply_budget_plan", "budget_record", "check_budget_options", "check_budget_quantize", "check_budget_source", "condense_budget", "original_bytes",
            "plan_budgets", "plan_from_record", "plan_summary", "replay_budget_plan"]
 
 
@@ -83,11 +86,16 @@ def original_bytes(source, table: ByteTable) -> int:
 
 
 def plan_budgets(model: nn.Module, source, calib_ids: torch.Tensor, options: PlanOptions, report=None, store=None,
-                 state=None, activations=None, dtype: str = "auto") -> tuple[PlanResult, ByteTable]:
-    """Run the planner on ``model`` (loaded from ``source``; ``store``: sequential mode) for ``options.budgets``."""
+                 state=None, activations=None, dtype: str = "auto",
+                 quantize: str | None = None) -> tuple[PlanResult, ByteTable]:
+    """Run the planner on ``model`` (loaded from ``source``; ``store``: sequential mode) for ``options.budgets``.
+    ``quantize`` (w8a8 | w4a16 | fp8): the plans' bytes are those of the output quantised by that
+    compressed-tensors scheme (:class:`~cdmoe.models.byte_budget.ByteTable`); the budget stays a ratio of
+    the unquantised source's bytes."""
     storage = plan_of(store.model if store is not None else model, source, dtype)
-    table = ByteTable(model, storage)
-    result = run_plan(model, calib_ids, options, table, original_bytes(source, table), reap_saliency, report,
+    plain = ByteTable(model, storage)
+    table = plain if quantize is None else ByteTable(model, storage, quantize)
+    result = run_plan(model, calib_ids, options, table, original_bytes(source, plain), reap_saliency, report,
                       store=store, state=state, activations=activations)
     return result, table
 
@@ -153,23 +161,46 @@ def apply_budget_plan(model: nn.Module, source, ratio: float, result: PlanResult
     return budget_record(model, before, source, ratio, result, search)
 
 
+def check_budget_quantize(quantize: str | None, heal=None) -> None:
+    """The schemes a budget plan is written in: compressed-tensors' (its bytes are priced exactly), not with --heal."""
+    if quantize is None:
+        return
+    check_quantize(quantize)
+    if quantize not in QUANT_SCHEMES:
+        raise CdmoeError(f"--budget with --quantize {quantize} (bitsandbytes) is not supported: the planner prices "
+                         f"compressed-tensors outputs; use --quantize {' | '.join(QUANT_SCHEMES)}")
+    if heal is not None:
+        raise CdmoeError("--heal and --quantize do not combine yet; plan and heal, then quantise with cdmoe baseline slim")
+
+
 def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, calib: CalibSpec = CalibSpec(),
                     dtype: str = "auto", force: bool = False, show_progress: bool = True, mode: str = "auto",
                     device: str = "auto", activations: str = "auto",
-                    activations_dir: str | Path | None = None, memory_check: bool = True, heal=None) -> dict:
+                    activations_dir: str | Path | None = None, memory_check: bool = True, heal=None,
+                    quantize: str | None = None) -> dict:
     """Plan ``model`` for the one budget of ``options`` and save the result to ``out``; return the record.
-    ``mode``, ``device``, ``activations`` and resuming as :func:`cdmoe.methods.condense.condense`."""
+    ``mode``, ``device``, ``activations`` and resuming as :func:`cdmoe.methods.condense.condense`.
+    ``quantize`` (w8a8 | w4a16 | fp8; whole mode): the plan is made in the bytes of that compressed-tensors
+    scheme and its output quantised (:mod:`cdmoe.methods.compressed`): the planner's divergences are those
+    of the unquantised actions; quantisation is then applied to the chosen plan."""
     options.check()
     if heal is not None:
         heal.check()
+    check_budget_quantize(quantize, heal)
     if len(options.budgets) != 1:
         raise ValueError("condense_budget writes one budget; compare plans several")
     ratio = options.budgets[0]
     session = start_session(model, out, calib, {}, dtype=dtype, device=device, mode=mode, force=force,
                             activations=activations, activations_dir=activations_dir, memory_check=memory_check)
     check_budget_source(model)
+    if quantize:
+        check_quantize(quantize, model=model)  # the scheme fits the model's widths (config only)
+        if session.mode == "sequential":
+            raise CdmoeError("--quantize needs the whole model in memory for now; use --mode whole, or quantise the "
+                             "planned output with cdmoe baseline slim (then plan with a larger --budget)")
     calib_ids = session.calibrate()
-    key = run_key(model, calib.to_dict(), calib_ids, options, {"dtype": str(session.compute), "device": session.dev.type})
+    key = run_key(model, calib.to_dict(), calib_ids, options, {"dtype": str(session.compute), "device": session.dev.type,
+                                                               "quantize": quantize})
     progress = rich_progress() if show_progress else None
     tasks: dict[str, int] = {}
 
@@ -182,13 +213,19 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
 
     with session.open(key, PlanState) as (tmp, state, loaded, store, cache):
         with progress or nullcontext():
-            result, table = plan_budgets(loaded, model, calib_ids, options, report, store, state, cache, dtype)
+            result, table = plan_budgets(loaded, model, calib_ids, options, report, store, state, cache, dtype,
+                                         quantize)
         search = {**result.record, "calibration": {**calib.to_dict(), "tokens": int(calib_ids.numel())},
                   "mode": session.mode, "mode_reason": session.why, "device": str(session.dev),
                   "activations": session.activations, "memory_plan": session.choice.to_dict()}
         if store is None:
             record = apply_budget_plan(loaded, model, ratio, result, search)
-            cast_to_storage(loaded, round_to_checkpoint_dtype(loaded, model, dtype))  # the source's dtypes
+            storage = round_to_checkpoint_dtype(loaded, model, dtype)
+            if quantize:  # the plan's priced scheme (w4a16: the group priced, from the source's widths)
+                loaded, record["quantization"] = finish_quantized(loaded, quantize, storage, table.quant.group)
+                record["budget"]["quantize"] = quantize
+            else:
+                cast_to_storage(loaded, storage)  # the source's dtypes
 
             def write_weights(directory: Path) -> None:
                 loaded.save_pretrained(directory, max_shard_size="5GB")

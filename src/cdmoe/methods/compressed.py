@@ -43,6 +43,7 @@ from torch import nn
 
 from ..errors import CdmoeError
 from ..models.adapter import family_spec, moe_blocks
+from ..models.compressed_bytes import KEEP_PATTERNS, input_widths, is_quantised, w4a16_group
 from ..models.condensed import to_cdmoe_format
 from ..models.modeling_cdmoe import UnfusedExperts
 
@@ -51,10 +52,7 @@ __all__ = ["KEEP", "SCHEMES", "check_scheme", "compress_prepared", "compressed_r
 
 SCHEMES = {"w8a8": "W8A8", "w4a16": "W4A16", "fp8": "FP8_BLOCK"}
 FORMATS = {"w8a8": "int-quantized", "w4a16": "pack-quantized", "fp8": "float-quantized"}
-# kept as the source has them: the LM head, routers (HF and vLLM call them gate or router), per-token
-# shared-expert gates (qwen2_moe's, and the condensed layer's shared_gate)
-KEEP = ["lm_head", r"re:.*\.(gate|router)$", r"re:.*shared_expert_gate$", r"re:.*\.shared_gate$"]
-GROUP_SIZES = (128, 64, 32)
+KEEP = KEEP_PATTERNS  # kept as the source has them (the LM head, routers, shared-expert gates)
 
 
 def _ct():
@@ -72,7 +70,7 @@ def check_scheme(name: str, model: str | Path | None = None) -> None:
     if model is None:
         return
     if isinstance(model, nn.Module):
-        _scheme(name, _input_widths(model))
+        _scheme(name, input_widths(model))
         return
     from transformers import AutoModelForCausalLM
 
@@ -89,23 +87,12 @@ def check_scheme(name: str, model: str | Path | None = None) -> None:
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trusted())
-    _scheme(name, _input_widths(skeleton))
+    _scheme(name, input_widths(skeleton))
 
 
 def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """(name, module) of every ``nn.Linear`` the schemes quantise, in module order."""
-    from compressed_tensors.utils.match import match_named_modules
-
-    return [(n, m) for n, m in match_named_modules(model, ["Linear"], KEEP) if isinstance(m, nn.Linear)]
-
-
-def _input_widths(model: nn.Module) -> list[int]:
-    """Input widths of every weight the schemes quantise (fused experts too: H for gate/up, I for down)."""
-    widths = {m.in_features for _, m in quantized_modules(model)}
-    for block in moe_blocks(model):
-        if block.fused:
-            widths |= {block.experts.gate_up_proj.shape[-1], block.experts.down_proj.shape[-1]}
-    return sorted(widths)
+    """(name, module) of every ``nn.Linear`` the schemes quantise, in module order (:func:`is_quantised`)."""
+    return [(n, m) for n, m in model.named_modules() if is_quantised(n, m)]
 
 
 def _scheme(name: str, widths: list[int]):
@@ -115,10 +102,7 @@ def _scheme(name: str, widths: list[int]):
     scheme = preset_name_to_scheme(SCHEMES[name], ["Linear"])
     scheme.format = FORMATS[name]
     if name == "w4a16":
-        fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
-        if not fits:
-            raise CdmoeError(f"--quantize w4a16 needs input widths divisible by 32; this model has {widths}")
-        scheme.weights.group_size = fits[0]
+        scheme.weights.group_size = w4a16_group(widths)
     if name == "fp8" and any(w % 128 for w in widths):
         raise CdmoeError(f"--quantize fp8 (128 x 128 blocks, activations in groups of 128) needs every quantised "
                          f"layer's input width to be a multiple of 128; this model has {widths}; use w8a8 or w4a16")
@@ -176,19 +160,25 @@ def _stays_native(model: nn.Module, name: str) -> bool:
 
 
 @torch.no_grad()
-def prepare_quantized(model: nn.Module, name: str, scale_dtype: torch.dtype | None = None) -> nn.Module:
+def prepare_quantized(model: nn.Module, name: str, scale_dtype: torch.dtype | None = None,
+                      group: int | None = None) -> nn.Module:
     """Make ``model`` the fake-quantised model of scheme ``name``, in place: experts unfused, every
     quantised module given compressed-tensors' scheme and its round-to-nearest scales (rounded to
     ``scale_dtype``, the dtype they are stored in; default: the weight's), so that its forward computes
-    with the quantised weights (and activations); not yet compressed."""
+    with the quantised weights (and activations); not yet compressed. ``group``: w4a16's group size
+    (default: from ``model``'s input widths; the budget planner passes the one it priced, from its source's)."""
     _ct()
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    widths = _input_widths(model)
+    widths = input_widths(model)
     native = _stays_native(model, name)
     _unfuse(model, record=not native)
     scheme = _scheme(name, widths)
+    if group is not None and name == "w4a16":
+        if any(w % group for w in widths):
+            raise CdmoeError(f"w4a16 group {group} does not divide this model's input widths {widths}")
+        scheme.weights.group_size = group
     modules = quantized_modules(model)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=KEEP),
                               show_progress=False)
@@ -241,20 +231,20 @@ def compressed_record(model: nn.Module, moe_layers: int) -> dict:
             "output_format": "family" if native else "cdmoe"}
 
 
-def quantize_compressed(model: nn.Module, name: str, storage) -> tuple[nn.Module, dict]:
+def quantize_compressed(model: nn.Module, name: str, storage, group: int | None = None) -> tuple[nn.Module, dict]:
     """Quantise ``model`` with scheme ``name`` in place and return it with its record entry. Every
     tensor is first rounded to the dtype it is stored in (``storage``, a
     :class:`~cdmoe.models.storage_dtypes.StoragePlan`), so the weights are quantised from the values
     the source stores; afterwards the kept tensors are cast to it (the source's bytes). Scales are
     stored in fp32, so that q * s is exact wherever it is dequantised (in bf16, compressed-tensors'
-    decompression would round it)."""
+    decompression would round it). ``group``: as :func:`prepare_quantized`."""
     from dataclasses import replace
 
     from ..models.storage_dtypes import cast_to_storage, round_to_storage
 
     moe_layers = len(moe_blocks(model))
     round_to_storage(model, storage)
-    compress_prepared(prepare_quantized(model, name, scale_dtype=torch.float32))
+    compress_prepared(prepare_quantized(model, name, scale_dtype=torch.float32, group=group))
     scales = {n: torch.float32 for n, _ in model.named_parameters() if n.endswith("weight_scale")}
     cast_to_storage(model, replace(storage, by_name={**storage.by_name, **scales}))
     model.is_quantized = True

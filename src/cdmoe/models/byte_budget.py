@@ -14,6 +14,10 @@ planned output's bytes as the sum of
   a native checkpoint stores them), and :data:`FILE_BYTES` per file for up to one file per decoder
   layer plus two (a sequential run's shards).
 
+With ``quantize`` (``w8a8 | w4a16 | fp8``), the weights compressed-tensors quantises are priced as
+stored (:class:`~cdmoe.models.compressed_bytes.QuantBytes`: codes and scales, each a header entry),
+routed experts as one linear per expert and projection; everything else as above.
+
 So the written bytes never exceed the prediction, and the tensor part is what is written, byte for byte.
 """
 
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from .adapter import MoEBlock, decoder_layers, family_spec, moe_blocks
+from .compressed_bytes import QuantBytes, input_widths, is_quantised, w4a16_group
 from .mixed import LayerAction
 from .modeling_cdmoe import CondensedMLP
 from .storage_dtypes import StoragePlan
@@ -35,8 +40,9 @@ ENTRY_BYTES = 128  # one header entry beyond its name: {"dtype":"BF16","shape":[
 FILE_BYTES = 64  # per file: the 8-byte length, {"__metadata__":{"format":"pt"}} and padding to 8 bytes
 
 
-def _tensors(module: nn.Module, prefix: str) -> list[tuple[str, torch.Tensor]]:
-    """(state-dict name, tensor) of the parameters and persistent buffers of ``module``, tied ones once."""
+def _tensors(module: nn.Module, prefix: str) -> list[tuple[str, torch.Tensor, nn.Module]]:
+    """(state-dict name, tensor, owning module) of the parameters and persistent buffers of ``module``,
+    tied ones once."""
     seen, out = set(), []
     for mod_name, mod in module.named_modules():
         persistent = [(n, b) for n, b in mod._buffers.items() if n not in mod._non_persistent_buffers_set]
@@ -44,21 +50,42 @@ def _tensors(module: nn.Module, prefix: str) -> list[tuple[str, torch.Tensor]]:
             if tensor is None or id(tensor) in seen:
                 continue
             seen.add(id(tensor))
-            out.append((f"{prefix}{mod_name}.{name}" if mod_name else f"{prefix}{name}", tensor))
+            out.append((f"{prefix}{mod_name}.{name}" if mod_name else f"{prefix}{name}", tensor, mod))
     return out
 
 
-def _bytes(entries, storage: StoragePlan) -> int:
-    return sum(t.numel() * storage.dtype_for(name, t).itemsize for name, t in entries)
+def _quantised(name: str, tensor: torch.Tensor, owner: nn.Module, quant: QuantBytes | None) -> int | None:
+    """Stored bytes of ``tensor`` once quantised under ``quant``, or None when it stays as stored."""
+    if quant is None:
+        return None
+    if getattr(owner, "weight", None) is tensor and is_quantised(name.removesuffix(".weight"), owner):
+        return quant.linear(*tensor.shape)
+    if not isinstance(owner, nn.Linear) and owner is not None and name.endswith(("gate_up_proj", "down_proj")):
+        return quant.fused_experts(name, tensor)
+    return None
 
 
-def _header(entries, copies: int = 1) -> int:
-    return sum(copies * (len(name) + ENTRY_BYTES) for name, _ in entries)
+def _bytes(entries, storage: StoragePlan, quant: QuantBytes | None = None) -> int:
+    total = 0
+    for name, t, owner in entries:
+        q = _quantised(name, t, owner, quant)
+        total += t.numel() * storage.dtype_for(name, t).itemsize if q is None else q
+    return total
+
+
+def _header(entries, copies: int = 1, quant: QuantBytes | None = None) -> int:
+    """Bound on the header entries of ``entries``: a quantised weight is one entry per stored tensor."""
+    total = 0
+    for name, t, owner in entries:
+        names = 1 if _quantised(name, t, owner, quant) is None else len(quant.entries)
+        total += copies * names * (len(name) + len("_packed") + ENTRY_BYTES)
+    return total
 
 
 @dataclass
 class ByteTable:
-    """Predicted bytes of ``model`` and of its MoE layers under each action, in ``storage``'s dtypes.
+    """Predicted bytes of ``model`` and of its MoE layers under each action, in ``storage``'s dtypes
+    (``quantize``: then quantised by compressed-tensors' scheme of that name).
 
     ``fixed``: everything outside the MoE blocks (embeddings, attention, norms, dense layers, headers
     and per-file overhead); :meth:`action` one MoE layer's block; :meth:`total` a whole plan.
@@ -66,15 +93,20 @@ class ByteTable:
 
     model: nn.Module
     storage: StoragePlan
+    quantize: str | None = None
 
     def __post_init__(self):
         self.spec = family_spec(self.model)
         self.blocks = {b.layer_idx: b for b in moe_blocks(self.model, self.spec)}
-        inside = {id(t) for b in self.blocks.values() for _, t in _tensors(b.module, "")}
-        rest = [(n, t) for n, t in _tensors(self.model, "") if id(t) not in inside]
+        self.quant = None
+        if self.quantize is not None:  # w4a16's group: from the source's input widths
+            group = w4a16_group(input_widths(self.model)) if self.quantize == "w4a16" else None
+            self.quant = QuantBytes(self.quantize, group)
+        inside = {id(t) for b in self.blocks.values() for _, t, _ in _tensors(b.module, "")}
+        rest = [e for e in _tensors(self.model, "") if id(e[1]) not in inside]
         files = len(decoder_layers(self.model, self.spec)) + 2
-        self.fixed_tensors = _bytes(rest, self.storage)
-        self.fixed = self.fixed_tensors + _header(rest) + files * FILE_BYTES
+        self.fixed_tensors = _bytes(rest, self.storage, self.quant)
+        self.fixed = self.fixed_tensors + _header(rest, quant=self.quant) + files * FILE_BYTES
         self._cache: dict[tuple[int, str], tuple[int, int]] = {}
 
     def prefix(self, layer: int) -> str:
@@ -92,7 +124,7 @@ class ByteTable:
         return self._cache[key]
 
     def _parts(self, block: MoEBlock, action: LayerAction) -> tuple[int, int]:
-        prefix = self.prefix(block.layer_idx)
+        prefix, quant = self.prefix(block.layer_idx), self.quant
         if action.kind == "drop":
             return 0, 0
         if action.kind == "condense":
@@ -102,23 +134,25 @@ class ByteTable:
                                    block.shared_intermediate_size if block.shared_gate is not None else 0,
                                    block.shared is not None and block.shared.gate_proj.bias is not None)
             entries = _tensors(mlp, prefix)
-            return _bytes(entries, self.storage), _header(entries)
+            return _bytes(entries, self.storage, quant), _header(entries, quant=quant)
         num = block.num_experts
         kept = num if action.kind == "keep" else len(action.experts)
         routed, router = f"{prefix}{self.spec.experts_attr}.", f"{prefix}{self.spec.router_attr}."
         entries = _tensors(block.module, prefix)
         # tensors with one slice per routed expert: the router's rows, fused experts (E, ...), per-expert modules
-        rows = [(n, t) for n, t in entries if n.startswith(routed) or (n.startswith(router) and t.shape[:1] == (num,))]
-        in_rows = {n for n, _ in rows}
-        rest = [(n, t) for n, t in entries if n not in in_rows]
+        rows = [e for e in entries if e[0].startswith(routed) or (e[0].startswith(router) and e[1].shape[:1] == (num,))]
+        in_rows = {e[0] for e in rows}
+        rest = [e for e in entries if e[0] not in in_rows]
         if block.fused:
-            names_per_expert = sum(2 if "gate_up" in n else 1 for n, _ in rows if n.startswith(routed))
+            names_per_expert = sum(2 if "gate_up" in n else 1 for n, *_ in rows if n.startswith(routed))
         else:
-            names_per_expert = sum(1 for n, _ in rows if n.startswith(f"{routed}0."))
-        expert_names = [(f"{routed}{num - 1}.gate_proj.weight", None)] * (names_per_expert * kept)
-        router_rows = [(n, t) for n, t in rows if not n.startswith(routed)]
-        tensors = _bytes(rest, self.storage) + _bytes(rows, self.storage) * kept // num  # every slice the same size
-        return tensors, _header(rest) + _header(router_rows) + _header(expert_names)
+            names_per_expert = sum(1 for n, *_ in rows if n.startswith(f"{routed}0."))
+        per_name = 1 if quant is None else len(quant.entries)  # a quantised expert weight: codes, scales (, shape)
+        expert_names = [(f"{routed}{num - 1}.gate_proj.weight", None, None)] * (names_per_expert * kept * per_name)
+        router_rows = [e for e in rows if not e[0].startswith(routed)]
+        # every slice the same size
+        tensors = _bytes(rest, self.storage, quant) + _bytes(rows, self.storage, quant) * kept // num
+        return tensors, _header(rest, quant=quant) + _header(router_rows, quant=quant) + _header(expert_names)
 
     def total(self, plan: dict[int, LayerAction], tensors_only: bool = False) -> int:
         """Predicted bytes of the whole output under ``plan`` ({MoE layer: action}; others kept): tensors plus

@@ -22,16 +22,19 @@ __all__ = ["PRUNE_FRACTIONS", "budget_bytes"]
 PRUNE_FRACTIONS = (0.75, 0.5, 0.25)
 
 
-def budget_bytes(model_or_config: str | Path, dtype: str | None = None) -> dict:
+def budget_bytes(model_or_config: str | Path, dtype: str | None = None, quantize: str | None = None) -> dict:
     """Predicted bytes of the original, of what no plan changes (``fixed``), of every action of each MoE layer
-    (keep, prune levels, condense K = top-k..K_min, drop) and of the smallest plan (``floor``)."""
+    (keep, prune levels, condense K = top-k..K_min, drop) and of the smallest plan (``floor``); with
+    ``quantize`` (w8a8 | w4a16 | fp8) all but the original's are the bytes once quantised by that scheme."""
     config = load_config(model_or_config)
     if isinstance(config, dict):
         raise CdmoeError(f"{model_or_config} needs its family's modelling code to count bytes; pass "
                          "--trust-remote-code with a model directory that ships it")
     model = meta_model(config)
     source = Path(str(model_or_config))
-    table = ByteTable(model, storage_plan(model, source if source.is_dir() else None, dtype or "auto"))
+    storage = storage_plan(model, source if source.is_dir() else None, dtype or "auto")
+    original = ByteTable(model, storage).total({})
+    table = ByteTable(model, storage, quantize)
     layers = {}
     for block in moe_blocks(model):
         sizes, why = prune_sizes(block, PRUNE_FRACTIONS)
@@ -41,6 +44,6 @@ def budget_bytes(model_or_config: str | Path, dtype: str | None = None) -> dict:
         layers[block.layer_idx] = {"actions": {a.label: table.action(block.layer_idx, a)
                                                for a in actions + [LayerAction("drop")]}, "note": why}
     drop_all = {layer: LayerAction("drop") for layer in layers}
-    return {"model": str(model_or_config), "original_bytes": table.total({}), "fixed_bytes": table.fixed,
+    return {"model": str(model_or_config), "original_bytes": original, "quantize": quantize, "fixed_bytes": table.fixed,
             "floor_bytes": table.total(drop_all), "layers": layers,
             "default_dtype": str(table.storage.default).removeprefix("torch.")}
