@@ -59,7 +59,7 @@ def condense(model: str | Path | PreTrainedModel, out: str | Path, *, layers: in
     check_budget_options(layers, budget, {"experts": experts is not None, "shared_only": shared_only,
                                           "expert_selector": expert_selector != "greedy",
                                           "layer_selector": layer_selector != "greedy", "eval_text": bool(eval_text),
-                                          "quantize": bool(quantize), "a loaded model": isinstance(model, PreTrainedModel)})
+                                          "a loaded model": isinstance(model, PreTrainedModel)})
     from .search.heal_fit import HealOptions
 
     healing = HealOptions(samples=heal_samples) if heal or heal_samples is not None else None
@@ -71,7 +71,7 @@ def condense(model: str | Path | PreTrainedModel, out: str | Path, *, layers: in
             return condense_budget(model, out, PlanOptions(budgets=(budget,), metric=metric, final=final,
                                                            batch_size=batch_size), CalibSpec(calib, samples, seq_len, seed),
                                    dtype=dtype, force=force, show_progress=progress, mode=mode, device=device,
-                                   activations=activations, heal=healing)
+                                   activations=activations, heal=healing, quantize=quantize)
     search = SearchOptions(layers=layers, experts=experts_option(experts, shared_only), metric=metric, final=final,
                            batch_size=batch_size, expert_selector=expert_selector, layer_selector=layer_selector,
                            seed=seed)
@@ -82,6 +82,11 @@ def condense(model: str | Path | PreTrainedModel, out: str | Path, *, layers: in
                 from .errors import CdmoeError
 
                 raise CdmoeError("heal=True needs the original model's path (healing reads it again); pass the path")
+            if quantize is not None:
+                from .errors import CdmoeError
+
+                raise CdmoeError(f"quantize={quantize!r} needs the model's path (its stored dtypes are read from it); "
+                                 "pass the path, or quantise the saved output with cdmoe.baseline('slim', ...)")
             return _condense_loaded(model, out, search, spec, tokenizer, force)
         return run_condense(model, out, search, spec, EvalOptions(text=eval_text, max_tokens=eval_tokens), dtype=dtype,
                             force=force, show_progress=progress, mode=mode, device=device, quantize=quantize,

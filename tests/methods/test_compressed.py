@@ -245,3 +245,33 @@ def test_condense_and_slim_write_w8a8_outputs_end_to_end(tiny_model_dir, tmp_pat
     slim = run_baseline(tiny_model_dir, tmp_path / "slim", BaselineOptions("slim", quantize="w8a8"), calib)
     assert slim["quantization"]["scheme"] == "w8a8"
     assert json.loads((tmp_path / "slim" / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
+def test_sequential_mode_writes_whole_modes_quantised_checkpoint(tmp_path, scheme):
+    """condense --quantize SCHEME --mode sequential (one decoder layer in memory, quantised as it is written)
+    writes every tensor, the config and the record entry of --mode whole: condensed MLPs (gated experts, fused in
+    fp32, rounded to the stored bf16 before quantisation) and routed experts unfused."""
+    from conftest import DEMO_CALIB, tiny_tokenizer
+
+    from cdmoe.methods.condense import condense
+    from cdmoe.search.calibration import CalibSpec
+    from cdmoe.search.run import SearchOptions
+
+    tok = tiny_tokenizer()
+    path = tmp_path / "source"
+    make_tiny("deepseek_v2", seed=5, vocab_size=len(tok), bos_token_id=0, eos_token_id=0, pad_token_id=0,
+              **SIZES).to(torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+    calib, search = CalibSpec(str(DEMO_CALIB), 4, 32, 0), SearchOptions(layers=1, experts=2)
+    records = {mode: condense(path, tmp_path / mode, search, calib, show_progress=False, mode=mode, quantize=scheme)
+               for mode in ("whole", "sequential")}
+    a, b = tensors(tmp_path / "whole"), tensors(tmp_path / "sequential")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert records["whole"]["quantization"] == records["sequential"]["quantization"]
+    assert records["whole"]["condensed"] == records["sequential"]["condensed"]
+    configs = [json.loads((tmp_path / m / "config.json").read_text()) for m in ("whole", "sequential")]
+    formats = {"w8a8": "int-quantized", "w4a16": "pack-quantized"}
+    assert configs[0] == configs[1] and configs[0]["quantization_config"]["format"] == formats[scheme]
+    layer = records["whole"]["condensed"][0]["layer"]
+    assert any(k.startswith(f"model.layers.{layer}.mlp.") and k.endswith("weight_scale") for k in a)

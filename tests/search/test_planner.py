@@ -248,7 +248,8 @@ def test_budget_heal_heals_the_plans_condensed_layers_as_cdmoe_heal_does(tiny_mo
 @pytest.mark.parametrize("scheme", ["w8a8", "w4a16"])
 def test_budget_with_quantize_is_the_plan_quantised_within_its_own_bytes(tiny_model_dir, tmp_path, scheme):
     """condense --budget R --quantize SCHEME: the plan is made in the quantised output's bytes (exact tensor bytes,
-    under the budget, a plan that would not fit unquantised), and its output is the plan's model quantised:
+    under the budget, a plan that would not fit unquantised), sequential mode writes whole mode's tensors, and
+    its output is the plan's model quantised:
     plain transformers loads it with the logits of the in-memory plan fake-quantised (compressed-tensors),
     and cdmoe apply replays plan and scheme to the same bytes."""
     from cdmoe.methods.compressed import prepare_quantized
@@ -260,6 +261,12 @@ def test_budget_with_quantize_is_the_plan_quantised_within_its_own_bytes(tiny_mo
     calib, out = CalibSpec(str(DEMO_CALIB), samples=6, seq_len=24), tmp_path / scheme
     record = condense_budget(path, out, PlanOptions(budgets=(0.45,)), calib, show_progress=False, mode="whole",
                              quantize=scheme)
+    sequential = condense_budget(path, tmp_path / "seq", PlanOptions(budgets=(0.45,)), calib, show_progress=False,
+                                 mode="sequential", quantize=scheme)  # layer by layer: the same tensors
+    a, b = tensors(out), tensors(tmp_path / "seq")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert sequential["quantization"] == record["quantization"] and sequential["layers"] == record["layers"]
+    assert json.loads((out / "config.json").read_text()) == json.loads((tmp_path / "seq" / "config.json").read_text())
     budget = record["budget"]
     tensor_total, files = _tensor_bytes(out)
     assert tensor_total == budget["predicted_tensor_bytes"] and budget["quantize"] == scheme

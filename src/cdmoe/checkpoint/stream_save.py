@@ -57,10 +57,13 @@ def condensed_skeleton(store: SequentialStore, choices: list[LayerChoice], base_
 
 
 @torch.no_grad()
-def write_streamed(store: SequentialStore, skeleton, swaps: dict[int, object], directory: Path, storage) -> None:
+def write_streamed(store: SequentialStore, skeleton, swaps: dict[int, object], directory: Path, storage,
+                   layer_tensors=None) -> None:
     """Write the condensed checkpoint into ``directory``, layer by layer, each tensor in the dtype
     ``storage`` (a :class:`~cdmoe.models.storage_dtypes.StoragePlan`) gives its name. ``swaps``: {layer:
-    what ``store.set_condensed`` takes}, e.g. a choice's (experts, gates) or a builder of its new block."""
+    what ``store.set_condensed`` takes}, e.g. a choice's (experts, gates) or a builder of its new block.
+    ``layer_tensors(idx, layer)``: instead, the tensors to write for decoder layer ``idx`` (full names), e.g. a
+    quantised copy's (:mod:`cdmoe.methods.compressed_stream`); ``skeleton`` then has its structure and config."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from transformers.core_model_loading import revert_weight_conversion
@@ -92,8 +95,9 @@ def write_streamed(store: SequentialStore, skeleton, swaps: dict[int, object], d
     try:
         for idx in range(n):
             with store.resident(idx) as layer:
-                tensors = {name: v.to(storage.dtype_for(name, v)).contiguous()
-                           for name, v in ((f"{prefix}.{idx}.{k}", v) for k, v in layer.state_dict().items())}
+                tensors = layer_tensors(idx, layer) if layer_tensors is not None else {
+                    name: v.to(storage.dtype_for(name, v)).contiguous()
+                    for name, v in ((f"{prefix}.{idx}.{k}", v) for k, v in layer.state_dict().items())}
             if fp8:
                 tensors = encode_fp8(family_layout(skeleton, tensors), storage, new)
             elif with_original_keys:

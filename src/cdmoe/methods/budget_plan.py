@@ -37,6 +37,7 @@ from ..search.plan_run import PlanOptions, PlanResult, run_plan
 from ..search.plan_state import PlanState
 from ..search.resume import run_key
 from .baselines import finish_quantized
+from .compressed_stream import StreamedQuantizer
 from .quantize import check_quantize
 from .reap import expert_saliency
 from .session import rich_progress, start_session
@@ -180,7 +181,7 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
                     quantize: str | None = None) -> dict:
     """Plan ``model`` for the one budget of ``options`` and save the result to ``out``; return the record.
     ``mode``, ``device``, ``activations`` and resuming as :func:`cdmoe.methods.condense.condense`.
-    ``quantize`` (w8a8 | w4a16 | fp8; whole mode): the plan is made in the bytes of that compressed-tensors
+    ``quantize`` (w8a8 | w4a16 | fp8; whole or sequential mode): the plan is made in the bytes of that compressed-tensors
     scheme and its output quantised (:mod:`cdmoe.methods.compressed`): the planner's divergences are those
     of the unquantised actions; quantisation is then applied to the chosen plan."""
     options.check()
@@ -195,9 +196,6 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
     check_budget_source(model)
     if quantize:
         check_quantize(quantize, model=model)  # the scheme fits the model's widths (config only)
-        if session.mode == "sequential":
-            raise CdmoeError("--quantize needs the whole model in memory for now; use --mode whole, or quantise the "
-                             "planned output with cdmoe baseline slim (then plan with a larger --budget)")
     calib_ids = session.calibrate()
     key = run_key(model, calib.to_dict(), calib_ids, options, {"dtype": str(session.compute), "device": session.dev.type,
                                                                "quantize": quantize})
@@ -235,9 +233,13 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
             record = apply_budget_plan(skeleton, model, ratio, result, search)
             swaps = {layer: partial(build_block, action=a) for layer, a in result.plans[ratio].items()
                      if a != LayerAction()}
+            quantizer = None
+            if quantize:  # layer by layer, the group priced
+                quantizer = StreamedQuantizer.prepare(skeleton, quantize, table.storage, table.quant.group)
+                record["quantization"], record["budget"]["quantize"] = quantizer.record(), quantize
 
             def write_weights(directory: Path) -> None:
-                write_streamed(store, skeleton, swaps, directory, table.storage)
+                write_streamed(store, skeleton, swaps, directory, table.storage, layer_tensors=quantizer)
 
         record["search"]["timings"]["total_s"] = time.perf_counter() - session.started
         write_condensed(tmp, record, write_weights, tokenizer=session.tokenizer)

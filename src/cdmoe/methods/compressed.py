@@ -47,8 +47,9 @@ from ..models.compressed_bytes import KEEP_PATTERNS, input_widths, is_quantised,
 from ..models.condensed import to_cdmoe_format
 from ..models.modeling_cdmoe import UnfusedExperts
 
-__all__ = ["KEEP", "SCHEMES", "check_scheme", "compress_prepared", "compressed_record", "prepare_quantized",
-           "quantize_compressed", "quantized_modules"]
+__all__ = ["KEEP", "SCHEMES", "check_scheme", "compress_modules", "compress_prepared", "compressed_record",
+           "config_entry", "freeze_scales", "prepare_quantized", "quantize_compressed", "quantized_modules", "record_entry",
+           "scheme_for", "unfuse_for"]
 
 SCHEMES = {"w8a8": "W8A8", "w4a16": "W4A16", "fp8": "FP8_BLOCK"}
 FORMATS = {"w8a8": "int-quantized", "w4a16": "pack-quantized", "fp8": "float-quantized"}
@@ -159,28 +160,37 @@ def _stays_native(model: nn.Module, name: str) -> bool:
     return all(target in params for target in checkpoint_model_keys(model, keys).values())
 
 
-@torch.no_grad()
-def prepare_quantized(model: nn.Module, name: str, scale_dtype: torch.dtype | None = None,
-                      group: int | None = None) -> nn.Module:
-    """Make ``model`` the fake-quantised model of scheme ``name``, in place: experts unfused, every
-    quantised module given compressed-tensors' scheme and its round-to-nearest scales (rounded to
-    ``scale_dtype``, the dtype they are stored in; default: the weight's), so that its forward computes
-    with the quantised weights (and activations); not yet compressed. ``group``: w4a16's group size
-    (default: from ``model``'s input widths; the budget planner passes the one it priced, from its source's)."""
-    _ct()
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
-    from compressed_tensors.quantization.utils import calculate_qparams
-
+def scheme_for(model: nn.Module, name: str, group: int | None = None):
+    """compressed-tensors' scheme ``name`` for ``model``'s input widths (``group``: w4a16's group size, which
+    must divide them all; default: the largest of 128, 64, 32 that does)."""
     widths = input_widths(model)
-    native = _stays_native(model, name)
-    _unfuse(model, record=not native)
     scheme = _scheme(name, widths)
     if group is not None and name == "w4a16":
         if any(w % group for w in widths):
             raise CdmoeError(f"w4a16 group {group} does not divide this model's input widths {widths}")
         scheme.weights.group_size = group
-    modules = quantized_modules(model)
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=KEEP),
+    return scheme
+
+
+def unfuse_for(model: nn.Module, name: str) -> bool:
+    """Re-express ``model``'s fused routed experts one ``nn.Linear`` per expert and projection, in place (on the
+    meta device too); True when the output keeps the family's own format, else the config becomes cdmoe's
+    with ``unfused_experts``."""
+    native = _stays_native(model, name)
+    _unfuse(model, record=not native)
+    return native
+
+
+@torch.no_grad()
+def freeze_scales(root: nn.Module, scheme, scale_dtype: torch.dtype | None = None) -> int:
+    """Give every module of ``root`` the schemes quantise (:func:`is_quantised` of its name in ``root``; a
+    decoder layer's names match like the whole model's) ``scheme`` and its round-to-nearest scales (in
+    ``scale_dtype``; default: the weight's), frozen; the number of such modules."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    modules = quantized_modules(root)
+    apply_quantization_config(root, QuantizationConfig(config_groups={"group_0": scheme}, ignore=KEEP),
                               show_progress=False)
     for _, module in modules:
         scale, zero_point = calculate_qparams(*_weight_range(module.weight, scheme.weights), scheme.weights)
@@ -189,6 +199,44 @@ def prepare_quantized(model: nn.Module, name: str, scale_dtype: torch.dtype | No
         module.weight_scale.data = scale.to(scale_dtype or module.weight.dtype)
         module.weight_zero_point.data = zero_point.to(module.weight_zero_point.dtype)
         module.quantization_status = QuantizationStatus.FROZEN
+    return len(modules)
+
+
+@torch.no_grad()
+def compress_modules(root: nn.Module, scheme) -> None:
+    """Replace the weights of :func:`freeze_scales`' modules of ``root`` by their compressed tensors, in place."""
+    from compressed_tensors.compressors import compress_module
+
+    for _, module in quantized_modules(root):
+        stored = module.weight_scale.dtype
+        # codes on the grid of the stored scale, computed in fp32 (compressed-tensors divides in the weight's dtype)
+        module.weight.data, module.weight_scale.data = module.weight.data.float(), module.weight_scale.data.float()
+        compress_module(module, scheme.format)
+        module.weight_scale.data = module.weight_scale.data.to(stored)
+
+
+def config_entry(scheme) -> dict:
+    """compressed-tensors' ``quantization_config`` of a compressed checkpoint of ``scheme`` (config.json)."""
+    from compressed_tensors import __version__ as ct_version
+    from compressed_tensors.quantization import QuantizationConfig
+
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=KEEP, format=scheme.format,
+                                quantization_status="compressed")
+    return {"version": ct_version, "quant_method": "compressed-tensors", "sparsity_config": {}, "transform_config": {},
+            **config.model_dump(exclude={"quant_method"}, mode="json")}
+
+
+def prepare_quantized(model: nn.Module, name: str, scale_dtype: torch.dtype | None = None,
+                      group: int | None = None) -> nn.Module:
+    """Make ``model`` the fake-quantised model of scheme ``name``, in place: experts unfused, every
+    quantised module given compressed-tensors' scheme and its round-to-nearest scales (rounded to
+    ``scale_dtype``, the dtype they are stored in; default: the weight's), so that its forward computes
+    with the quantised weights (and activations); not yet compressed. ``group``: w4a16's group size
+    (default: from ``model``'s input widths; the budget planner passes the one it priced, from its source's)."""
+    _ct()
+    scheme = scheme_for(model, name, group)
+    native = unfuse_for(model, name)
+    freeze_scales(model, scheme, scale_dtype)
     model._cdmoe_ct = (name, scheme, native)
     return model
 
@@ -196,29 +244,21 @@ def prepare_quantized(model: nn.Module, name: str, scale_dtype: torch.dtype | No
 def compress_prepared(model: nn.Module) -> nn.Module:
     """Replace the weights of a :func:`prepare_quantized` model by their compressed tensors, in place,
     and put compressed-tensors' ``quantization_config`` into its config (what ``save_pretrained`` writes)."""
-    from compressed_tensors import __version__ as ct_version
-    from compressed_tensors.compressors import compress_module
-    from compressed_tensors.quantization import QuantizationConfig
-
-    name, scheme, _ = model._cdmoe_ct
-    for _, module in quantized_modules(model):
-        stored = module.weight_scale.dtype
-        # codes on the grid of the stored scale, computed in fp32 (compressed-tensors divides in the weight's dtype)
-        module.weight.data, module.weight_scale.data = module.weight.data.float(), module.weight_scale.data.float()
-        compress_module(module, scheme.format)
-        module.weight_scale.data = module.weight_scale.data.to(stored)
-    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=KEEP, format=scheme.format,
-                                quantization_status="compressed")
-    model.config.quantization_config = {
-        "version": ct_version, "quant_method": "compressed-tensors", "sparsity_config": {}, "transform_config": {},
-        **config.model_dump(exclude={"quant_method"}, mode="json"),
-    }
+    _, scheme, _ = model._cdmoe_ct
+    compress_modules(model, scheme)
+    model.config.quantization_config = config_entry(scheme)
     return model
 
 
 def compressed_record(model: nn.Module, moe_layers: int) -> dict:
     """The ``quantization`` entry of ``cdmoe.json`` for a :func:`compress_prepared` model."""
     name, scheme, native = model._cdmoe_ct
+    return record_entry(name, scheme, native, moe_layers, len(quantized_modules(model)))
+
+
+def record_entry(name: str, scheme, native: bool, moe_layers: int, linear_modules: int) -> dict:
+    """The ``quantization`` entry of ``cdmoe.json``: scheme ``name`` (compressed-tensors' ``scheme``), the
+    output's format (the family's own when ``native``), and how many MoE layers and linear modules it has."""
     weights = scheme.weights
     return {"library": "compressed-tensors", "scheme": name, "preset": SCHEMES[name], "format": scheme.format,
             "weights": {"num_bits": weights.num_bits, "type": str(weights.type), "strategy": str(weights.strategy),
@@ -227,7 +267,7 @@ def compressed_record(model: nn.Module, moe_layers: int) -> dict:
             {"num_bits": scheme.input_activations.num_bits, "type": str(scheme.input_activations.type),
              "strategy": str(scheme.input_activations.strategy), "dynamic": True},
             "targets": "every nn.Linear of the decoder layers (attention, MLPs, experts, condensed MLPs)",
-            "kept": KEEP, "moe_layers": moe_layers, "linear_modules": len(quantized_modules(model)),
+            "kept": KEEP, "moe_layers": moe_layers, "linear_modules": linear_modules,
             "output_format": "family" if native else "cdmoe"}
 
 

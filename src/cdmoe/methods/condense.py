@@ -20,6 +20,7 @@ from ..search.calibration import CalibSpec
 from ..search.resume import SearchState, run_key
 from ..search.run import SearchOptions, run_search
 from .ablations import DroppedBlock, fused_modules, random_choices, swapped_blocks
+from .compressed_stream import StreamedQuantizer
 from .quantize import check_quantize
 from .session import rich_progress, start_session
 
@@ -60,7 +61,8 @@ def condense(
     layer), ``auto`` picks sequential when the weights do not fit ``device``'s free memory.
     The search progress is kept in ``.OUT.partial/state/``: rerunning the same command after
     an interruption resumes it (a different command there is refused unless ``force``).
-    With ``quantize`` (w8a8 | w4a16 | fp8: compressed-tensors; int8 | int4: bitsandbytes; whole mode), the
+    With ``quantize`` (w8a8 | w4a16 | fp8: compressed-tensors, also layer by layer in sequential mode; int8 |
+    int4: bitsandbytes, whole mode), the
     model is then quantised (:mod:`cdmoe.methods.compressed`, :mod:`cdmoe.methods.quantize`) and the quantised model's perplexity is measured from disk.
     ``activations``: ``memory`` keeps the calibration hidden states in CPU memory, ``disk`` in
     safetensors files (:mod:`cdmoe.memory.activation_cache`) in a directory inside ``activations_dir``
@@ -84,9 +86,9 @@ def condense(
     if session.mode == "sequential" and evaluation.text:
         raise CdmoeError("--eval-text needs the whole model in memory; drop it (evaluate the output with "
                          "cdmoe eval) or use --mode whole")
-    if session.mode == "sequential" and quantize:
-        raise CdmoeError("--quantize needs the whole model in memory for now; use --mode whole, or quantise the "
-                         "condensed output with cdmoe baseline slim")
+    if session.mode == "sequential" and quantize in ("int8", "int4"):
+        raise CdmoeError(f"--quantize {quantize} (bitsandbytes) needs the whole model in memory; use --mode whole, "
+                         "or a compressed-tensors scheme (w8a8 | w4a16 | fp8), written layer by layer")
     calib_ids = session.calibrate()
     tokenizer = session.tokenizer
     key = run_key(model, calib.to_dict(), calib_ids, search, {"dtype": str(session.compute), "device": session.dev.type})
@@ -116,10 +118,14 @@ def condense(
                                            quantize)
         else:
             skeleton, record = condensed_skeleton(store, result.choices, str(model), search_record)
+            storage = plan_of(store.model, model, dtype)
+            quantizer = StreamedQuantizer.prepare(skeleton, quantize, storage) if quantize else None
+            if quantizer is not None:
+                record["quantization"] = quantizer.record()
 
             def write_weights(directory: Path) -> None:
                 write_streamed(store, skeleton, {c.layer: (c.experts, c.gates) for c in result.choices}, directory,
-                               plan_of(store.model, model, dtype))
+                               storage, layer_tensors=quantizer)
 
         record["search"]["timings"]["total_s"] = time.perf_counter() - session.started
 
