@@ -41,12 +41,7 @@ from ..evaluation.lmeval import check_tasks
 from ..evaluation.measure import disk_bytes, peak_rss
 from ..evaluation.perplexity import perplexity, token_limit, token_stream
 from ..io.write_rule import work_dir
-from ..methods.baselines import (
-    BaselineOptions,
-    apply_baseline,
-    baseline_record,
-    finish_quantized,
-)
+from ..methods.baselines import BaselineOptions, apply_baseline, baseline_record, finish_quantized
 from ..methods.budget_plan import apply_budget_plan, check_budget_source, plan_budgets, plan_summary
 from ..methods.calib_stats import calibration_stats
 from ..methods.heal import HealOptions, heal_directory
@@ -164,19 +159,16 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
             planned = searches[planner][0]
             for p in plan.values():
                 if p["method"].base == "budget" and p["method"].quantize == method.quantize:
-                    ratio = p["budgets"][0]
-                    p["predicted_ratio"] = planned.predicted[ratio] / planned.record["original_bytes"]
-                    p["setting"] = plan_summary(planned.plans[ratio])
+                    p["predicted_ratio"] = planned.predicted[p["budgets"][0]] / planned.record["original_bytes"]
+                    p["setting"] = plan_summary(planned.plans[p["budgets"][0]])
         budgets = ", ".join(f"{100 * b:.0f}%" for b in point["budgets"])
         setting = f" ({method.knob}={knob})" if method.knob != "none" else ""
         progress(f"[compare] {name}{setting}: predicted memory {100 * point['predicted_ratio']:.1f}% for budget {budgets}")
         point["dir"] = f"points/{name.replace(':', '_').replace('+', '_')}-{knob}"
         path = work / point["dir"]
         loaded = load_model(model, dtype=dtype, device=device)
-        group = None
         if method.base == "budget":
             planned, table = searches[planner]
-            group = table.quant.group if table.quant is not None else None  # w4a16: the group the plan priced
             record = {**apply_budget_plan(loaded, model, point["budgets"][0], planned,
                                           {**planned.record, "calibration": {"tokens": int(calib_ids.numel())}}),
                       "variant": name}
@@ -198,6 +190,7 @@ def _run_points(model, work: Path, plan: dict, calib_ids, tokenizer, stats, dtyp
             record = {**baseline_record(loaded, model, method.base, details), "variant": name}
         storage = round_to_checkpoint_dtype(loaded, model, dtype)
         if method.quantize:
+            group = searches[planner][1].group if method.base == "budget" else None  # w4a16: the plan's priced group
             loaded, record["quantization"] = finish_quantized(loaded, method.quantize, storage, group)
         save(loaded, path, record, tokenizer=tokenizer, force=True, storage=storage)
         del loaded

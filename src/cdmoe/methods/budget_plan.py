@@ -220,7 +220,7 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
             record = apply_budget_plan(loaded, model, ratio, result, search)
             storage = round_to_checkpoint_dtype(loaded, model, dtype)
             if quantize:  # the plan's priced scheme (w4a16: the group priced, from the source's widths)
-                loaded, record["quantization"] = finish_quantized(loaded, quantize, storage, table.quant.group)
+                loaded, record["quantization"] = finish_quantized(loaded, quantize, storage, table.group)
                 record["budget"]["quantize"] = quantize
             else:
                 cast_to_storage(loaded, storage)  # the source's dtypes
@@ -235,7 +235,7 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
                      if a != LayerAction()}
             quantizer = None
             if quantize:  # layer by layer, the group priced
-                quantizer = StreamedQuantizer.prepare(skeleton, quantize, table.storage, table.quant.group)
+                quantizer = StreamedQuantizer.prepare(skeleton, quantize, table.storage, table.group)
                 record["quantization"], record["budget"]["quantize"] = quantizer.record(), quantize
 
             def write_weights(directory: Path) -> None:

@@ -109,6 +109,11 @@ class ByteTable:
         self.fixed = self.fixed_tensors + _header(rest, quant=self.quant) + files * FILE_BYTES
         self._cache: dict[tuple[int, str], tuple[int, int]] = {}
 
+    @property
+    def group(self) -> int | None:
+        """w4a16's group size the table prices (from the source's input widths); None for other schemes."""
+        return self.quant.group if self.quant is not None else None
+
     def prefix(self, layer: int) -> str:
         return f"{self.spec.layers_path}.{layer}.{self.spec.block_attr}."
 
