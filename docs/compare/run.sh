@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates docs/compare-report.md's tables on the shipped demo model:
 #   methods     CD-MoE vs the baselines at 80% / 65% memory budgets (perplexity, lm-eval demo tasks, peak RAM)
-#   quantized   condense alone, quantise alone, condense + quantise, Layer Drop + quantise at 55% / 45%
+#   quantized   condense alone, quantise alone, condense + quantise, Layer Drop + quantise at 55% / 45%, with
+#               bitsandbytes NF4 and compressed-tensors W4A16, and the budget planner + W4A16
 #               (perplexity, lm-eval demo tasks, peak RAM)
 #   ablations   the CD-MoE ablations at 80% / 65% (perplexity, lm-eval demo tasks)
 #   msmoe       only M-SMoE (MC-SMoE's reference) and its router-restricted variant at 80% / 65%, the same
@@ -27,7 +28,7 @@ for run in ${@:-methods quantized ablations}; do
   case $run in
     methods)   cdmoe compare demo/model --out runs/compare-methods --budget 0.8,0.65 --methods default $TASKS --peak-rss $COMMON ;;
     quantized) cdmoe compare demo/model --out runs/compare-quantized --budget 0.55,0.45 $TASKS --peak-rss $COMMON \
-                 --methods cd-moe,layer-drop,slim-int4,cd-moe+int4,layer-drop+int4 ;;
+                 --methods cd-moe,layer-drop,slim-int4,cd-moe+int4,layer-drop+int4,slim-w4a16,cd-moe+w4a16,budget+w4a16 ;;
     ablations) cdmoe compare demo/model --out runs/compare-ablations --budget 0.8,0.65 --methods cd-moe,cd-moe-s,ablations $TASKS $COMMON ;;
     msmoe)     cdmoe compare demo/model --out runs/compare-msmoe --budget 0.8,0.65 --methods msmoe,msmoe-restricted $TASKS --peak-rss $COMMON ;;
     reap)      cdmoe compare demo/model --out runs/compare-reap --budget 0.8,0.65 --methods expert-drop,reap $TASKS --peak-rss $COMMON ;;
