@@ -2,6 +2,7 @@
 
     python benchmarks/plan_vs_peak.py                                  # Qwen1.5-MoE-A2.7B widths, 2 layers, sequential
     python benchmarks/plan_vs_peak.py --modes sequential,whole --keep runs/plan-vs-peak
+    python benchmarks/plan_vs_peak.py --quantize w8a8 --keep runs/plan-vs-peak   # written quantised, layer by layer
 
 Builds a random model with a real config's widths (``--config``, default Qwen1.5-MoE-A2.7B: hidden
 2048, 60 experts of width 1408, a 5632-wide shared expert, 151,936-token vocabulary) cut to
@@ -35,10 +36,10 @@ import json, resource, sys
 from cdmoe.methods.condense import condense
 from cdmoe.search.calibration import CalibSpec
 from cdmoe.search.run import SearchOptions
-model, out, mode, calib, samples, seq_len, layers, batch = sys.argv[1:9]
+model, out, mode, calib, samples, seq_len, layers, batch, quantize = sys.argv[1:10]
 record = condense(model, out, SearchOptions(layers=int(layers), batch_size=int(batch)),
                   CalibSpec(calib, samples=int(samples), seq_len=int(seq_len)), show_progress=False, mode=mode,
-                  force=True, activations="memory")
+                  force=True, activations="memory", quantize=quantize or None)
 print(json.dumps({"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "plan": record["search"]["memory_plan"], "seconds": record["search"]["timings"]["total_s"]}))
 """
@@ -60,7 +61,7 @@ def build(path: Path, config: Path, layers: int) -> None:
 def predicted(model: Path, mode: str, args) -> dict:
     cmd = [sys.executable, "-m", "cdmoe", "plan", str(model), "--layers", str(args.condense), "--samples",
            str(args.samples), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--mode", mode,
-           "--activations", "memory", "--json"]
+           "--activations", "memory", "--json"] + (["--quantize", args.quantize] if args.quantize else [])
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if done.returncode:
         sys.exit(f"cdmoe plan failed:\n{done.stderr[-3000:]}")
@@ -69,7 +70,7 @@ def predicted(model: Path, mode: str, args) -> dict:
 
 def measured(model: Path, out: Path, mode: str, args) -> dict:
     cmd = [sys.executable, "-c", _CHILD, str(model), str(out), mode, args.calib, str(args.samples), str(args.seq_len),
-           str(args.condense), str(args.batch_size)]
+           str(args.condense), str(args.batch_size), args.quantize or ""]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if done.returncode:
         sys.exit(f"{mode} condense failed:\n{done.stderr[-3000:]}")
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--condense", type=int, default=1, help="N: MoE layers to condense")
     ap.add_argument("--keep", type=Path, default=None, help="keep the model and outputs here (and reuse the model)")
+    ap.add_argument("--quantize", default=None, help="write the output quantised (e.g. w8a8: compressed-tensors)")
     args = ap.parse_args()
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="cdmoe-plan-peak-"))
@@ -96,7 +98,8 @@ def main() -> None:
     gib = 2**30
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     print(f"model: {args.config.name} widths, {args.layers} decoder layers, {size / gib:.2f} GiB on disk (bf16); "
-          f"calibration {args.samples} x {args.seq_len} tokens, N = {args.condense}, CPU, fp32 compute")
+          f"calibration {args.samples} x {args.seq_len} tokens, N = {args.condense}, CPU, fp32 compute"
+          + (f", --quantize {args.quantize}" if args.quantize else ""))
     for mode in args.modes.split(","):
         plan = predicted(model, mode, args)
         run = measured(model, work / f"out-{mode}", mode, args)

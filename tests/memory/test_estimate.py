@@ -78,14 +78,15 @@ def test_a_layer_loads_one_tensor_at_a_time_largest_first(bf16_model):
     assert _live_peak(prof, _file_bytes(bf16_model)) == load_peak(tensor_sizes(store.layers[1]), 4, 2, cpu=True)[0]
 
 
-@pytest.mark.parametrize("mode,activations,final", [("sequential", "memory", "hidden"), ("sequential", "disk", "logits"),
-                                                    ("whole", "memory", "logits")])
-def test_estimate_bounds_the_tensors_of_a_real_run(bf16_model, tmp_path, mode, activations, final):
+@pytest.mark.parametrize("mode,activations,final,quantize", [
+    ("sequential", "memory", "hidden", None), ("sequential", "disk", "logits", None), ("whole", "memory", "logits", None),
+    ("sequential", "disk", "logits", "w8a8")])  # written quantised, layer by layer: a copy of the layer and its codes
+def test_estimate_bounds_the_tensors_of_a_real_run(bf16_model, tmp_path, mode, activations, final, quantize):
     out = tmp_path / "out"
     with _profiled() as prof:
         record = condense(bf16_model, out, SearchOptions(layers=1, batch_size=2, final=final),
                           CalibSpec(str(DEMO_CALIB), samples=4, seq_len=32), show_progress=False, mode=mode,
-                          activations=activations)
+                          activations=activations, quantize=quantize)
     planned = record["search"]["memory_plan"]
     assert (planned["mode"], planned["activations"]) == (mode, activations)
     measured = _live_peak(prof, _file_bytes(bf16_model))

@@ -9,7 +9,6 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..errors import CdmoeError
 from .options import (
     Activations,
     Device,
@@ -53,8 +52,9 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     budget: Annotated[Optional[str], typer.Option(help="what budgets mean in bytes, e.g. 0.8,0.6 (ratios of the "
                                                        "weight bytes; see condense --budget)")] = None,
-    quantize: Annotated[Optional[str], typer.Option(help="with --budget: the bytes of the output quantised by this "
-                                                         "compressed-tensors scheme (w8a8 | w4a16 | fp8)")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="the output's --quantize: with --budget, the bytes of the plan "
+                                                         "quantised by this compressed-tensors scheme (w8a8 | w4a16 | "
+                                                         "fp8); else the memory of writing it quantised")] = None,
     trust_remote_code: TrustCode = False,
 ):
     """Parameters and memory of a condensing plan, from the config alone (no weights are read).
@@ -69,11 +69,13 @@ def plan(
 
         return print_budget_plan(model, _float_list(budget), dtype, as_json, quantize)
     if quantize is not None:
-        raise CdmoeError("--quantize applies to plan --budget (the bytes of a quantised plan); add --budget R")
+        from ..methods.quantize import check_quantize
+
+        check_quantize(quantize)
     known = count(model)
     result = run_plan(model, layers, _experts(experts, shared_only), _int_list(layer_ids), dtype, known=known)
     result.update(_memory(model, known, device, dtype, layers or result["moe_layers"], _experts(experts, shared_only),
-                          mode, samples, seq_len, batch_size, activations, final, metric, out))
+                          mode, samples, seq_len, batch_size, activations, final, metric, out, quantize))
     if as_json:
         print(json.dumps(result))
         return
@@ -96,7 +98,8 @@ def plan(
 
 
 def _memory(model: str, known, device: str, dtype: str | None, layers: int, experts: int | None, mode: str,
-            samples: int, seq_len: int, batch_size: int, activations: str, final: str, metric: str, out: Path) -> dict:
+            samples: int, seq_len: int, batch_size: int, activations: str, final: str, metric: str, out: Path,
+            quantize: str | None = None) -> dict:
     """What :func:`cdmoe.methods.session.run_choice` decides for this run, with the free memory of this
     machine when ``device`` is here (else unknown: nothing is checked)."""
     import torch
@@ -117,7 +120,7 @@ def _memory(model: str, known, device: str, dtype: str | None, layers: int, expe
     search = SearchOptions(layers=layers, experts=experts, metric=metric, final=final, batch_size=batch_size)
     search.check()
     choice = run_choice(model, known, dev.type, compute, search, CalibSpec(samples=samples, seq_len=seq_len), mode,
-                        activations, free_now(dev, out) if here else None, check=False)
+                        activations, free_now(dev, out) if here else None, check=False, quantize=quantize)
     return {**choice.to_dict(), "device": str(dev), "compute_dtype": str(compute).replace("torch.", ""),
             "calibration_tokens": samples * seq_len}
 

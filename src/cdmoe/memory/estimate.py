@@ -29,7 +29,10 @@ layers, ``act`` = T x H x c (one set of hidden states for every calibration toke
   reference logits are recomputed per chunk, never stored), ``--metric ppl`` a whole batch's logits.
 - one decoder layer's forward on a batch (``forward_bytes``).
 - the writer: sequential mode one layer in the compute dtype and its cast to the stored dtype;
-  whole mode the model and one fused MLP while it is built.
+  whole mode the model and one fused MLP while it is built. With ``--quantize`` (compressed-tensors,
+  ``quantize_bytes`` q per weight: 1 for int8 / float8, 0.5 for int4) sequential mode also holds a copy
+  of the layer being quantised and its codes (layer x (c + q)), whole mode the codes of every weight
+  (total x q) beside the model, an upper bound (each module's float weight is freed once its codes exist).
 
 Disk: the output (at most the original's parameters in the stored dtype) and, with
 ``--activations disk``, the cache and the candidate streams. ``benchmarks/plan_vs_peak.py`` compares the prediction
@@ -80,6 +83,7 @@ class RunShape:
     metric: str = "js"
     search: SearchMemory = SearchMemory()
     dequant_bytes: int = 0  # a block-FP8 source: Eq. (1)'s fp32 and bf16 copies of its largest fp8 tensor
+    quantize_bytes: float = 0.0  # --quantize: bytes per weight of its codes (0: not quantised)
 
     @property
     def tokens(self) -> int:
@@ -183,7 +187,8 @@ def estimate(params: ModelParams, run: RunShape) -> Estimate:
         phases["algorithm 2: forward"] = (nl + layer + fused + fwd + batch + scoring, cached + streams)
         cast = int(layer * s / c)  # the layer in the stored dtype, to be written
         phases["write: a layer loads"] = (nl + layer_load[0], layer_load[1])
-        phases["write"] = (nl + layer + (cast if on_cpu else 2 * cast), 0 if on_cpu else cast)
+        quantised = int(params.largest_layer * (c + run.quantize_bytes)) if run.quantize_bytes else 0  # its copy
+        phases["write"] = (nl + layer + quantised + (cast if on_cpu else 2 * cast), 0 if on_cpu else cast)
         mapped = 0  # one tensor's pages at a time, counted in the loads
     else:
         on_device = cached if run.activations == "memory" else batch
@@ -194,7 +199,7 @@ def estimate(params: ModelParams, run: RunShape) -> Estimate:
         phases["calibration pass"] = (whole + on_device + fwd, 0)
         phases["algorithm 1"] = (whole + on_device + alg1, 0)
         phases["algorithm 2"] = (whole + m * fused + on_device + act + fwd + scoring, 0)
-        phases["write"] = (whole + fused, 0)
+        phases["write"] = (whole + fused + int(params.total * run.quantize_bytes), 0)
     droppable = {name: (mapped if name == "load the model" else 0) for name in phases}
     if on_cpu:
         device = host = IMPORTS_BYTES + max(d + h for d, h in phases.values())

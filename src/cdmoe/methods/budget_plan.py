@@ -192,7 +192,8 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
         raise ValueError("condense_budget writes one budget; compare plans several")
     ratio = options.budgets[0]
     session = start_session(model, out, calib, {}, dtype=dtype, device=device, mode=mode, force=force,
-                            activations=activations, activations_dir=activations_dir, memory_check=memory_check)
+                            activations=activations, activations_dir=activations_dir, memory_check=memory_check,
+                            quantize=quantize)
     check_budget_source(model)
     if quantize:
         check_quantize(quantize, model=model)  # the scheme fits the model's widths (config only)

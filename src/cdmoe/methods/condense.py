@@ -81,7 +81,7 @@ def condense(
     token_limit(evaluation.max_tokens)
     session = start_session(model, out, calib, {"--eval-text": evaluation.text}, dtype=dtype, device=device,
                             mode=mode, force=force, activations=activations, activations_dir=activations_dir,
-                            search=search, memory_check=memory_check)
+                            search=search, memory_check=memory_check, quantize=quantize)
     check_quantize(quantize, model=model)  # the scheme fits the model's widths (config only)
     if session.mode == "sequential" and evaluation.text:
         raise CdmoeError("--eval-text needs the whole model in memory; drop it (evaluate the output with "

@@ -24,6 +24,7 @@ from ..memory.devices import resolve_device
 from ..memory.fit import Free, RunChoice, choose_run, free_now
 from ..memory.host import return_freed_memory
 from ..memory.layer_store import SequentialStore
+from ..models.compressed_bytes import CODE_BYTES
 from ..models.input_checks import check_inputs
 from ..models.loading import checkpoint_dtype, compute_dtype, load_model, load_tokenizer
 from ..models.placement import describe, place
@@ -116,10 +117,11 @@ class Session:
 
 def start_session(model: str | Path, out: str | Path, calib: CalibSpec, texts: dict, *, dtype: str, device: str,
                   mode: str, force: bool, activations: str, activations_dir, search: SearchOptions | None = None,
-                  memory_check: bool = True) -> Session:
+                  memory_check: bool = True, quantize: str | None = None) -> Session:
     """Check everything that needs no model (inputs, output directory, device) and choose the mode and the
     activations' place from the memory estimate of the run (``search``; default: one layer, Algorithm 1's
-    defaults), refusing before anything loads when nothing fits (unless ``memory_check`` is False)."""
+    defaults; ``quantize``: the output's scheme), refusing before anything loads when nothing fits (unless
+    ``memory_check`` is False)."""
     check_activations(activations, activations_dir)
     dev = resolve_device(device)
     check_inputs(model, calib, texts)
@@ -132,7 +134,7 @@ def start_session(model: str | Path, out: str | Path, calib: CalibSpec, texts: d
     if compute == "auto":  # GPU: compute in the checkpoint's dtype
         compute = checkpoint_dtype(model) or torch.float32
     choice = run_choice(model, count(model), dev.type, compute, search or SearchOptions(layers=1), calib, mode,
-                        activations, free_now(dev, out, activations_dir), memory_check)
+                        activations, free_now(dev, out, activations_dir), memory_check, quantize)
     return_freed_memory()  # freed tensors go back to the system (see memory.host)
     return Session(model=model, out=Path(out), calib=calib, dtype=dtype, device=device, dev=dev, compute=compute,
                    mode=choice.mode, why=choice.why, force=force, inputs=inputs, activations=choice.activations,
@@ -140,10 +142,12 @@ def start_session(model: str | Path, out: str | Path, calib: CalibSpec, texts: d
 
 
 def run_choice(source, known, device_type: str, compute: torch.dtype, search: SearchOptions, calib: CalibSpec,
-               mode: str, activations: str, free: Free | None, check: bool = True) -> RunChoice:
+               mode: str, activations: str, free: Free | None, check: bool = True,
+               quantize: str | None = None) -> RunChoice:
     """Mode, activation place and Algorithm 1's budgets for condensing the model ``source`` (counted:
     ``known``, :func:`cdmoe.models.plan.count`) on ``device_type`` in ``compute``, from the estimate (config
-    only: nothing is loaded) and what is ``free`` (None: unknown, no check)."""
+    only: nothing is loaded) and what is ``free`` (None: unknown, no check); ``quantize``: the output's
+    compressed-tensors scheme, whose codes the writer holds."""
     from ..memory.estimate import RunShape
 
     if mode not in ("auto", "whole", "sequential"):
@@ -155,5 +159,6 @@ def run_choice(source, known, device_type: str, compute: torch.dtype, search: Se
                     storage_bytes=storage_bytes(source, config, params), samples=calib.samples, seq_len=calib.seq_len,
                     batch_size=search.batch_size, experts=search.experts,
                     final="logits" if search.metric == "ppl" else search.final, metric=search.metric,
-                    dequant_bytes=(4 + 2) * params.largest_source if declares_block_fp8(config) else 0)
+                    dequant_bytes=(4 + 2) * params.largest_source if declares_block_fp8(config) else 0,
+                    quantize_bytes=CODE_BYTES.get(quantize, 0.0))
     return choose_run(params, base, mode, activations, free, check=check)

@@ -22,13 +22,15 @@ from torch import nn
 
 from ..errors import CdmoeError
 
-__all__ = ["GROUP_SIZES", "KEEP_PATTERNS", "QUANT_SCHEMES", "QuantBytes", "input_widths", "is_quantised", "w4a16_group"]
+__all__ = ["CODE_BYTES", "GROUP_SIZES", "KEEP_PATTERNS", "QUANT_SCHEMES", "QuantBytes", "input_widths", "is_quantised", "w4a16_group"]
 
 QUANT_SCHEMES = ("w8a8", "w4a16", "fp8")
 # kept as the source has them: the LM head, routers (HF and vLLM call them gate or router), per-token
 # shared-expert gates (qwen2_moe's, and the condensed layer's shared_gate)
 KEEP_PATTERNS = ["lm_head", r"re:.*\.(gate|router)$", r"re:.*shared_expert_gate$", r"re:.*\.shared_gate$"]
 GROUP_SIZES = (128, 64, 32)
+# bytes per weight of each --quantize scheme's codes (scales aside): what a writer holds beside the weights
+CODE_BYTES = {"w8a8": 1.0, "fp8": 1.0, "w4a16": 0.5, "int8": 1.0, "int4": 0.5}
 SCALE_BYTES = 4  # fp32 scales: q * s exact wherever it is dequantised
 BLOCK = 128  # fp8's weight blocks (128 x 128) and activation groups
 
