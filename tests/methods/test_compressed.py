@@ -275,3 +275,26 @@ def test_sequential_mode_writes_whole_modes_quantised_checkpoint(tmp_path, schem
     assert configs[0] == configs[1] and configs[0]["quantization_config"]["format"] == formats[scheme]
     layer = records["whole"]["condensed"][0]["layer"]
     assert any(k.startswith(f"model.layers.{layer}.mlp.") and k.endswith("weight_scale") for k in a)
+
+
+def test_condense_heal_quantize_is_the_healed_output_quantised(tiny_model_dir, tmp_path):
+    """condense --heal --quantize w8a8 == condense --heal, then cdmoe baseline slim --quantize w8a8 of its output."""
+    from conftest import DEMO_CALIB
+
+    from cdmoe.methods.baselines import BaselineOptions, run_baseline
+    from cdmoe.methods.condense import condense
+    from cdmoe.search.calibration import CalibSpec
+    from cdmoe.search.heal_fit import HealOptions
+    from cdmoe.search.run import SearchOptions
+
+    calib, search, heal = CalibSpec(str(DEMO_CALIB), 8, 32, 0), SearchOptions(layers=2, experts=2), HealOptions(steps=8)
+    healed = condense(tiny_model_dir, tmp_path / "healed", search, calib, show_progress=False, heal=heal)
+    run_baseline(tmp_path / "healed", tmp_path / "slim", BaselineOptions("slim", quantize="w8a8"))
+    record = condense(tiny_model_dir, tmp_path / "both", search, calib, show_progress=False, heal=heal,
+                      quantize="w8a8")
+    assert record["condensed"] == healed["condensed"] and record["heal"]["layers"].keys() == healed["heal"]["layers"].keys()
+    assert record["quantization"]["scheme"] == "w8a8"
+    got, expected = tensors(tmp_path / "both"), tensors(tmp_path / "slim")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    with pytest.raises(CdmoeError, match="bitsandbytes"):
+        condense(tiny_model_dir, tmp_path / "bnb", search, calib, show_progress=False, heal=heal, quantize="int4")

@@ -288,3 +288,32 @@ def test_budget_with_quantize_is_the_plan_quantised_within_its_own_bytes(tiny_mo
     replayed = tensors(apply_record(path, out, tmp_path / "applied"))
     written = tensors(out)
     assert replayed.keys() == written.keys() and all(torch.equal(replayed[k], written[k]) for k in written)
+
+
+def test_budget_heal_quantize_is_the_healed_plan_quantised(tiny_model_dir, tmp_path):
+    """condense --budget R --heal --quantize w8a8 (whole, and layer by layer) == its plan replayed unquantised by
+    cdmoe apply, healed by cdmoe heal, then quantised by cdmoe baseline slim --quantize w8a8: the same tensors."""
+    import cdmoe
+    from cdmoe.methods.baselines import BaselineOptions, run_baseline
+    from cdmoe.search.heal_fit import HealOptions
+
+    path = _checkpoint(tmp_path, "deepseek_v2", tiny_model_dir, dtype=torch.float32)
+    calib, heal = CalibSpec(str(DEMO_CALIB), 16, 64, 0), HealOptions(steps=10, eval_every=5)
+    records = {mode: condense_budget(path, tmp_path / mode, PlanOptions(budgets=(0.3,)), calib, show_progress=False,
+                                     mode=mode, heal=heal, quantize="w8a8") for mode in ("whole", "sequential")}
+    record = records["whole"]
+    assert record["condensed"] and record["heal"]["layers"], record["layers"]  # condensed layers were healed
+    assert records["sequential"]["layers"] == record["layers"] and record["budget"]["quantize"] == "w8a8"
+    plan = {k: v for k, v in record.items() if k not in ("quantization", "heal")}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    apply_record(path, tmp_path / "plan.json", tmp_path / "applied")
+    cdmoe.heal(tmp_path / "applied", tmp_path / "healed", steps=10, eval_every=5)
+    run_baseline(tmp_path / "healed", tmp_path / "slim", BaselineOptions("slim", quantize="w8a8"))
+    expected = tensors(tmp_path / "slim")
+    for mode, rec in records.items():
+        got = tensors(tmp_path / mode)
+        assert got.keys() == expected.keys(), (mode, set(got) ^ set(expected))
+        assert all(torch.equal(got[k], expected[k]) for k in got), mode
+        assert rec["quantization"]["scheme"] == "w8a8" and rec["heal"]["layers"].keys() == record["heal"]["layers"].keys()
+        assert rec["budget"]["written_bytes"] <= rec["budget"]["budget_bytes"]
+        assert not (tmp_path / mode / ".quantised").exists()

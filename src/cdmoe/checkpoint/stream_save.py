@@ -35,11 +35,11 @@ __all__ = ["condensed_skeleton", "meta_copy", "write_streamed"]
 def meta_copy(store: SequentialStore):
     """A meta-device copy of ``store``'s model (tied, named and with the generation config of the source)."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     config = store.model.config
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=store.dtype, trust_remote_code=store.trust_remote_code)
+    with init_empty_weights():  # the store's own class: a condensed directory's config class is not an Auto one
+        skeleton = type(store.model)._from_config(config, dtype=store.dtype)
     skeleton.tie_weights()  # meta parameters are not tied by from_config; parameter counts need it
     skeleton.config._name_or_path = config._name_or_path
     if (store.path / "generation_config.json").exists():  # what from_pretrained would have loaded

@@ -37,7 +37,7 @@ from ..search.plan_run import PlanOptions, PlanResult, run_plan
 from ..search.plan_state import PlanState
 from ..search.resume import run_key
 from .baselines import finish_quantized
-from .compressed_stream import StreamedQuantizer
+from .compressed_stream import StreamedQuantizer, quantize_written
 from .quantize import check_quantize
 from .reap import expert_saliency
 from .session import rich_progress, start_session
@@ -162,16 +162,14 @@ def apply_budget_plan(model: nn.Module, source, ratio: float, result: PlanResult
     return budget_record(model, before, source, ratio, result, search)
 
 
-def check_budget_quantize(quantize: str | None, heal=None) -> None:
-    """The schemes a budget plan is written in: compressed-tensors' (its bytes are priced exactly), not with --heal."""
+def check_budget_quantize(quantize: str | None) -> None:
+    """The schemes a budget plan is written in: compressed-tensors' (its bytes are priced exactly)."""
     if quantize is None:
         return
     check_quantize(quantize)
     if quantize not in QUANT_SCHEMES:
         raise CdmoeError(f"--budget with --quantize {quantize} (bitsandbytes) is not supported: the planner prices "
                          f"compressed-tensors outputs; use --quantize {' | '.join(QUANT_SCHEMES)}")
-    if heal is not None:
-        raise CdmoeError("--heal and --quantize do not combine yet; plan and heal, then quantise with cdmoe baseline slim")
 
 
 def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, calib: CalibSpec = CalibSpec(),
@@ -187,7 +185,8 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
     options.check()
     if heal is not None:
         heal.check()
-    check_budget_quantize(quantize, heal)
+    check_budget_quantize(quantize)
+    written = quantize if heal is None else None  # with --heal: healed first, then quantised
     if len(options.budgets) != 1:
         raise ValueError("condense_budget writes one budget; compare plans several")
     ratio = options.budgets[0]
@@ -220,8 +219,8 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
         if store is None:
             record = apply_budget_plan(loaded, model, ratio, result, search)
             storage = round_to_checkpoint_dtype(loaded, model, dtype)
-            if quantize:  # the plan's priced scheme (w4a16: the group priced, from the source's widths)
-                loaded, record["quantization"] = finish_quantized(loaded, quantize, storage, table.group)
+            if written:  # the plan's priced scheme (w4a16: the group priced, from the source's widths)
+                loaded, record["quantization"] = finish_quantized(loaded, written, storage, table.group)
                 record["budget"]["quantize"] = quantize
             else:
                 cast_to_storage(loaded, storage)  # the source's dtypes
@@ -235,9 +234,9 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
             swaps = {layer: partial(build_block, action=a) for layer, a in result.plans[ratio].items()
                      if a != LayerAction()}
             quantizer = None
-            if quantize:  # layer by layer, the group priced
-                quantizer = StreamedQuantizer.prepare(skeleton, quantize, table.storage, table.group)
-                record["quantization"], record["budget"]["quantize"] = quantizer.record(), quantize
+            if written:  # layer by layer, the group priced
+                quantizer = StreamedQuantizer.prepare(skeleton, written, table.storage, table.group)
+                record["quantization"], record["budget"]["quantize"] = quantizer.record(), written
 
             def write_weights(directory: Path) -> None:
                 write_streamed(store, skeleton, swaps, directory, table.storage, layer_tensors=quantizer)
@@ -247,6 +246,11 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
         if heal is not None and record.get("condensed"):  # the plan's condensed layers, as condense --heal does
             del loaded, store, write_weights  # healing loads the original model again (or layer by layer)
             record = session.heal(tmp, record, heal, show_progress)
+        if quantize and heal is not None:  # the healed plan, quantised in the scheme it was priced in
+            loaded = store = write_weights = None  # the (healed) output is read again from tmp
+            record = quantize_written(tmp, record, quantize, mode=session.mode, device=session.dev, dtype=dtype,
+                                      group=table.group)
+            record["budget"]["quantize"] = quantize
     record["budget"]["written_bytes"] = disk_bytes(out)
     write_record(out, record)
     return record

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from ..models.storage_dtypes import StoragePlan
 from .compressed import (check_scheme, compress_modules, config_entry, freeze_scales, quantized_modules,
                          record_entry, scheme_for, unfuse_for)
 
-__all__ = ["StreamedQuantizer"]
+__all__ = ["StreamedQuantizer", "quantize_written"]
 
 _FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2}
 
@@ -86,3 +87,45 @@ class StreamedQuantizer:
             else:
                 out[full] = tensor.to(self.storage.dtype_for(full, tensor)).contiguous()
         return out
+
+
+def quantize_written(directory: Path, record: dict, name: str, *, mode: str, device, dtype: str,
+                     group: int | None = None) -> dict:
+    """Quantise the unquantised output just written to ``directory`` (a run's partial directory, e.g. after
+    healing) in place with scheme ``name``: whole (loaded, :func:`~cdmoe.methods.compressed.quantize_compressed`)
+    or sequential (one decoder layer at a time, :class:`StreamedQuantizer`), each tensor quantised from the
+    values ``directory`` stores. Its weight files and config are replaced; returns ``record`` with its
+    ``quantization`` entry (not yet written)."""
+    import shutil
+
+    from ..checkpoint.stream_save import meta_copy, write_streamed
+    from ..memory.layer_store import SequentialStore
+    from ..models.loading import checkpoint_dtype, compute_dtype, load_model
+    from ..models.storage_dtypes import plan_of
+    from .baselines import finish_quantized
+
+    directory = Path(directory)
+    staging = directory / ".quantised"
+    shutil.rmtree(staging, ignore_errors=True)  # a killed run's
+    if mode == "whole":
+        model = load_model(directory, dtype=dtype, device=str(device))
+        model, entry = finish_quantized(model, name, plan_of(model, directory, dtype), group)
+        model.save_pretrained(staging, max_shard_size="5GB")
+        del model
+    else:
+        compute = compute_dtype(dtype, str(device))
+        if compute == "auto":  # a GPU computes in the checkpoint's dtype
+            compute = checkpoint_dtype(directory) or torch.float32
+        store = SequentialStore(directory, device=device, dtype=compute)
+        storage = plan_of(store.model, directory, dtype)
+        skeleton = meta_copy(store)
+        quantizer = StreamedQuantizer.prepare(skeleton, name, storage, group)
+        write_streamed(store, skeleton, {}, staging, storage, layer_tensors=quantizer)
+        entry = quantizer.record()
+        del store
+    for old in [*directory.glob("*.safetensors"), *directory.glob("*.safetensors.index.json")]:
+        old.unlink()
+    for new in staging.iterdir():
+        new.replace(directory / new.name)
+    staging.rmdir()
+    return {**record, "quantization": entry}

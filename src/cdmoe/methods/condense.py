@@ -20,7 +20,7 @@ from ..search.calibration import CalibSpec
 from ..search.resume import SearchState, run_key
 from ..search.run import SearchOptions, run_search
 from .ablations import DroppedBlock, fused_modules, random_choices, swapped_blocks
-from .compressed_stream import StreamedQuantizer
+from .compressed_stream import StreamedQuantizer, quantize_written
 from .quantize import check_quantize
 from .session import rich_progress, start_session
 
@@ -76,8 +76,10 @@ def condense(
     check_quantize(quantize)
     if heal is not None:
         heal.check()
-        if quantize:
-            raise CdmoeError("--heal and --quantize do not combine yet; heal, then quantise with cdmoe baseline slim")
+        if quantize in ("int8", "int4"):
+            raise CdmoeError(f"--heal with --quantize {quantize} (bitsandbytes) is not supported; use w8a8, w4a16 or "
+                             "fp8 (compressed-tensors), quantised after healing")
+    written = quantize if heal is None else None  # with --heal: healed first, then quantised
     token_limit(evaluation.max_tokens)
     session = start_session(model, out, calib, {"--eval-text": evaluation.text}, dtype=dtype, device=device,
                             mode=mode, force=force, activations=activations, activations_dir=activations_dir,
@@ -115,11 +117,11 @@ def condense(
             search_record["cost"]["decoder_layer_loads"] = store.loads
         if session.mode == "whole":
             record, write_weights = _whole(loaded, model, result, search_record, evaluation, calib, tokenizer, dtype,
-                                           quantize)
+                                           written)
         else:
             skeleton, record = condensed_skeleton(store, result.choices, str(model), search_record)
             storage = plan_of(store.model, model, dtype)
-            quantizer = StreamedQuantizer.prepare(skeleton, quantize, storage) if quantize else None
+            quantizer = StreamedQuantizer.prepare(skeleton, written, storage) if written else None
             if quantizer is not None:
                 record["quantization"] = quantizer.record()
 
@@ -139,6 +141,9 @@ def condense(
         if heal is not None:
             del loaded, store, write_weights  # healing loads the original model again (or layer by layer)
             record = session.heal(tmp, record, heal, show_progress)
+            if quantize:
+                record = quantize_written(tmp, record, quantize, mode=session.mode, device=session.dev, dtype=dtype)
+                write_condensed(tmp, record, lambda d: None)  # its record and model card
     if quantize and "evaluation" in record:  # as a user loads it
         ev = record["evaluation"]
         ev["quantized_ppl"] = perplexity(load_model(out, device=device), token_stream(tokenizer, ev["text"], evaluation.max_tokens),
