@@ -173,8 +173,7 @@ def test_budget_options_are_refused_in_one_line(tiny_model_dir, tmp_path, monkey
     for extra, words in ((["--layers", "2", "--budget", "0.6"], "not both"), ([], "--budget"),
                          (["--budget", "0.6", "--experts", "2"], "--experts"), (["--budget", "1.5"], "(0, 1]"),
                          (["--budget", "0.05"], "below what any plan reaches"),
-                         (["--budget", "0.6", "--quantize", "int4"], "use --quantize w8a8 | w4a16 | fp8"),
-                         (["--budget", "0.6", "--quantize", "w8a8", "--heal"], "do not combine yet")):
+                         (["--budget", "0.6", "--quantize", "int4"], "use --quantize w8a8 | w4a16 | fp8")):
         result = cli.invoke(app, base + extra)
         assert result.exit_code == 2 and words in result.output, (extra, result.output)
         assert len(result.output.strip().splitlines()) <= 3 and "Traceback" not in result.output
