@@ -16,7 +16,7 @@
 #               default; about 1 minute)
 #   budget      the budget planner against each single method at 80% / 65% / 50% (perplexity; not run by
 #               default; about 10 minutes)
-# About 45 minutes for methods, 6 for quantized and 30 for ablations on 2 CPU cores (bitsandbytes
+# About 11 minutes for methods, 6 for quantized and 9 for ablations on 2 CPU cores (bitsandbytes
 # runs slowly on CPU). Name runs to redo only those: `bash docs/compare/run.sh quantized`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
