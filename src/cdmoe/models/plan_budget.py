@@ -33,8 +33,8 @@ def budget_bytes(model_or_config: str | Path, dtype: str | None = None, quantize
     model = meta_model(config)
     source = Path(str(model_or_config))
     storage = storage_plan(model, source if source.is_dir() else None, dtype or "auto")
-    original = ByteTable(model, storage).total({})
-    table = ByteTable(model, storage, quantize)
+    plain = ByteTable(model, storage)
+    table = plain if quantize is None else ByteTable(model, storage, quantize)
     layers = {}
     for block in moe_blocks(model):
         sizes, why = prune_sizes(block, PRUNE_FRACTIONS)
@@ -44,6 +44,6 @@ def budget_bytes(model_or_config: str | Path, dtype: str | None = None, quantize
         layers[block.layer_idx] = {"actions": {a.label: table.action(block.layer_idx, a)
                                                for a in actions + [LayerAction("drop")]}, "note": why}
     drop_all = {layer: LayerAction("drop") for layer in layers}
-    return {"model": str(model_or_config), "original_bytes": original, "quantize": quantize, "fixed_bytes": table.fixed,
+    return {"model": str(model_or_config), "original_bytes": plain.total({}), "quantize": quantize, "fixed_bytes": table.fixed,
             "floor_bytes": table.total(drop_all), "layers": layers,
             "default_dtype": str(table.storage.default).removeprefix("torch.")}
