@@ -37,7 +37,7 @@ from ..search.plan_run import PlanOptions, PlanResult, run_plan
 from ..search.plan_state import PlanState
 from ..search.resume import run_key
 from .baselines import finish_quantized
-from .compressed_stream import StreamedQuantizer, quantize_written
+from .compressed_stream import StreamedQuantizer
 from .quantize import check_quantize
 from .reap import expert_saliency
 from .session import rich_progress, start_session
@@ -248,9 +248,8 @@ def condense_budget(model: str | Path, out: str | Path, options: PlanOptions, ca
             record = session.heal(tmp, record, heal, show_progress)
         if quantize and heal is not None:  # the healed plan, quantised in the scheme it was priced in
             loaded = store = write_weights = None  # the (healed) output is read again from tmp
-            record = quantize_written(tmp, record, quantize, mode=session.mode, device=session.dev, dtype=dtype,
-                                      group=table.group)
             record["budget"]["quantize"] = quantize
+            record = session.quantize(tmp, record, quantize, table.group)
     record["budget"]["written_bytes"] = disk_bytes(out)
     write_record(out, record)
     return record

@@ -20,7 +20,7 @@ from ..search.calibration import CalibSpec
 from ..search.resume import SearchState, run_key
 from ..search.run import SearchOptions, run_search
 from .ablations import DroppedBlock, fused_modules, random_choices, swapped_blocks
-from .compressed_stream import StreamedQuantizer, quantize_written
+from .compressed_stream import StreamedQuantizer
 from .quantize import check_quantize
 from .session import rich_progress, start_session
 
@@ -142,8 +142,7 @@ def condense(
             del loaded, store, write_weights  # healing loads the original model again (or layer by layer)
             record = session.heal(tmp, record, heal, show_progress)
             if quantize:
-                record = quantize_written(tmp, record, quantize, mode=session.mode, device=session.dev, dtype=dtype)
-                write_condensed(tmp, record, lambda d: None)  # its record and model card
+                record = session.quantize(tmp, record, quantize)
     if quantize and "evaluation" in record:  # as a user loads it
         ev = record["evaluation"]
         ev["quantized_ppl"] = perplexity(load_model(out, device=device), token_stream(tokenizer, ev["text"], evaluation.max_tokens),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.writer import STATE_DIR, atomic_output_dir, check_output_dir, partial_dir
+from ..checkpoint.writer import STATE_DIR, atomic_output_dir, check_output_dir, partial_dir, write_condensed
 from ..errors import CdmoeError
 from ..io.write_rule import check_write_path, remove_work_dir
 from ..memory.activation_cache import DIR_PREFIX, activation_cache, check_activations
@@ -31,6 +31,7 @@ from ..models.placement import describe, place
 from ..models.plan import count, declares_block_fp8, storage_bytes
 from ..search.calibration import CalibSpec, load_calibration
 from ..search.run import SearchOptions
+from .compressed_stream import quantize_written
 
 __all__ = ["Session", "progress_note", "rich_progress", "run_choice", "start_session"]
 
@@ -91,6 +92,14 @@ class Session:
                                      device=self.dev, dtype=self.dtype, tokenizer=self.tokenizer,
                                      activations=self.activations, activations_dir=self.activations_dir,
                                      show_progress=show_progress)
+
+    def quantize(self, tmp: Path, record: dict, scheme: str, group: int | None = None) -> dict:
+        """Quantise the (healed) output just written to ``tmp`` with compressed-tensors' ``scheme``, in this run's
+        mode (``--heal --quantize``, with ``--layers`` or ``--budget``); rewrite its record and model card and
+        return the record with its ``quantization`` entry. ``group``: w4a16's group size (default: from the widths)."""
+        record = quantize_written(tmp, record, scheme, mode=self.mode, device=self.dev, dtype=self.dtype, group=group)
+        write_condensed(tmp, record, lambda d: None)
+        return record
 
     @contextlib.contextmanager
     def open(self, key: dict, state_cls) -> Iterator[tuple]:
