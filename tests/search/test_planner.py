@@ -269,6 +269,7 @@ def test_budget_with_quantize_is_the_plan_quantised_within_its_own_bytes(tiny_mo
     budget = record["budget"]
     tensor_total, files = _tensor_bytes(out)
     assert tensor_total == budget["predicted_tensor_bytes"] and budget["quantize"] == scheme
+    assert f"with compressed-tensors, scheme {scheme}" in (out / "README.md").read_text()  # the model card
     assert files == budget["written_bytes"] <= budget["predicted_bytes"] <= budget["budget_bytes"]
     plan = {int(layer): LayerAction.from_dict(a) for layer, a in record["layers"].items()}
     assert {a.kind for a in plan.values()} >= {"prune", "condense"}, record["layers"]
@@ -316,3 +317,5 @@ def test_budget_heal_quantize_is_the_healed_plan_quantised(tiny_model_dir, tmp_p
         assert rec["quantization"]["scheme"] == "w8a8" and rec["heal"]["layers"].keys() == record["heal"]["layers"].keys()
         assert rec["budget"]["written_bytes"] <= rec["budget"]["budget_bytes"]
         assert not (tmp_path / mode / ".quantised").exists()
+        card = (tmp_path / mode / "README.md").read_text()  # the model card says what was done
+        assert "with compressed-tensors, scheme w8a8" in card and "## Healing" in card, card

@@ -182,7 +182,9 @@ def _budget_card(record: dict) -> str:
         what = {"prune": f"pruned: routed experts {experts} kept",
                 "condense": f"condensed: routed experts {experts}" if experts else "condensed: shared experts only"}
         lines.append(f"| {layer} | {what.get(action['action'], action['action'])} |")
+    lines += _heal_section(record.get("heal"))
     lines += _finetune_section(record.get("finetune"))
+    lines += _quantization_lines(record)
     lines += _loading_lines(record)
     return "\n".join(lines)
 
