@@ -105,3 +105,24 @@ def test_same_seed_same_weights_and_bad_options():
     with pytest.raises(CdmoeError, match="at least 2 calibration windows"):
         HealOptions().split(1)
     assert HealOptions(val_share=0.1).split(100) == 90 and HealOptions(val_share=0.5).split(2) == 1
+
+
+def test_heal_state_resumes_its_own_run_and_refuses_another_or_a_corrupt_file(tmp_path):
+    """A heal's resumable state: the same key finds its healed layer; another key is refused naming what differs;
+    a damaged or foreign file is refused; each in one line that says --force starts over."""
+    from cdmoe.search.heal_fit import FitResult
+    from cdmoe.search.heal_state import STATE_FILE, HealState
+
+    key = {"original": "m", "calibration": {"samples": 4}, "options": {"steps": 10}}
+    result = FitResult(steps=3, best_step=2, stopped_early=False, error_before={"train": 1.0, "val": 1.0},
+                       error_after={"train": 0.5, "val": 0.6}, val_curve=[(0, 1.0), (2, 0.6)], seconds=0.1, lr=0.05)
+    HealState(tmp_path, key).save_layer(3, result, {"w": torch.ones(2)})
+    again = HealState(tmp_path, key)
+    assert again.resumed == 1 and again.layer(3)[0] == result and torch.equal(again.layer(3)[1]["w"], torch.ones(2))
+    with pytest.raises(CdmoeError, match=r"holds an interrupted heal with a different options;.*--force") as other:
+        HealState(tmp_path, {**key, "options": {"steps": 20}})
+    assert "\n" not in str(other.value)
+    for content in ("{not json", "[1, 2]", '{"key_hash": "x", "layers": {"3": 1}}'):
+        (tmp_path / STATE_FILE).write_text(content)
+        with pytest.raises(CdmoeError, match=r"is corrupt \(not a cdmoe heal state\); pass --force to start over"):
+            HealState(tmp_path, key)

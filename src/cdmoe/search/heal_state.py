@@ -25,7 +25,7 @@ import torch
 
 from ..errors import CdmoeError
 from .heal_fit import FitResult
-from .resume import key_hash
+from .resume import key_hash, read_keyed_state
 
 __all__ = ["HealState", "STATE_FILE"]
 
@@ -41,25 +41,11 @@ class HealState:
         self.data = {"key": key, "key_hash": key_hash(key), "layers": {}}
         self.resumed = 0
         if self.path.exists():
-            stored = self._read()
-            if stored["key_hash"] != self.data["key_hash"]:
-                differ = [part for part in key if stored.get("key", {}).get(part) != key[part]] or ["format"]
-                raise CdmoeError(f"{self.directory} holds an interrupted heal with a different {' and '.join(differ)}; "
-                                 "rerun that exact command to resume it, or pass --force to start over")
+            stored = read_keyed_state(self.path, key, what="heal state", run="heal", fresh="start over",
+                                      valid=lambda stored: isinstance(stored.get("layers"), dict)
+                                      and all(isinstance(v, dict) for v in stored["layers"].values()))
             self.data = stored
             self.resumed = len(stored["layers"])
-
-    def _read(self) -> dict:
-        corrupt = CdmoeError(f"{self.path} is corrupt (not a cdmoe heal state); pass --force to start over")
-        try:
-            stored = json.loads(self.path.read_text("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise corrupt from None
-        if not (isinstance(stored, dict) and isinstance(stored.get("key_hash"), str)
-                and isinstance(stored.get("layers"), dict)
-                and all(isinstance(v, dict) for v in stored["layers"].values())):
-            raise corrupt
-        return stored
 
     def weights_file(self, layer: int) -> Path:
         return self.directory / f"layer-{layer}.safetensors"

@@ -31,7 +31,7 @@ from ..errors import CdmoeError
 from .expert_search import ExpertSearchResult
 from .layer_search import LayerSearchResult
 
-__all__ = ["SearchState", "key_hash", "model_key", "run_key", "tokens_key", "STATE_NAME"]
+__all__ = ["SearchState", "key_hash", "model_key", "read_keyed_state", "run_key", "tokens_key", "STATE_NAME"]
 
 STATE_NAME = "state.json"
 
@@ -66,6 +66,30 @@ def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+def read_keyed_state(path: Path, key: dict, *, what: str, run: str, fresh: str, valid) -> dict:
+    """The state stored at ``path`` for the run ``key``. A one-line error when the file is not a cdmoe ``what``
+    (damaged or foreign: not JSON, no ``key_hash``, or ``valid(stored)`` false; ``--force`` would ``fresh``), or
+    holds an interrupted ``run`` with a different key (naming the parts of the key that differ)."""
+    corrupt = CdmoeError(f"{path} is corrupt (not a cdmoe {what}); pass --force to {fresh}")
+    try:
+        stored = json.loads(path.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise corrupt from None
+    if not (isinstance(stored, dict) and isinstance(stored.get("key_hash"), str) and valid(stored)):
+        raise corrupt
+    if stored["key_hash"] != key_hash(key):
+        differ = [part for part in key if stored.get("key", {}).get(part) != key[part]] or ["format"]
+        raise CdmoeError(f"{path.parent} holds an interrupted {run} with a different {' and '.join(differ)}; "
+                         "rerun that exact command to resume it, or pass --force to start over")
+    return stored
+
+
+def _valid_search_state(stored: dict) -> bool:
+    return (isinstance(stored.get("expert_layers"), dict)
+            and (stored.get("layer_search") is None or isinstance(stored["layer_search"], dict))
+            and all(isinstance(v, dict) for v in stored["expert_layers"].values()))
+
+
 class SearchState:
     """The resumable progress of one search, kept in ``directory/state.json``."""
 
@@ -75,31 +99,12 @@ class SearchState:
         self.data = {"key": key, "key_hash": key_hash(key), "expert_layers": {}, "layer_search": None}
         self.resumed: dict | None = None
         if self.path.exists():
-            stored = self._read()
-            if stored.get("key_hash") != self.data["key_hash"]:
-                differ = [part for part in key if stored.get("key", {}).get(part) != key[part]] or ["format"]
-                raise CdmoeError(
-                    f"{self.path.parent} holds an interrupted run with a different {' and '.join(differ)}; "
-                    "rerun that exact command to resume it, or pass --force to start over"
-                )
+            stored = read_keyed_state(self.path, key, what="search state", run="run", fresh="start the search over",
+                                      valid=_valid_search_state)
             self.data = stored
             layers = stored["layer_search"] or {}
             self.resumed = {"expert_layers": len(stored["expert_layers"]), "layer_steps": len(layers.get("order", [])),
                             "pending_candidates": len(layers.get("pending", {}))}
-
-    def _read(self) -> dict:
-        """The stored state, or a one-line error if it is not one (a damaged or foreign file)."""
-        corrupt = CdmoeError(f"{self.path} is corrupt (not a cdmoe search state); pass --force to start the search over")
-        try:
-            stored = json.loads(self.path.read_text("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise corrupt from None
-        if not (isinstance(stored, dict) and isinstance(stored.get("key_hash"), str)
-                and isinstance(stored.get("expert_layers"), dict)
-                and (stored.get("layer_search") is None or isinstance(stored["layer_search"], dict))
-                and all(isinstance(v, dict) for v in stored["expert_layers"].values())):
-            raise corrupt
-        return stored
 
     # Algorithm 1 ------------------------------------------------------------------------
     def expert_layer(self, layer: int) -> tuple[ExpertSearchResult, torch.Tensor, torch.Tensor] | None:
